@@ -1,0 +1,32 @@
+# Concord: two commands for users (`make demo`, `make test`), a few for developers.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# Open MPI refuses to run as root unless told; harmless otherwise.
+export OMPI_ALLOW_RUN_AS_ROOT := 1
+export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+# Re-install when the package metadata or the pins change. torch is pinned to the CPU build in
+# constraints.txt; an unpinned torch would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/marl run traffic/grid4x4 --controller max-pressure --episodes 1 --out results/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/marl bench traffic traffic/grid4x4
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,251 @@
+"""The ``marl`` command line.
+
+Core commands live here (``list``, ``run``); larger ones live in ``marl/commands/<name>.py`` and
+benchmarks in ``marl/bench/<name>.py``, each exposing a ``click.Command`` named ``command`` that
+this module mounts. Those modules import heavy libraries (torch, SUMO, MPI) inside ``command``
+so that ``marl --help`` stays fast.
+
+User errors (:class:`~marl.errors.ConcordError` and click's usage errors) are printed as one line
+on stderr with exit code 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import click
+from rich.console import Console
+from rich.table import Table
+
+from marl import registry
+from marl.config import parse_sets
+from marl.errors import ConcordError, closest, unknown
+
+__all__ = ["app", "main"]
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True}
+
+
+@click.group(name="marl", context_settings=CONTEXT)
+@click.version_option(package_name="concord-marl")
+def app() -> None:
+    """Concord: multi-agent coordination on real infrastructure simulators."""
+
+
+@app.group("bench", context_settings=CONTEXT)
+def bench_app() -> None:
+    """Performance benchmarks; each prints ratios against a reference measured in the same run."""
+
+
+console = Console()
+
+#: Commands implemented in their own modules: name -> module exposing ``command``.
+COMMAND_MODULES = {
+    "train": "marl.commands.train",
+    "compare": "marl.commands.compare",
+    "report": "marl.commands.report",
+}
+#: Benchmarks: name -> module exposing ``command``.
+BENCH_MODULES = {
+    "traffic": "marl.bench.traffic",
+    "comms": "marl.bench.comms",
+    "grid": "marl.bench.grid",
+    "warehouse": "marl.bench.warehouse",
+    "learn": "marl.bench.learn",
+    "allreduce": "marl.bench.allreduce",
+    "scaling": "marl.bench.scaling",
+    "recovery": "marl.bench.recovery",
+}
+
+LIST_KINDS = ("scenarios", "controllers", "protocols", "algorithms")
+
+
+@app.command("list")
+@click.argument("kind", default="scenarios", metavar="[scenarios|controllers|protocols|algorithms]")
+def list_command(kind: str) -> None:
+    """List registered scenarios, controllers, protocols or algorithms."""
+    if kind not in LIST_KINDS:
+        raise unknown("list kind", kind, LIST_KINDS)
+    table = Table(box=None, header_style="bold")
+    if kind == "scenarios":
+        for col in ("scenario", "agents", "simulator", "default controller", "description"):
+            table.add_column(col)
+        for sid, spec in registry.scenarios().items():
+            agents = "varies" if spec.n_agents is None else str(spec.n_agents)
+            table.add_row(sid, agents, spec.simulator, spec.default_controller, spec.description)
+    elif kind == "controllers":
+        for col in ("domain", "controller", "talks", "description"):
+            table.add_column(col)
+        for (domain, name), spec in registry.controllers().items():
+            table.add_row(domain, name, "yes" if spec.uses_messages else "no", spec.description)
+    elif kind == "protocols":
+        for col in ("protocol", "kind", "description"):
+            table.add_column(col)
+        for name, spec in registry.protocols().items():
+            table.add_row(name, "learned" if spec.learned else "rule-based", spec.description)
+    else:
+        for col in ("algorithm", "description"):
+            table.add_column(col)
+        for name, spec in registry.algorithms().items():
+            table.add_row(name, spec.description)
+    console.print(table)
+
+
+#: Shared options, reused by run/train/compare so their names and help never drift apart.
+set_option = click.option(
+    "--set",
+    "set_",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a scenario parameter (repeatable); the scenario's env card lists the keys.",
+)
+protocol_option = click.option(
+    "--protocol", default="none", help="Communication protocol (see 'marl list protocols')."
+)
+channel_option = click.option(
+    "--channel",
+    default="",
+    help="Channel spec, e.g. drop=0.1,delay=1,bits=8,budget=256,crash=3; empty is a perfect channel.",
+)
+seed_option = click.option("--seed", type=int, default=0, help="Seed (episode e of a run uses seed+e).")
+
+
+@app.command("run")
+@click.argument("scenario")
+@click.option("--controller", default=None, help="Controller (see 'marl list controllers'); default: the scenario's.")
+@click.option("--episodes", type=int, default=1, help="Number of episodes.")
+@seed_option
+@click.option("--out", default=None, help="Results directory; default results/<scenario>-<time>.")
+@set_option
+@protocol_option
+@channel_option
+@click.option("--policy", default=None, help="Evaluate a trained policy checkpoint instead of a controller.")
+def run_command(
+    scenario: str,
+    controller: str | None,
+    episodes: int,
+    seed: int,
+    out: str | None,
+    set_: tuple[str, ...],
+    protocol: str,
+    channel: str,
+    policy: str | None,
+) -> None:
+    """Run episodes of SCENARIO (e.g. traffic/grid4x4) with a controller or a trained policy,
+    print a KPI table and append results records."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from marl.runner import RunRequest, run
+
+    request = RunRequest(
+        scenario=scenario,
+        controller=controller,
+        episodes=episodes,
+        seed=seed,
+        out=out,
+        overrides=parse_sets(set_),
+        protocol=protocol,
+        channel=channel,
+        policy=policy,
+    )
+    # Validate names before a simulator starts, so errors come at once.
+    spec = registry.scenario_spec(scenario)
+    if controller is not None and policy is None:
+        registry.controller_spec(spec.domain, controller)
+    registry.scenario_config(scenario, request.overrides)
+    if protocol != "none":
+        registry.protocol_spec(protocol)
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("episode {task.completed}/{task.total}"),
+        TextColumn("{task.fields[steps]} steps"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    with progress:
+        task = progress.add_task(scenario, total=episodes, steps=0)
+        result = run(
+            request,
+            on_step=lambda n: progress.update(task, steps=n) if n % 20 == 0 else None,
+            on_episode=lambda i, _: progress.update(task, completed=i + 1),
+        )
+    console.print(kpi_table(scenario, result.method, result.episodes))
+    console.print(f"records: {result.out_dir / 'records.csv'}  (run {result.run_id})")
+
+
+def kpi_table(scenario: str, method: str, episodes: list[dict[str, float]]) -> Table:
+    """A rich table: one row per KPI, one column per episode, plus the mean over episodes."""
+    import numpy as np
+
+    table = Table(title=f"{scenario} — {method}", header_style="bold")
+    table.add_column("KPI")
+    for i in range(len(episodes)):
+        table.add_column(f"ep {i}", justify="right")
+    if len(episodes) > 1:
+        table.add_column("mean", justify="right")
+    for key in episodes[0] if episodes else []:
+        values = [ep[key] for ep in episodes]
+        cells = [f"{v:.4g}" for v in values]
+        if len(episodes) > 1:
+            cells.append(f"{np.mean(values):.4g}")
+        table.add_row(key, *cells)
+    return table
+
+
+def _mount(group: click.Group, name: str, module_name: str) -> None:
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:  # not built yet: the command is simply absent
+            return
+        raise
+    group.add_command(module.command, name)
+
+
+for _name, _module in COMMAND_MODULES.items():
+    _mount(app, _name, _module)
+for _name, _module in BENCH_MODULES.items():
+    _mount(bench_app, _name, _module)
+
+
+def _usage_hint(exc: click.UsageError) -> str:
+    """For an unknown option, name the allowed ones and the closest match."""
+    if isinstance(exc, click.NoSuchOption) and exc.ctx is not None:
+        allowed = sorted(o for p in exc.ctx.command.params for o in p.opts if o.startswith("--"))
+        hint = closest(exc.option_name, allowed)
+        did = f"; did you mean '{hint}'?" if hint else ""
+        return f"unknown option '{exc.option_name}'{did} allowed: {', '.join(allowed)}"
+    if isinstance(exc, click.BadParameter):
+        return exc.format_message().replace("\n", " ")
+    return exc.format_message().replace("\n", " ")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``marl`` script; returns the exit code (2 for any user error)."""
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    try:
+        rv = app.main(args=argv, prog_name="marl", standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except click.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx is not None else "marl"
+        err.print(f"{where}: error: {_usage_hint(exc)}", markup=False)
+        return 2
+    except ConcordError as exc:
+        err.print(f"marl: error: {exc}", markup=False)
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except (click.Abort, KeyboardInterrupt):
+        err.print("marl: interrupted; finished episodes are kept in the results directory", markup=False)
+        return 130
+
+
+def _entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    _entry()

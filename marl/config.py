@@ -1,0 +1,165 @@
+"""Typed configuration: dataclasses are the single source of types, defaults and help.
+
+Every configurable object in Concord (a scenario, a controller, an algorithm) declares a
+``@dataclass`` whose fields carry the type, the default and, in ``field(metadata={"help": ...})``,
+the help text. This module turns user input into those dataclasses:
+
+* :func:`parse_sets` reads ``--set key=value`` pairs from the CLI;
+* :func:`build_config` merges defaults, registry presets and user overrides, coerces strings to
+  the field types and rejects unknown keys with the closest match;
+* :func:`describe_config` renders a config for ``--show-config`` style output.
+
+YAML is used only for presets and always through ``yaml.safe_load`` (never here).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeVar
+
+from marl.errors import ConfigError, unknown
+
+__all__ = ["parse_sets", "build_config", "coerce", "describe_config", "config_help", "to_dict"]
+
+C = TypeVar("C")
+
+
+def parse_sets(pairs: Iterable[str]) -> dict[str, str]:
+    """Split ``["a=1", "b=x"]`` into ``{"a": "1", "b": "x"}``; a pair without '=' is an error."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"bad --set value '{pair}'; expected key=value, e.g. --set horizon=600")
+        out[key] = value.strip()
+    return out
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def coerce(name: str, value: Any, annotation: Any) -> Any:
+    """Convert ``value`` (often a CLI string) to ``annotation``; raise ConfigError naming ``name``."""
+    if isinstance(annotation, str):  # postponed annotations that were not resolved
+        raise TypeError(f"unresolved annotation {annotation!r} for {name}")
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in {"none", "null", ""}):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(name, value, arg)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"bad value for {name}: {value!r}")
+    if origin is typing.Literal:
+        allowed = [str(a) for a in args]
+        if str(value) not in allowed:
+            raise ConfigError(f"bad value for {name}: '{value}'; allowed: {', '.join(allowed)}")
+        return args[allowed.index(str(value))]
+    if origin in (tuple, list):
+        items = value.split(",") if isinstance(value, str) else list(value)
+        items = [i for i in (x.strip() if isinstance(x, str) else x for x in items) if i != ""]
+        item_type = args[0] if args else str
+        coerced = [coerce(name, i, item_type) for i in items]
+        return tuple(coerced) if origin is tuple else coerced
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+        raise ConfigError(f"bad value for {name}: '{value}'; expected true or false")
+    if annotation in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"bad value for {name}: '{value}'; expected a {annotation.__name__}")
+        try:
+            number = annotation(value) if annotation is float else _to_int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"bad value for {name}: '{value}'; expected a {annotation.__name__}"
+            ) from None
+        return number
+    if annotation is str:
+        return str(value)
+    if annotation is Any:
+        return value
+    raise TypeError(f"config field {name} has unsupported type {annotation!r}")
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(value)
+        return int(value)
+    text = str(value).strip().replace("_", "")
+    return int(float(text)) if "e" in text.lower() else int(text)
+
+
+def build_config(cls: type[C], *layers: Mapping[str, Any] | None, what: str = "option") -> C:
+    """Instantiate dataclass ``cls`` from ``layers`` of overrides (later layers win).
+
+    Unknown keys raise :class:`~marl.errors.UnknownNameError` with the closest field name; values
+    are coerced to the field's type. The dataclass's ``__post_init__`` may validate ranges.
+    """
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"{cls!r} is not a dataclass")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in (layer or {}).items():
+            if key not in fields:
+                raise unknown(f"{what} for {cls.__name__}", key, fields)
+            merged[key] = coerce(key, value, hints[key])
+    try:
+        return cls(**merged)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{cls.__name__}: {exc}") from None
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-friendly dict of a config dataclass (tuples become lists)."""
+    return dataclasses.asdict(config)
+
+
+def config_help(cls: type) -> list[tuple[str, str, str, str]]:
+    """Rows of (name, type, default, help) for every field of dataclass ``cls``."""
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "(required)"
+        type_name = getattr(hints[f.name], "__name__", None) or str(hints[f.name]).replace("typing.", "")
+        rows.append((f.name, type_name, repr(default), f.metadata.get("help", "")))
+    return rows
+
+
+def describe_config(config: Any) -> str:
+    """``name = value  # help`` lines for a config instance, for ``--show-config``."""
+    helps = {name: text for name, _, _, text in config_help(type(config))}
+    lines = []
+    for key, value in to_dict(config).items():
+        comment = f"  # {helps[key]}" if helps.get(key) else ""
+        lines.append(f"{key} = {value!r}{comment}")
+    return "\n".join(lines)

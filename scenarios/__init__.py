@@ -1,0 +1,1 @@
+"""Concord scenarios: PettingZoo ParallelEnvs on real simulators, one package per domain."""
