@@ -153,8 +153,10 @@ def run_command(
     if controller is not None and policy is None:
         registry.controller_spec(spec.domain, controller)
     registry.scenario_config(scenario, request.overrides)
-    if protocol != "none":
-        registry.protocol_spec(protocol)
+    if protocol != "none" or channel:
+        from comms.runtime import validate_comms
+
+        validate_comms(protocol, channel)
 
     progress = Progress(
         TextColumn("[bold]{task.description}"),
