@@ -37,7 +37,8 @@ def bench_app() -> None:
     """Performance benchmarks; each prints ratios against a reference measured in the same run."""
 
 
-console = Console()
+# Piped output (files, CI logs) gets a wide console instead of rich's 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 #: Commands implemented in their own modules: name -> module exposing ``command``.
 COMMAND_MODULES = {
@@ -66,28 +67,38 @@ def list_command(kind: str) -> None:
     """List registered scenarios, controllers, protocols or algorithms."""
     if kind not in LIST_KINDS:
         raise unknown("list kind", kind, LIST_KINDS)
-    table = Table(box=None, header_style="bold")
+    rows: list[tuple[str, ...]]
     if kind == "scenarios":
-        for col in ("scenario", "agents", "simulator", "default controller", "description"):
-            table.add_column(col)
-        for sid, spec in registry.scenarios().items():
-            agents = "varies" if spec.n_agents is None else str(spec.n_agents)
-            table.add_row(sid, agents, spec.simulator, spec.default_controller, spec.description)
+        columns = ("scenario", "agents", "simulator", "default controller", "description")
+        rows = [
+            (sid, "varies" if spec.n_agents is None else str(spec.n_agents), spec.simulator,
+             spec.default_controller, spec.description)
+            for sid, spec in registry.scenarios().items()
+        ]
     elif kind == "controllers":
-        for col in ("domain", "controller", "talks", "description"):
-            table.add_column(col)
-        for (domain, name), spec in registry.controllers().items():
-            table.add_row(domain, name, "yes" if spec.uses_messages else "no", spec.description)
+        columns = ("domain", "controller", "talks", "description")
+        rows = [
+            (domain, name, "yes" if spec.uses_messages else "no", spec.description)
+            for (domain, name), spec in registry.controllers().items()
+        ]
     elif kind == "protocols":
-        for col in ("protocol", "kind", "description"):
-            table.add_column(col)
-        for name, spec in registry.protocols().items():
-            table.add_row(name, "learned" if spec.learned else "rule-based", spec.description)
+        columns = ("protocol", "kind", "description")
+        rows = [
+            (name, "learned" if spec.learned else "rule-based", spec.description)
+            for name, spec in registry.protocols().items()
+        ]
     else:
-        for col in ("algorithm", "description"):
-            table.add_column(col)
-        for name, spec in registry.algorithms().items():
-            table.add_row(name, spec.description)
+        columns = ("algorithm", "description")
+        rows = [(name, spec.description) for name, spec in registry.algorithms().items()]
+    table = Table(box=None, header_style="bold")
+    for name in columns:
+        # Ids and short fields never wrap; only the free-text description does.
+        if name == "description":
+            table.add_column(name, min_width=30)
+        else:
+            table.add_column(name, no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
 
 

@@ -1,0 +1,327 @@
+"""Warehouse floors: the MovingAI ``.map`` format (plus two extension characters), a generator
+for rack-and-aisle layouts, and the static tables every robot step reuses.
+
+Map format (Sturtevant 2012, "Benchmarks for Grid-Based Pathfinding", movingai.com)::
+
+    type octile
+    height H
+    width W
+    map
+    <H rows of exactly W characters>
+
+Characters:
+
+=========  ==========================================================================
+``.`` G S  free floor (MovingAI: passable terrain, swamp)
+``@`` O T W  obstacle (MovingAI: out of bounds, tree, water) — robots never enter it
+``R``      *extension*: a shelf rack cell. An obstacle for movement and a task source:
+           a pick at this rack is done from its **access cell**, the first free
+           4-neighbour in the order up, down, left, right. Racks with no free
+           neighbour are never used.
+``P``      *extension*: a pick station, free floor where picked items are delivered.
+=========  ==========================================================================
+
+Movement is 4-connected (the "octile" header is kept for compatibility; diagonal moves are
+not used). Only the largest 4-connected component of free cells is used for robots, access
+cells and stations, so every task is reachable.
+
+A malformed file raises :class:`~marl.errors.ConfigError` naming the file, line and column.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from marl.errors import ConfigError, closest
+
+__all__ = [
+    "FREE_CHARS",
+    "OBSTACLE_CHARS",
+    "RACK",
+    "STATION",
+    "MOVES",
+    "Layout",
+    "parse_map",
+    "load_map",
+    "resolve_map_path",
+    "builtin_maps",
+    "generate_warehouse",
+    "UNREACHABLE",
+]
+
+FREE_CHARS = frozenset(".GS")
+OBSTACLE_CHARS = frozenset("@OTW")
+RACK = "R"
+STATION = "P"
+ALLOWED_CHARS = FREE_CHARS | OBSTACLE_CHARS | {RACK, STATION}
+
+#: Action -> (d_row, d_col): 0 stay, 1 up, 2 down, 3 left, 4 right.
+MOVES = np.array([[0, 0], [-1, 0], [1, 0], [0, -1], [0, 1]], dtype=np.int64)
+#: Distance used for cells that cannot reach a target (never happens inside the used component).
+UNREACHABLE = 1_000_000
+
+MAPS_DIR = Path(__file__).parent / "maps"
+
+
+def builtin_maps() -> list[str]:
+    """Names of the maps shipped with Concord (``scenarios/warehouse/maps/*.map``)."""
+    return sorted(p.name for p in MAPS_DIR.glob("*.map"))
+
+
+def resolve_map_path(map_file: str) -> Path:
+    """A user path if it exists, else a built-in map of that name; ConfigError otherwise."""
+    path = Path(map_file).expanduser()
+    if path.is_file():
+        return path
+    builtin = MAPS_DIR / map_file
+    if builtin.is_file():
+        return builtin
+    names = builtin_maps()
+    hint = closest(map_file, names)
+    did = f"; did you mean '{hint}'?" if hint else ""
+    raise ConfigError(
+        f"map_file '{map_file}' is neither a file nor a built-in map{did} built-in: {', '.join(names)}"
+    )
+
+
+def parse_map(text: str, source: str = "<map>") -> np.ndarray:
+    """Parse MovingAI map text into an (H, W) array of single characters (dtype '<U1')."""
+    lines = text.splitlines()
+
+    def err(line: int, col: int, msg: str) -> ConfigError:
+        return ConfigError(f"{source}:{line}:{col}: {msg}")
+
+    header: dict[str, str] = {}
+    expected = ("type", "height", "width", "map")
+    i = 0
+    for key in expected:
+        # Skip blank lines between header entries.
+        while i < len(lines) and not lines[i].strip():
+            i += 1
+        if i >= len(lines):
+            raise err(i + 1, 1, f"missing header line '{key}'; a map starts with type/height/width/map")
+        parts = lines[i].split()
+        if parts[0].lower() != key:
+            raise err(i + 1, 1, f"expected header '{key}', found '{parts[0]}'")
+        if key == "map":
+            if len(parts) != 1:
+                raise err(i + 1, 5, "the 'map' line takes no value")
+        else:
+            if len(parts) != 2:
+                raise err(i + 1, len(parts[0]) + 2, f"header '{key}' needs exactly one value")
+            header[key] = parts[1]
+        i += 1
+    if header["type"].lower() != "octile":
+        raise err(1, 6, f"map type '{header['type']}' is not supported; allowed: octile")
+    dims = {}
+    for row, key in ((2, "height"), (3, "width")):
+        try:
+            dims[key] = int(header[key])
+        except ValueError:
+            raise err(row, len(key) + 2, f"{key} '{header[key]}' is not an integer") from None
+        if dims[key] < 1:
+            raise err(row, len(key) + 2, f"{key} must be >= 1, got {dims[key]}")
+    height, width = dims["height"], dims["width"]
+    rows = lines[i:]
+    while rows and not rows[-1].strip():  # trailing blank lines are harmless
+        rows.pop()
+    if len(rows) < height:
+        raise err(i + len(rows) + 1, 1, f"expected {height} map rows, found {len(rows)}")
+    if len(rows) > height:
+        raise err(i + height + 1, 1, f"expected {height} map rows, found {len(rows)} (extra rows)")
+    grid = np.empty((height, width), dtype="<U1")
+    for r, row in enumerate(rows):
+        row = row.rstrip("\r")
+        line_no = i + r + 1
+        for c, ch in enumerate(row[:width]):
+            if ch not in ALLOWED_CHARS:
+                raise err(
+                    line_no,
+                    c + 1,
+                    f"unknown map character '{ch}'; allowed: . G S (free) @ O T W (obstacle) "
+                    f"R (rack) P (station)",
+                )
+        if len(row) != width:
+            raise err(line_no, min(len(row), width) + 1, f"row has {len(row)} characters, expected {width}")
+        grid[r] = list(row)
+    return grid
+
+
+def load_map(path: str | Path) -> np.ndarray:
+    """Read and parse a ``.map`` file (see :func:`parse_map`)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read map file '{path}': {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"map file '{path}' is not UTF-8 text") from None
+    return parse_map(text, source=str(path))
+
+
+def grid_to_text(grid: np.ndarray) -> str:
+    """Render a character grid as a MovingAI ``.map`` file."""
+    height, width = grid.shape
+    rows = ["".join(row) for row in grid]
+    return f"type octile\nheight {height}\nwidth {width}\nmap\n" + "\n".join(rows) + "\n"
+
+
+def generate_warehouse(block_rows: int, block_cols: int, block_width: int, aisle_width: int = 1) -> str:
+    """A Kiva-style floor as ``.map`` text.
+
+    Rack blocks are two racks deep (each rack reachable from the aisle above or below it) and
+    ``block_width`` racks long, separated by one-cell horizontal aisles and ``aisle_width``-cell
+    vertical aisles, inside a two-cell corridor ring. Pick stations sit in the outer wall
+    columns (left and right), one every third row, as one-cell bays robots drive into.
+    """
+    height = 3 * block_rows + 3
+    width = 3 + block_cols * block_width + (block_cols - 1) * aisle_width + 3
+    grid = np.full((height, width), ".", dtype="<U1")
+    grid[:, 0] = "@"
+    grid[:, -1] = "@"
+    for r in range(2, height - 2, 3):
+        grid[r, 0] = STATION
+        grid[r, -1] = STATION
+    for b in range(block_rows):
+        r0 = 2 + 3 * b
+        for c in range(block_cols):
+            c0 = 3 + c * (block_width + aisle_width)
+            grid[r0 : r0 + 2, c0 : c0 + block_width] = RACK
+    return grid_to_text(grid)
+
+
+@dataclass
+class Layout:
+    """A parsed floor plus the static tables the env and the planners reuse every step.
+
+    Cells are numbered row-major, ``cell = row * width + col``. Built once per map (and cached
+    by content hash), so creating many envs on the same map is cheap.
+    """
+
+    grid: np.ndarray  #: (H, W) characters
+    height: int
+    width: int
+    passable: np.ndarray  #: (H*W,) bool: free floor in the used component (incl. stations)
+    neighbours: np.ndarray  #: (H*W, 5) int64: cell reached by each action; invalid moves stay
+    action_valid: np.ndarray  #: (H*W, 5) bool: action does not bump into an obstacle/edge
+    rack_cells: np.ndarray  #: (n_racks,) cells of usable racks
+    access_cells: np.ndarray  #: (n_racks,) aisle cell from which each rack is picked
+    station_cells: np.ndarray  #: (n_stations,) station cells
+    target_cells: np.ndarray  #: (T,) distinct goal cells: access cells then stations
+    target_index: np.ndarray  #: (H*W,) index into target_cells, -1 elsewhere
+    dist: np.ndarray  #: (T, H*W) int32 shortest-path steps from every cell to each target
+    spawn_cells: np.ndarray  #: passable non-station cells robots may start on
+    next_action: np.ndarray  #: (T, H*W) int8: first move of a shortest path to each target (0 there)
+    digest: str = ""
+    _dist_lists: dict[int, list[int]] = field(default_factory=dict, repr=False)
+
+    @property
+    def n_cells(self) -> int:
+        return self.height * self.width
+
+    def dist_list(self, target: int) -> list[int]:
+        """Row ``target`` of :attr:`dist` as a Python list (fast scalar reads for the planner)."""
+        row = self._dist_lists.get(target)
+        if row is None:
+            row = self._dist_lists[target] = self.dist[target].tolist()
+        return row
+
+    def text(self) -> str:
+        return grid_to_text(self.grid)
+
+
+_CACHE: dict[str, Layout] = {}
+
+
+def build_layout(grid: np.ndarray, source: str = "<map>") -> Layout:
+    """Precompute neighbour tables, rack access cells and BFS distances (cached by content)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components, shortest_path
+
+    digest = hashlib.sha1(grid_to_text(grid).encode()).hexdigest()
+    if digest in _CACHE:
+        return _CACHE[digest]
+    height, width = grid.shape
+    n = height * width
+    flat = grid.reshape(-1)
+    free = np.isin(flat, list(FREE_CHARS | {STATION}))
+    rows, cols = np.divmod(np.arange(n), width)
+
+    # Neighbour table: the cell each action leads to, or the same cell when it is blocked.
+    nr = rows[:, None] + MOVES[None, :, 0]
+    nc = cols[:, None] + MOVES[None, :, 1]
+    inside = (nr >= 0) & (nr < height) & (nc >= 0) & (nc < width)
+    target = np.where(inside, nr * width + nc, np.arange(n)[:, None])
+    ok = inside & free[target] & free[:, None]
+
+    # Largest 4-connected free component: robots, access cells and stations must lie in it.
+    src = np.repeat(np.arange(n), 4)
+    dst = target[:, 1:].reshape(-1)
+    edge = ok[:, 1:].reshape(-1)
+    graph = coo_matrix((np.ones(int(edge.sum())), (src[edge], dst[edge])), shape=(n, n)).tocsr()
+    _, labels = connected_components(graph, directed=False)
+    free_labels = labels[free]
+    if free_labels.size == 0:
+        raise ConfigError(f"{source}: the map has no free cell")
+    main = np.bincount(free_labels).argmax()
+    passable = free & (labels == main)
+    ok &= passable[:, None]
+    ok[:, 0] = True  # staying is always allowed
+    neighbours = np.where(ok, target, np.arange(n)[:, None])
+
+    racks, access = [], []
+    for cell in np.flatnonzero(flat == RACK):
+        for a in (1, 2, 3, 4):  # up, down, left, right: the first free neighbour is the access cell
+            if inside[cell, a] and passable[target[cell, a]]:
+                racks.append(cell)
+                access.append(target[cell, a])
+                break
+    stations = np.flatnonzero((flat == STATION) & passable)
+    if not racks:
+        raise ConfigError(f"{source}: the map has no rack 'R' next to reachable free floor")
+    if stations.size == 0:
+        raise ConfigError(f"{source}: the map has no reachable pick station 'P'")
+    access_cells = np.asarray(access, dtype=np.int64)
+    targets = np.unique(np.concatenate([access_cells, stations]))
+    target_index = np.full(n, -1, dtype=np.int64)
+    target_index[targets] = np.arange(targets.size)
+    # One BFS per goal cell over the static floor (the graph is undirected, so distance *from*
+    # a target equals distance *to* it). Computed once per map and reused by env and planners.
+    d = shortest_path(graph, method="D", unweighted=True, indices=targets)
+    dist = np.where(np.isfinite(d), d, UNREACHABLE).astype(np.int32)
+    spawn = np.flatnonzero(passable & (flat != STATION))
+    # First move of a shortest path from every cell to every target: the first of up, down,
+    # left, right that lowers the distance (0 = stay, at the target or where unreachable).
+    nb_dist = dist[:, neighbours[:, 1:]]  # (T, n, 4)
+    best = np.argmin(nb_dist, axis=2)
+    improves = np.take_along_axis(nb_dist, best[..., None], axis=2)[..., 0] < dist
+    next_action = np.where(improves, best + 1, 0).astype(np.int8)
+    layout = Layout(
+        grid=grid,
+        height=height,
+        width=width,
+        passable=passable,
+        neighbours=neighbours.astype(np.int64),
+        action_valid=ok,
+        rack_cells=np.asarray(racks, dtype=np.int64),
+        access_cells=access_cells,
+        station_cells=stations.astype(np.int64),
+        target_cells=targets.astype(np.int64),
+        target_index=target_index,
+        dist=dist,
+        spawn_cells=spawn.astype(np.int64),
+        next_action=next_action,
+        digest=digest,
+    )
+    _CACHE[digest] = layout
+    return layout
+
+
+def layout_from_file(map_file: str) -> Layout:
+    """Resolve, parse and precompute a map named by the ``map_file`` config field."""
+    path = resolve_map_path(map_file)
+    return build_layout(load_map(path), source=str(path))
