@@ -1,0 +1,210 @@
+"""``marl compare``: run a grid of methods × protocols × channel settings × seeds on a scenario.
+
+Examples::
+
+    marl compare traffic/grid4x4 --controllers max-pressure-coordinated,max-pressure \\
+        --protocols none,neighbours,broadcast --channel drop=0 --channel drop=0.3 \\
+        --seeds 3 --set end=900 --jobs 2 --out results/demo
+    marl compare warehouse/small --algo ippo --steps 20000 --protocols none,neighbours \\
+        --seeds 3 --ranks 2 --out results/ippo-comms
+
+Every cell runs in its own process and writes its own directory, so the command is resumable:
+run it again and only unfinished cells run. A failed cell is recorded (cells/<key>/error.txt,
+failures.json) and the others go on; the exit code is then 1. See marl/results/compare.py for the
+directory layout and for how non-talking controllers are handled.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+if TYPE_CHECKING:  # only for annotations: keep `marl --help` free of these imports
+    from rich.console import Console
+
+    from marl.results.compare import Cell, GridPlan
+
+__all__ = ["command"]
+
+_MAX_FAILURES_SHOWN = 5
+#: Environment variables an MPI launcher sets (marl.distributed.launch.under_launcher has the full rule).
+_LAUNCHER_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS", "CONCORD_MPI_LAUNCHED")
+
+
+def _split(text: str | None) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.argument("scenario")
+@click.option("--controllers", default=None, help="Comma-separated controllers to compare.")
+@click.option("--algo", default=None, help="Learning algorithm to train in every cell (instead of --controllers).")
+@click.option("--steps", type=int, default=None, help="Training steps per cell (with --algo).")
+@click.option("--protocols", default="none", help="Comma-separated protocols (see 'marl list protocols').")
+@click.option(
+    "--channel",
+    "channels",
+    multiple=True,
+    metavar="SPEC",
+    help="Channel setting, repeatable (e.g. --channel drop=0 --channel drop=0.3); default: perfect.",
+)
+@click.option("--seeds", type=int, default=3, help="Number of seeds per cell setting (seeds 0..K-1).")
+@click.option("--episodes", type=int, default=1, help="Evaluation episodes per cell.")
+@click.option("--jobs", type=int, default=None, help="Parallel processes; default: number of CPUs.")
+@click.option("--ranks", type=int, default=1, help="Spread cells over N MPI ranks (relaunches under mpiexec).")
+@click.option(
+    "--set", "set_", multiple=True, metavar="KEY=VALUE", help="Override a scenario parameter (repeatable)."
+)
+@click.option("--out", required=True, help="Results directory, e.g. results/NAME (rerun to resume).")
+@click.option("--inject-failure", default="", hidden=True, help="Regex: cells whose key matches fail (tests).")
+def command(
+    scenario: str,
+    controllers: str | None,
+    algo: str | None,
+    steps: int | None,
+    protocols: str,
+    channels: tuple[str, ...],
+    seeds: int,
+    episodes: int,
+    jobs: int | None,
+    ranks: int,
+    set_: tuple[str, ...],
+    out: str,
+    inject_failure: str,
+) -> int:
+    """Run every (method, protocol, channel, seed) cell of SCENARIO, in parallel and resumably,
+    into OUT; then 'marl report OUT' makes the tables and figures."""
+    from rich.console import Console
+
+    from marl.config import parse_sets
+    from marl.errors import ConfigError
+    from marl.results.compare import merge_cells, plan_grid, write_plan
+
+    err = Console(stderr=True, highlight=False)
+    if (controllers is None) == (algo is None):
+        raise ConfigError("give exactly one of --controllers a,b or --algo NAME")
+    if algo is not None and (steps is None or steps < 1):
+        raise ConfigError(f"bad --steps {steps}; --algo needs --steps N with N >= 1")
+    if jobs is not None and jobs < 1:
+        raise ConfigError(f"bad --jobs {jobs}; expected an integer >= 1")
+    if ranks < 1:
+        raise ConfigError(f"bad --ranks {ranks}; expected an integer >= 1")
+    plan = plan_grid(
+        scenario,
+        methods=_split(controllers) if controllers is not None else [algo or ""],
+        kind="controller" if controllers is not None else "algo",
+        protocols=_split(protocols) or ["none"],
+        channels=list(dict.fromkeys(channels)) or [""],
+        seeds=seeds,
+        episodes=episodes,
+        overrides=parse_sets(set_),
+        steps=steps,
+    )
+
+    world = None
+    # Cheap check first: marl.distributed imports torch, which a plain compare does not need.
+    if ranks > 1 or any(v in os.environ for v in _LAUNCHER_MARKERS):
+        try:
+            from marl.distributed import DistConfig, init_world, launch_if_needed
+        except ImportError as exc:
+            raise ConfigError(f"--ranks needs marl.distributed, which is not available: {exc}") from None
+        dist = DistConfig(ranks=ranks)
+        launch_if_needed(dist, sys.argv)  # execs mpiexec and exits when not yet under a launcher
+        world = init_world(dist)
+    rank, size = (world.rank, world.size) if world is not None else (0, 1)
+
+    write_plan(plan, out, world_size=size)  # every rank checks a resumed directory; same content
+    if rank == 0:
+        if plan.skipped:
+            for reason in dict.fromkeys(s.reason for s in plan.skipped):
+                n = sum(s.reason == reason for s in plan.skipped)
+                err.print(f"note: {n} combination(s) skipped: {reason}", markup=False, soft_wrap=True)
+    mine = [cell for i, cell in enumerate(plan.cells) if i % size == rank]
+    jobs = 1 if world is not None else (jobs or os.cpu_count() or 1)
+    counts = _run_with_progress(plan, mine, out, jobs, inject_failure, show=rank == 0, err=err)
+
+    if world is not None:
+        totals = world.mean_metrics({"ran": float(counts[0]), "reused": float(counts[1])})
+        counts = (round(totals["ran"] * size), round(totals["reused"] * size))
+        world.close()  # barrier: every rank has finished its cells before rank 0 merges
+        if rank != 0:
+            return 0
+    finished, rows = merge_cells(out)
+    from marl.results.compare import collect_cells
+
+    _, failed = collect_cells(out)  # failures of this plan's cells only (not stale directories)
+    failed = {k: v for k, v in failed.items() if k in {c.key for c in plan.cells}}
+    ran, reused = counts
+    summary = (
+        f"compare {scenario}: {len(plan.cells)} cells — {ran} run now, {reused} already done, "
+        f"{len(failed)} failed; {rows} rows in {Path(out) / 'records.csv'}"
+        + (f" (world size {size})" if size > 1 else "")
+    )
+    shown = list(failed.items())[:_MAX_FAILURES_SHOWN]
+    for key, line in shown:
+        err.print(f"  failed {key}: {line}  (see {Path(out) / 'cells' / key / 'error.txt'})",
+                  markup=False, soft_wrap=True)
+    if len(failed) > len(shown):
+        err.print(f"  ... and {len(failed) - len(shown)} more (see {Path(out) / 'failures.json'})",
+                  markup=False, soft_wrap=True)
+    click.echo(summary)
+    return 1 if failed else 0
+
+
+def _run_with_progress(
+    plan: GridPlan, cells: list[Cell], out: str, jobs: int, inject_failure: str, *, show: bool, err: Console
+) -> tuple[int, int]:
+    """Run ``cells`` with a rich progress bar; returns (cells run now, cells already done)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from marl.results.compare import CellOutcome, run_grid
+
+    counts = {"done": 0, "skipped": 0, "failed": 0}
+    running: dict[str, tuple[int, float]] = {}  # key -> (env steps, fraction done)
+    finished_steps = [0]
+    ended_keys: set[str] = set()  # a late progress message must not revive a finished cell
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=False,
+        disable=not show,
+    )
+
+    with progress:
+        task = progress.add_task("cells", total=len(cells), status="")
+
+        def refresh() -> None:
+            ended = counts["done"] + counts["skipped"] + counts["failed"]
+            steps = finished_steps[0] + sum(s for s, _ in running.values())
+            parts = [f"{counts['done']} ok", f"{counts['failed']} failed", f"{len(running)} running"]
+            if counts["skipped"]:
+                parts.insert(1, f"{counts['skipped']} reused")
+            status = ", ".join(parts) + f", {steps:,} steps"
+            # Whole cells only in the M/N count; running cells' fractions move the bar smoothly.
+            progress.update(task, completed=ended + sum(f for _, f in running.values()), status=status)
+
+        def on_outcome(outcome: CellOutcome) -> None:
+            counts[outcome.status] += 1
+            ended_keys.add(outcome.key)
+            steps, _ = running.pop(outcome.key, (0, 0.0))
+            finished_steps[0] += steps
+            refresh()
+
+        def on_progress(key: str, steps: int | None, fraction: float | None) -> None:
+            if key in ended_keys:
+                return
+            old_steps, old_fraction = running.get(key, (0, 0.0))
+            running[key] = (old_steps if steps is None else steps, old_fraction if fraction is None else fraction)
+            refresh()
+
+        run_grid(plan, out, jobs=jobs, cells=cells, inject_failure=inject_failure,
+                 on_outcome=on_outcome, on_progress=on_progress)
+    return counts["done"] + counts["failed"], counts["skipped"]

@@ -1,0 +1,349 @@
+"""Load a results directory and aggregate it per scenario, method, protocol and channel setting.
+
+The unit of replication is the seed: the episodes of one seed are averaged first (they share
+one controller or trained policy), then seeds are summarised with
+
+* the mean and its 95 % Student-t interval (n − 1 degrees of freedom, n = real number of seeds);
+* the IQM with a 95 % stratified-bootstrap percentile interval;
+* the channel's cost beside it: bytes per agent per step and delivery rate (mean over seeds).
+
+With fewer than two seeds no interval exists: it is shown as n/a and a note says so.
+
+Which way is better comes from the scenario class (``registry.load(spec.entry_point).kpi_goals``);
+the generic metrics the runner adds have fixed goals (:data:`GENERIC_GOALS`); any other metric is
+taken as lower-is-better and the report notes that assumption.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from marl.errors import ConcordError, unknown
+from marl.results import stats
+from marl.results.records import COLUMNS, MANIFEST_DIR, RECORDS_FILE
+
+__all__ = [
+    "Results",
+    "load_results",
+    "Goals",
+    "scenario_goals",
+    "select_metrics",
+    "per_seed",
+    "summarize",
+    "improvement",
+    "Improvement",
+    "kpi_metrics",
+    "CHANNEL_TOTALS",
+    "TRAINING_PREFIXES",
+    "drop_rate",
+    "channel_label",
+    "COMMS_METRICS",
+    "GENERIC_GOALS",
+    "GROUP",
+]
+
+#: Channel statistics that runs with a protocol record; shown beside every KPI, not as KPIs.
+COMMS_METRICS: tuple[str, ...] = ("bytes_per_agent_step", "delivery_rate")
+#: Goals of metrics the runner itself adds (runner.run_episode) or the channel reports.
+GENERIC_GOALS: dict[str, str] = {"return": "max", "bytes_per_agent_step": "min", "delivery_rate": "max"}
+#: Bookkeeping metrics that are never a KPI row of their own.
+BOOKKEEPING = frozenset({"env_steps", "step", "env_step", "update", "wall_seconds", "rank_failure"})
+#: Raw channel totals of an episode (comms.channel.Channel.totals): summarised by the two
+#: normalised COMMS_METRICS beside each KPI, so they are not KPI tables of their own.
+CHANNEL_TOTALS = frozenset({
+    "messages_sent", "messages_delivered", "messages_dropped", "messages_over_budget",
+    "bytes_sent", "bytes_delivered", "channel_steps",
+})
+#: Training logs (marl.train): ``train_*`` per update and ``eval_*`` periodic evaluations, with the
+#: update number in the episode column. They feed learning curves; tables use the final
+#: evaluation rows, which carry the plain KPI names.
+TRAINING_PREFIXES: tuple[str, ...] = ("train_", "eval_")
+#: The columns a report groups by.
+GROUP: tuple[str, ...] = ("scenario", "method", "protocol", "channel")
+
+
+@dataclass
+class Results:
+    """What a results directory holds, ready for aggregation."""
+
+    directory: Path
+    frame: pd.DataFrame  #: long-format rows, COLUMNS
+    manifests: list[dict[str, Any]]
+    plan: dict[str, Any] | None = None  #: grid.json of a compare, when present
+    failures: dict[str, str] = field(default_factory=dict)
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    try:
+        frame = pd.read_csv(path, dtype={"channel": str, "protocol": str, "method": str}, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise ConcordError(f"{path} is empty; run 'marl compare' or 'marl run' into it first") from None
+    if tuple(frame.columns) != COLUMNS:
+        raise ConcordError(
+            f"{path} has columns {list(frame.columns)}; expected {list(COLUMNS)} (mixed or foreign schema)"
+        )
+    return frame
+
+
+def load_results(directory: str | Path) -> Results:
+    """Read ``records.csv`` (or, for a compare, every finished cell) plus manifests.
+
+    Raises ConcordError for a missing or empty directory, a foreign schema, or non-numeric values.
+    """
+    from marl.results.compare import CELLS_DIR, GRID_FILE, collect_cells
+
+    root = Path(directory)
+    if not root.is_dir():
+        raise ConcordError(f"results directory '{root}' does not exist")
+    plan = json.loads((root / GRID_FILE).read_text()) if (root / GRID_FILE).exists() else None
+    failures: dict[str, str] = {}
+    manifest_dirs: list[Path] = []
+    if (root / CELLS_DIR).is_dir():
+        done, failures = collect_cells(root)
+        frames = [_read_csv(d / RECORDS_FILE) for d in done if (d / RECORDS_FILE).exists()]
+        manifest_dirs = [d / MANIFEST_DIR for d in done]
+        if not frames:
+            raise ConcordError(
+                f"{root} has no finished cells yet ({len(failures)} failed); run 'marl compare' to fill it"
+            )
+        frame = pd.concat(frames, ignore_index=True)
+    else:
+        if not (root / RECORDS_FILE).exists():
+            raise ConcordError(f"no {RECORDS_FILE} in '{root}'; run 'marl compare' or 'marl run' into it first")
+        frame = _read_csv(root / RECORDS_FILE)
+        manifest_dirs = [root / MANIFEST_DIR]
+    if frame.empty:
+        raise ConcordError(f"{root} holds no result rows yet")
+    numeric = pd.to_numeric(frame["value"], errors="coerce")
+    bad = frame.loc[numeric.isna() & (frame["value"].astype(str) != "nan"), "value"]
+    if len(bad):
+        raise ConcordError(f"{root}: non-numeric value {bad.iloc[0]!r} in the value column")
+    frame["value"] = numeric
+    for column in ("seed", "episode"):
+        ints = pd.to_numeric(frame[column], errors="coerce")
+        if ints.isna().any():
+            raise ConcordError(f"{root}: non-integer {column} {frame.loc[ints.isna(), column].iloc[0]!r}")
+        frame[column] = ints.astype(int)
+    for column in ("scenario", "method", "protocol", "channel", "metric"):
+        frame[column] = frame[column].astype(str)
+    manifests = []
+    for mdir in manifest_dirs:
+        for path in sorted(mdir.glob("*.json")):
+            try:
+                manifests.append(json.loads(path.read_text()))
+            except json.JSONDecodeError:
+                raise ConcordError(f"{path} is not valid JSON") from None
+    return Results(root, frame, manifests, plan, failures)
+
+
+@dataclass
+class Goals:
+    """Direction per metric for one scenario, plus notes about any assumption made."""
+
+    scenario: str
+    goals: dict[str, str]
+    main_kpi: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def goal(self, metric: str) -> str:
+        if metric in self.goals:
+            return self.goals[metric]
+        if metric in GENERIC_GOALS:
+            return GENERIC_GOALS[metric]
+        note = f"{self.scenario}: no goal known for metric '{metric}'; assumed lower is better"
+        if note not in self.notes:
+            self.notes.append(note)
+        return "min"
+
+
+def scenario_goals(scenario: str) -> Goals:
+    """kpi_goals and main_kpi of the scenario's class, via the registry (no simulator is built)."""
+    from marl import registry
+
+    try:
+        spec = registry.scenario_spec(scenario)
+        cls = registry.load(spec.entry_point)
+    except ConcordError:
+        return Goals(scenario, {}, "", [f"scenario '{scenario}' is not registered; KPI goals unknown"])
+    return Goals(scenario, dict(getattr(cls, "kpi_goals", {}) or {}), str(getattr(cls, "main_kpi", "") or ""))
+
+
+def kpi_metrics(frame: pd.DataFrame) -> list[str]:
+    """Metrics that are KPIs (not channel statistics or bookkeeping), in first-seen order."""
+    seen = dict.fromkeys(frame["metric"])
+    return [
+        m for m in seen
+        if m not in COMMS_METRICS and m not in BOOKKEEPING and m not in CHANNEL_TOTALS
+        and not m.startswith(TRAINING_PREFIXES)
+    ]
+
+
+def select_metrics(frame: pd.DataFrame, requested: Sequence[str], main_kpis: Iterable[str] = ()) -> list[str]:
+    """The requested metrics (each must exist: closest match otherwise), or every KPI, main first."""
+    available = list(dict.fromkeys(frame["metric"]))
+    if requested:
+        for name in requested:
+            if name not in available:
+                raise unknown("metric", name, available)
+        return list(dict.fromkeys(requested))
+    kpis = kpi_metrics(frame)
+    first = [m for m in dict.fromkeys(main_kpis) if m in kpis]
+    return first + [m for m in kpis if m not in first]
+
+
+def per_seed(frame: pd.DataFrame) -> pd.DataFrame:
+    """Mean over episodes for each (scenario, method, protocol, channel, seed, metric)."""
+    return (
+        frame.groupby([*GROUP, "seed", "metric"], sort=False, dropna=False)["value"].mean().reset_index()
+    )
+
+
+def drop_rate(channel: str) -> float:
+    """The message drop probability of a channel spec ("drop=0.3,delay=1" -> 0.3; "" -> 0.0)."""
+    try:
+        from comms.channel import parse_channel
+
+        return float(parse_channel(channel).drop) if channel else 0.0
+    except (ImportError, AttributeError):
+        pass
+    match = re.search(r"(?:^|,)\s*drop\s*=\s*([0-9.eE+-]+)", channel)
+    return float(match.group(1)) if match else 0.0
+
+
+def channel_label(channel: str) -> str:
+    return channel if channel else "perfect"
+
+
+def _order(values: Iterable[str]) -> dict[str, int]:
+    return {v: i for i, v in enumerate(dict.fromkeys(values))}
+
+
+def summarize(
+    frame: pd.DataFrame,
+    metrics: Sequence[str],
+    *,
+    reps: int = stats.DEFAULT_REPS,
+    confidence: float = 0.95,
+    order: dict[str, Sequence[str]] | None = None,
+) -> pd.DataFrame:
+    """One row per (scenario, method, protocol, channel, metric) with the statistics above.
+
+    Columns: GROUP, metric, n_seeds, mean, ci_low, ci_high, iqm, iqm_low, iqm_high, and for the
+    channel cost bytes_per_agent_step (+ _low/_high t-interval) and delivery_rate (NaN when the
+    cell had no protocol in the loop). Rows are ordered by method and protocol as in ``order``
+    (e.g. the compare plan's, as the user gave them), else as first seen, then by drop rate.
+    """
+    seeds = per_seed(frame)
+    order = order or {}
+    method_order = _order([*order.get("method", []), *frame["method"]])
+    protocol_order = _order([*order.get("protocol", []), *frame["protocol"]])
+    rows: list[dict[str, Any]] = []
+    keyed = {key: sub for key, sub in seeds.groupby([*GROUP, "metric"], sort=False)}
+    groups = list(dict.fromkeys(k[:4] for k in keyed))
+    for group in groups:
+        comms: dict[str, stats.Interval | None] = {}
+        for cm in COMMS_METRICS:
+            sub = keyed.get((*group, cm))
+            comms[cm] = stats.t_interval(sub["value"].to_numpy(), confidence) if sub is not None else None
+        for metric in metrics:
+            sub = keyed.get((*group, metric))
+            if sub is None:
+                continue
+            values = sub.sort_values("seed")["value"].to_numpy(dtype=float)
+            values = values[np.isfinite(values)]
+            if values.size == 0:
+                continue
+            mean = stats.t_interval(values, confidence)
+            robust = stats.iqm_interval(values, reps=reps, confidence=confidence)
+            row: dict[str, Any] = dict(zip(GROUP, group))
+            row.update(
+                metric=metric,
+                n_seeds=int(values.size),
+                mean=mean.estimate,
+                ci_low=mean.low,
+                ci_high=mean.high,
+                iqm=robust.estimate,
+                iqm_low=robust.low,
+                iqm_high=robust.high,
+            )
+            for cm, interval in comms.items():
+                row[cm] = interval.estimate if interval else float("nan")
+                row[f"{cm}_low"] = interval.low if interval else float("nan")
+                row[f"{cm}_high"] = interval.high if interval else float("nan")
+            row["drop"] = drop_rate(group[3])
+            rows.append(row)
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    table["_m"] = table["method"].map(method_order)
+    table["_p"] = table["protocol"].map(protocol_order)
+    table = table.sort_values(["scenario", "metric", "_m", "_p", "drop", "channel"], kind="stable")
+    metric_rank = {m: i for i, m in enumerate(metrics)}
+    table["_k"] = table["metric"].map(metric_rank)
+    table = table.sort_values(["scenario", "_k"], kind="stable").drop(columns=["_m", "_p", "_k"])
+    return table.reset_index(drop=True)
+
+
+@dataclass
+class Improvement:
+    """P(A better than B) for one metric within one matching context."""
+
+    scenario: str
+    metric: str
+    context: str  #: what was held fixed, e.g. "protocol=none, channel=perfect"
+    a: str
+    b: str
+    probability: stats.Interval
+
+
+def improvement(
+    frame: pd.DataFrame,
+    a: str,
+    b: str,
+    metrics: Sequence[str],
+    goals: dict[str, Goals],
+    *,
+    reps: int = stats.DEFAULT_REPS,
+) -> list[Improvement]:
+    """P(A > B) (rliable's probability of improvement; ties count ½) per matching context.
+
+    ``a`` and ``b`` name two methods (compared at equal protocol and channel) or two protocols
+    (compared at equal method and channel). For lower-is-better metrics scores are negated, so
+    the probability always reads "A is better than B".
+    """
+    methods = set(frame["method"])
+    protocols = set(frame["protocol"])
+    if a in methods and b in methods:
+        varying, fixed = "method", ("protocol", "channel")
+    elif a in protocols and b in protocols:
+        varying, fixed = "protocol", ("method", "channel")
+    else:
+        allowed = sorted(methods | protocols)
+        bad = b if (a in methods or a in protocols) else a
+        raise unknown("method or protocol for --improvement", bad, allowed)
+    seeds = per_seed(frame)
+    out: list[Improvement] = []
+    for metric in metrics:
+        sub = seeds[seeds["metric"] == metric]
+        for key, ctx in sub.groupby(["scenario", *fixed], sort=False):
+            xa = ctx.loc[ctx[varying] == a, "value"].to_numpy(dtype=float)
+            xb = ctx.loc[ctx[varying] == b, "value"].to_numpy(dtype=float)
+            if xa.size == 0 or xb.size == 0:
+                continue
+            sign = -1.0 if goals[key[0]].goal(metric) == "min" else 1.0
+            prob = stats.probability_of_improvement_interval(sign * xa, sign * xb, reps=reps)
+            context = ", ".join(
+                f"{name}={channel_label(v) if name == 'channel' else v}" for name, v in zip(fixed, key[1:])
+            )
+            out.append(Improvement(key[0], metric, context, a, b, prob))
+    if not out:
+        raise ConcordError(f"--improvement {a},{b}: no setting has results for both")
+    return out

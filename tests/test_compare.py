@@ -1,0 +1,183 @@
+"""`marl compare`: grid planning, real runs on the cheapest scenario, resume without duplicates,
+failure isolation, and bad input. Real cells run warehouse/small (numpy) with a short horizon."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from marl.cli import main
+from marl.results.compare import cell_key, plan_grid
+
+SCENARIO = "warehouse/small"
+SHORT = ["--set", "horizon=30"]
+
+
+def _rows(out: Path) -> list[tuple[str, ...]]:
+    """Rows of the merged records.csv without run_id (which differs between attempts)."""
+    with (out / "records.csv").open() as fh:
+        return [tuple(r[c] for c in ("method", "protocol", "channel", "seed", "episode", "metric", "value"))
+                for r in csv.DictReader(fh)]
+
+
+def _assert_complete(out: Path, cells: int, metrics_per_episode: int | None = None) -> list[tuple[str, ...]]:
+    rows = _rows(out)
+    keys = [r[:6] for r in rows]
+    assert len(keys) == len(set(keys)), "duplicate rows in the merged view"
+    settings = {r[:4] for r in rows}
+    assert len(settings) == cells
+    if metrics_per_episode is not None:
+        assert len(rows) == cells * metrics_per_episode
+    return rows
+
+
+def test_plan_grid_runs_non_talking_controllers_once():
+    plan = plan_grid(SCENARIO, methods=["greedy"], protocols=["none", "neighbours"],
+                     channels=["", "drop=0.3"], seeds=2)
+    assert [(c.protocol, c.channel, c.seed) for c in plan.cells] == [("none", "", 0), ("none", "", 1)]
+    assert len(plan.skipped) == 3 and all("does not read messages" in s.reason for s in plan.skipped)
+    talking = plan_grid("traffic/grid4x4", methods=["max-pressure-coordinated"],
+                        protocols=["none", "neighbours"], channels=["drop=0", "drop=0.3"], seeds=3)
+    # Protocol none sends nothing: once per seed on a perfect channel; neighbours on both channels.
+    assert sorted({(c.protocol, c.channel) for c in talking.cells}) == [
+        ("neighbours", "drop=0"), ("neighbours", "drop=0.3"), ("none", "")]
+    assert len(talking.cells) == 3 * 3 == len({c.key for c in talking.cells})
+    assert [(s.protocol, s.channel) for s in talking.skipped] == [("none", "drop=0"), ("none", "drop=0.3")]
+    assert cell_key("a", "none", "drop=0.3,delay=1", 2) == "a__none__drop=0.3_delay=1__seed2"
+    assert cell_key("a", "none", "", 0) == "a__none__perfect__seed0"
+
+
+def test_bad_input_fails_before_any_cell_runs(tmp_path, capsys):
+    out = str(tmp_path / "x")
+    assert main(["compare", SCENARIO, "--controllers", "greedyy", "--out", out]) == 2
+    assert "did you mean 'greedy'" in capsys.readouterr().err
+    assert main(["compare", SCENARIO, "--controllers", "greedy", "--set", "horizn=5", "--out", out]) == 2
+    assert "did you mean 'horizon'" in capsys.readouterr().err
+    assert main(["compare", SCENARIO, "--controllers", "greedy", "--protocols", "gosip", "--out", out]) == 2
+    assert "did you mean 'gossip'" in capsys.readouterr().err
+    assert main(["compare", SCENARIO, "--out", out]) == 2
+    assert "exactly one of" in capsys.readouterr().err
+    assert main(["compare", SCENARIO, "--controllers", "greedy", "--seeds", "0", "--out", out]) == 2
+    assert not Path(out).exists()
+
+
+def test_resume_skips_finished_cells_and_never_duplicates(tmp_path, capsys):
+    out = tmp_path / "grid"
+    args = ["compare", SCENARIO, "--controllers", "greedy", "--seeds", "3", "--jobs", "2",
+            *SHORT, "--out", str(out)]
+    assert main(args) == 0
+    first = _assert_complete(out, cells=3)
+    assert "3 run now, 0 already done, 0 failed" in capsys.readouterr().out
+
+    cells = sorted((out / "cells").iterdir())
+    # An interrupted cell: rows written, done marker missing (the marker is written last).
+    partial = cells[0]
+    (partial / "done.json").unlink()
+    with (partial / "records.csv").open("a") as fh:
+        fh.write("bogus,warehouse/small,greedy,none,,0,0,throughput,999.0\n")
+    # A cell that never started.
+    import shutil
+
+    shutil.rmtree(cells[1])
+    kept = cells[2] / "done.json"
+    kept_text, kept_mtime = kept.read_text(), kept.stat().st_mtime_ns
+    (out / "records.csv").unlink()
+
+    assert main(args) == 0
+    assert "2 run now, 1 already done, 0 failed" in capsys.readouterr().out
+    second = _assert_complete(out, cells=3)
+    assert sorted(second) == sorted(first)  # same seeds -> same values, no bogus row, no duplicate
+    assert kept.read_text() == kept_text and kept.stat().st_mtime_ns == kept_mtime
+
+    # Same directory, different settings: refused rather than mixing incomparable cells.
+    assert main([*args[:-2], "--episodes", "2", "--out", str(out)]) == 2
+    assert "different episodes" in capsys.readouterr().err
+
+
+def test_one_failing_cell_does_not_stop_the_others(tmp_path, capsys):
+    out = tmp_path / "grid"
+    args = ["compare", SCENARIO, "--controllers", "greedy,random", "--seeds", "1", "--jobs", "2",
+            *SHORT, "--out", str(out)]
+    assert main([*args, "--inject-failure", r"^random__"]) == 1
+    captured = capsys.readouterr()
+    assert "1 failed" in captured.out and "random__none__perfect__seed0" in captured.err
+    failed_dir = out / "cells" / "random__none__perfect__seed0"
+    assert "injected failure" in (failed_dir / "error.txt").read_text()
+    assert not (failed_dir / "done.json").exists()
+    assert json.loads((out / "failures.json").read_text()).keys() == {"random__none__perfect__seed0"}
+    _assert_complete(out, cells=1)
+
+    # The report works on the partial grid and says what is missing.
+    assert main(["report", str(out), "--format", "md", "--no-figures", "--quiet"]) == 0
+    assert "1 cell(s) failed" in (out / "report" / "report.md").read_text()
+
+    # Rerun: only the failed cell runs; afterwards the grid is complete.
+    assert main(args) == 0
+    assert "1 run now, 1 already done, 0 failed" in capsys.readouterr().out
+    _assert_complete(out, cells=2)
+    assert json.loads((out / "failures.json").read_text()) == {}
+
+
+def test_killed_compare_resumes_to_a_complete_grid(tmp_path):
+    out = tmp_path / "grid"
+    marl = str(Path(sys.executable).with_name("marl"))  # the installed script, as a user runs it
+    cmd = [marl, "compare", SCENARIO, "--controllers", "greedy",
+           "--seeds", "3", "--jobs", "1", "--set", "horizon=100", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while (time.monotonic() < deadline and proc.poll() is None
+               and not list((out / "cells").glob("*/done.json"))):
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGKILL)  # the parent and its cell process, mid-grid
+    finally:
+        proc.wait(timeout=30)
+    finished = len(list((out / "cells").glob("*/done.json")))
+    assert 1 <= finished < 3, "the kill should land mid-way"
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{3 - finished} run now, {finished} already done" in rerun.stdout
+    _assert_complete(out, cells=3)
+
+
+@pytest.mark.mpi
+def test_cells_spread_over_mpi_ranks(tmp_path):
+    """--ranks 2 relaunches under mpiexec; rank r runs cells i % 2 == r; rank 0 merges."""
+    pytest.importorskip("mpi4py", reason="MPI ranks need mpi4py")
+    out = tmp_path / "grid"
+    marl = str(Path(sys.executable).with_name("marl"))
+    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    done = subprocess.run([marl, "compare", SCENARIO, "--controllers", "greedy,random", "--seeds", "1",
+                           *SHORT, "--ranks", "2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "2 run now, 0 already done, 0 failed" in done.stdout and "(world size 2)" in done.stdout
+    assert json.loads((out / "grid.json").read_text())["world_size"] == 2
+    pids = {json.loads(p.read_text())["pid"] for p in (out / "cells").glob("*/done.json")}
+    assert len(pids) == 2  # every cell in its own process
+    _assert_complete(out, cells=2)
+
+
+@pytest.mark.slow
+def test_algo_cells_train_and_report(tmp_path):
+    """--algo: each cell trains (marl.train) and its final evaluation lands in the table."""
+    pytest.importorskip("marl.train", reason="training not built")
+    out = tmp_path / "grid"
+    assert main(["compare", "traffic/single-intersection", "--algo", "ippo", "--steps", "64",
+                 "--seeds", "1", "--set", "end=150", "--jobs", "1", "--out", str(out)]) == 0
+    rows = _rows(out)
+    assert {r[0] for r in rows} == {"ippo"}
+    assert any(r[5] == "train_env_steps" for r in rows) and any(r[5] == "delay" for r in rows)
+    assert main(["report", str(out), "--metric", "delay", "--format", "csv", "--no-figures", "--quiet"]) == 0
+    with (out / "report" / "summary.csv").open() as fh:
+        (row,) = list(csv.DictReader(fh))
+    delays = [float(r[6]) for r in rows if r[5] == "delay"]
+    assert float(row["mean"]) == pytest.approx(sum(delays) / len(delays))
