@@ -19,6 +19,7 @@ from rich.table import Table
 
 from marl import registry
 from marl.config import parse_sets
+from marl.options import channel_option, protocol_option, seed_option, set_option
 from marl.errors import ConcordError, closest, unknown
 
 __all__ = ["app", "main"]
@@ -100,25 +101,6 @@ def list_command(kind: str) -> None:
     for row in rows:
         table.add_row(*row)
     console.print(table)
-
-
-#: Shared options, reused by run/train/compare so their names and help never drift apart.
-set_option = click.option(
-    "--set",
-    "set_",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Override a scenario parameter (repeatable); the scenario's env card lists the keys.",
-)
-protocol_option = click.option(
-    "--protocol", default="none", help="Communication protocol (see 'marl list protocols')."
-)
-channel_option = click.option(
-    "--channel",
-    default="",
-    help="Channel spec, e.g. drop=0.1,delay=1,bits=8,budget=256,crash=3; empty is a perfect channel.",
-)
-seed_option = click.option("--seed", type=int, default=0, help="Seed (episode e of a run uses seed+e).")
 
 
 @app.command("run")

@@ -1,0 +1,29 @@
+"""Click options shared by ``marl run``, ``marl train`` and ``marl compare``.
+
+They live here, not in ``marl.cli``, so command modules can import them without importing the
+CLI that mounts those same modules (``python -m marl.cli`` would otherwise import itself twice).
+"""
+
+from __future__ import annotations
+
+import click
+
+__all__ = ["set_option", "protocol_option", "channel_option", "seed_option"]
+
+# One definition each, so names and help never drift apart between commands.
+set_option = click.option(
+    "--set",
+    "set_",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a scenario parameter (repeatable); the scenario's env card lists the keys.",
+)
+protocol_option = click.option(
+    "--protocol", default="none", help="Communication protocol (see 'marl list protocols')."
+)
+channel_option = click.option(
+    "--channel",
+    default="",
+    help="Channel spec, e.g. drop=0.1,delay=1,bits=8,budget=256,crash=3; empty is a perfect channel.",
+)
+seed_option = click.option("--seed", type=int, default=0, help="Seed (episode e of a run uses seed+e).")
