@@ -1,0 +1,293 @@
+"""``marl bench traffic SCENARIO``: the env's overhead over raw SUMO, and its speed vs sumo-rl.
+
+Three timings of one episode of the same net, routes, window and SUMO seed, each in its own
+spawned process (libsumo holds one simulation per process):
+
+* ``env``    — Concord's env driving the net's fixed-time programme (``control=program``): the
+  traffic is identical to the raw run; it also reads lanes, builds observations and rewards every
+  decision and parses the KPIs from tripinfo at the end;
+* ``raw``    — plain libsumo: ``start`` with the same command line (incl. tripinfo output),
+  ``simulationStep()`` once per simulated second, ``close`` (with random phases: the same
+  phase sequence set by bare ``setRedYellowGreenState`` calls);
+* ``sumo-rl``— sumo-rl's ``SumoEnvironment`` on libsumo, ``fixed_ts=True``, same decision
+  interval (its default observation and reward);
+* ``random phases`` — env (agents mode) and sumo-rl again, every light given the same seeded
+  random phase sequence in both (so the traffic is close), which exercises yellow transitions.
+
+The table prints CPU and wall seconds and ratios; ``env/raw`` is the env's overhead,
+``sumo-rl/env`` its speed-up. Ratios use process CPU time by default (libsumo runs in-process,
+so it includes SUMO's work, and it is robust to other jobs on a shared machine). Each method runs
+``--repeat`` episodes back to back in its own spawned process and the fastest counts: the first
+episode of a process also pays one-time costs (lazy imports, parsing the net), the steady state
+is what training and evaluation runs see.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import click
+
+__all__ = ["command", "time_env", "time_raw", "time_sumo_rl"]
+
+
+def _clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def _elapsed(start: tuple[float, float]) -> dict[str, float]:
+    """Wall and CPU seconds since ``start``. libsumo runs inside the process, so its CPU time
+    counts SUMO's work too and is far less disturbed by other jobs on the machine than wall time."""
+    return {"wall": time.perf_counter() - start[0], "cpu": time.process_time() - start[1]}
+
+
+def time_env(scenario: str, overrides: dict[str, Any], actions: str = "program") -> dict[str, Any]:
+    """Seconds for construct + reset + full episode + KPIs of the env.
+
+    ``actions="program"`` runs the net's own programme (traffic identical to ``time_raw``);
+    ``"random"`` lets every light pick a random allowed phase each decision (seeded).
+    """
+    from marl import registry
+    from scenarios.traffic import env as _env_module  # noqa: F401  imports are not timed
+    from scenarios.traffic.nets import import_sumo
+
+    cfg = registry.scenario_config(scenario, overrides)
+    import_sumo(True)
+    n_steps = -(-(cfg.end - cfg.begin) // cfg.delta_time)
+    table_rows = _random_table(registry.scenario_spec(scenario).n_agents or 64, n_steps)
+    start = _clock()
+    control = "program" if actions == "program" else "agents"
+    env = registry.make_scenario(scenario, {**overrides, "control": control})
+    try:
+        env.reset(seed=0)
+        table = {a: table_rows[i] for i, a in enumerate(sorted(env.possible_agents))}
+        n_phases = {a: s.n_phases for a, s in env.signals.items()}
+        steps = 0
+        while env.agents:
+            if actions == "program":
+                env.step({})
+            else:
+                env.step({a: table[a][steps] % n_phases[a] for a in env.agents})
+            steps += 1
+        kpis = env.episode_kpis()
+    finally:
+        env.close()
+    return {**_elapsed(start), "kpis": kpis, "steps": steps}
+
+
+def time_raw(scenario: str, overrides: dict[str, Any], actions: str = "program") -> dict[str, Any]:
+    """Seconds for libsumo start + one simulationStep() per second + close, same command line.
+
+    ``actions="random"`` also sets the same phase sequence as the env's random run with bare
+    ``setRedYellowGreenState`` calls (yellow, then green), reading nothing: the floor for the
+    env's agents mode.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from marl import registry
+    from scenarios.traffic.env import parse_tripinfo, sumo_command
+    from scenarios.traffic.nets import import_sumo, read_net, resolve_path
+
+    cfg = registry.scenario_config(scenario, overrides)
+    net = resolve_path(cfg.net_file, "net_file")
+    signals = read_net(str(net), float(cfg.neighbour_max_m)).signals
+    n_steps = -(-(cfg.end - cfg.begin) // cfg.delta_time)
+    rows = _random_table(len(signals), n_steps)
+    plan = [(tl, signals[tl], rows[i]) for i, tl in enumerate(sorted(signals))]
+    with tempfile.TemporaryDirectory(prefix="concord-bench-") as tmp:
+        tripinfo, stats = Path(tmp) / "tripinfo.xml", Path(tmp) / "statistics.xml"
+        cmd = sumo_command(
+            net, resolve_path(cfg.route_file, "route_file"),
+            cfg.begin, cfg.end, 0, tripinfo=tripinfo, statistics=stats,
+        )  # fmt: skip
+        libsumo = import_sumo(True)
+        start = _clock()
+        libsumo.start(cmd)
+        if actions == "program":
+            for _ in range(cfg.end - cfg.begin):
+                libsumo.simulationStep()
+        else:
+            set_state = libsumo.trafficlight.setRedYellowGreenState
+            green = {tl: 0 for tl in signals}
+            ready = cfg.yellow_time + cfg.min_green  # a change needs this many s in the phase
+            since = {tl: ready for tl in signals}
+            for tl, sig, _ in plan:
+                set_state(tl, sig.phases[0])
+            t, step = cfg.begin, 0
+            while t < cfg.end:
+                target = min(t + cfg.delta_time, cfg.end)
+                change = [(tl, sig, row[step] % sig.n_phases) for tl, sig, row in plan]
+                change = [(tl, sig, p) for tl, sig, p in change if p != green[tl] and since[tl] >= ready]
+                for tl in since:
+                    since[tl] += target - t
+                for tl, _, _ in change:
+                    since[tl] = target - t
+                for tl, sig, p in change:
+                    set_state(tl, sig.transition(green[tl], p))
+                for _ in range(min(cfg.yellow_time, target - t) if change else 0):
+                    libsumo.simulationStep()
+                    t += 1
+                for tl, sig, p in change:
+                    set_state(tl, sig.phases[p])
+                    green[tl] = p
+                while t < target:
+                    libsumo.simulationStep()
+                    t += 1
+                step += 1
+        libsumo.close()
+        times = _elapsed(start)
+        kpis = parse_tripinfo(tripinfo, stats)
+    return {**times, "kpis": kpis}
+
+
+def time_sumo_rl(scenario: str, overrides: dict[str, Any], actions: str = "program") -> dict[str, Any]:
+    """Seconds for sumo-rl's SumoEnvironment on libsumo over the same episode.
+
+    ``actions="program"`` uses ``fixed_ts=True`` (the net's programme); ``"random"`` random phases.
+    """
+    from marl import registry
+    from scenarios.traffic.nets import resolve_path, sumo_home
+
+    cfg = registry.scenario_config(scenario, overrides)
+    sumo_home()
+    os.environ["LIBSUMO_AS_TRACI"] = "1"  # sumo-rl picks libsumo at import time
+    from sumo_rl import SumoEnvironment
+
+    n_steps = -(-(cfg.end - cfg.begin) // cfg.delta_time)
+    table_rows = _random_table(registry.scenario_spec(scenario).n_agents or 64, n_steps)
+    start = _clock()
+    env = SumoEnvironment(
+        net_file=str(resolve_path(cfg.net_file, "net_file")),
+        route_file=str(resolve_path(cfg.route_file, "route_file")),
+        begin_time=cfg.begin,
+        num_seconds=cfg.end - cfg.begin,
+        delta_time=cfg.delta_time,
+        yellow_time=cfg.yellow_time,
+        min_green=cfg.min_green,
+        fixed_ts=actions == "program",
+        sumo_seed=0,
+        sumo_warnings=False,
+        single_agent=False,
+    )
+    env.reset()
+    table = {ts: table_rows[i] for i, ts in enumerate(sorted(env.ts_ids))}
+    n_phases = {ts: env.action_spaces(ts).n for ts in env.ts_ids}
+    steps = 0
+    while True:
+        if actions == "program":
+            act: dict[str, int] = {}
+        else:
+            act = {ts: table[ts][steps] % n_phases[ts] for ts in env.ts_ids}
+        *_, dones, _ = env.step(act)
+        steps += 1
+        if dones["__all__"]:
+            break
+    env.close()
+    return {**_elapsed(start), "steps": steps}
+
+
+def _random_table(n_lights: int, n_steps: int) -> list[list[int]]:
+    """Seeded random integers [light][decision], drawn before the clock starts. Env and sumo-rl
+    both pick phase ``table[i][step] % n_phases`` for the i-th light in sorted id order, so both
+    runs see the same phase sequence and (nearly) the same traffic."""
+    import numpy as np
+
+    return np.random.default_rng(0).integers(0, 2**31, size=(n_lights, n_steps + 2)).tolist()
+
+
+def _fastest(fn: Any, args: tuple[Any, ...], episodes: int, clock: str) -> dict[str, Any]:
+    """Run ``fn(*args)`` ``episodes`` times in this process; the fastest run by ``clock``."""
+    runs = [fn(*args) for _ in range(episodes)]
+    return min(runs, key=lambda r: r[clock])
+
+
+def _in_subprocess(fn: Any, args: tuple[Any, ...], episodes: int, clock: str) -> dict[str, Any]:
+    """A fresh spawned process per method: libsumo allows one simulation per process, and no
+    method inherits another's warm caches."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(_fastest, (fn, args, episodes, clock))
+
+
+@click.command("traffic")
+@click.argument("scenario", default="traffic/grid4x4")
+@click.option("--horizon", type=int, default=None, help="simulated seconds (default: the full episode)")
+@click.option(
+    "--repeat",
+    type=int,
+    default=3,
+    help="episodes per method, run back to back in its process; the fastest counts",
+)
+@click.option("--skip-sumo-rl", is_flag=True, help="time only the env and raw SUMO")
+@click.option(
+    "--clock",
+    type=click.Choice(["cpu", "wall"]),
+    default="cpu",
+    help="what the ratios use: process CPU time (robust on a shared machine) or wall time",
+)
+def command(scenario: str, horizon: int | None, repeat: int, skip_sumo_rl: bool, clock: str) -> None:
+    """Time one episode: Concord env vs raw libsumo vs sumo-rl (each in its own process)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from marl import registry
+    from marl.errors import ConfigError
+
+    if repeat < 1:
+        raise ConfigError(f"bad --repeat {repeat}; expected an integer >= 1")
+    spec = registry.scenario_spec(scenario)
+    if spec.domain != "traffic":
+        raise ConfigError(f"bad scenario '{scenario}' for bench traffic; expected a traffic/ scenario")
+    base = registry.scenario_config(scenario)
+    overrides: dict[str, Any] = {}
+    if horizon is not None:
+        if horizon < 1:
+            raise ConfigError(f"bad --horizon {horizon}; expected an integer >= 1")
+        overrides["end"] = base.begin + horizon
+    methods: list[tuple[str, Any, str]] = [
+        ("raw libsumo, fixed-time", time_raw, "program"),
+        ("env, fixed-time", time_env, "program"),
+        ("sumo-rl, fixed-time", time_sumo_rl, "program"),
+        ("raw libsumo, random phases", time_raw, "random"),
+        ("env, random phases", time_env, "random"),
+        ("sumo-rl, random phases", time_sumo_rl, "random"),
+    ]
+    if skip_sumo_rl:
+        methods = [m for m in methods if not m[0].startswith("sumo-rl")]
+    console = Console()
+    best: dict[str, dict[str, Any]] = {}
+    with console.status("timing...") as status:
+        for name, fn, actions in methods:
+            status.update(f"{name}: {repeat} episode(s)")
+            best[name] = _in_subprocess(fn, (scenario, overrides, actions), repeat, clock)
+    shown = base.end - base.begin if horizon is None else horizon
+    title = f"{scenario}: one episode of {shown} simulated s, decisions every {base.delta_time} s"
+    table = Table(title=title)
+    for col in ("method", "cpu s", "wall s", f"x raw ({clock})"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for name, _, _ in methods:
+        r = best[name]
+        raw = best["raw libsumo, " + name.split(", ", 1)[1]][clock]
+        table.add_row(name, f"{r['cpu']:.3f}", f"{r['wall']:.3f}", f"{r[clock] / raw:.3f}")
+    console.print(table)
+    for mode in ("fixed-time", "random phases"):
+        raw = best[f"raw libsumo, {mode}"][clock]
+        line = f"{mode}: env / raw libsumo {best[f'env, {mode}'][clock] / raw:.3f}x"
+        if f"sumo-rl, {mode}" in best:
+            ratio = best[f"sumo-rl, {mode}"][clock] / best[f"env, {mode}"][clock]
+            line += f"; sumo-rl / env {ratio:.2f}x"
+        console.print(line)
+    for mode in ("fixed-time", "random phases"):
+        env_k, raw_k = best[f"env, {mode}"]["kpis"], best[f"raw libsumo, {mode}"]["kpis"]
+        same = all(env_k[k] == raw_k[k] for k in raw_k)
+        console.print(
+            f"identical traffic, {mode} (tripinfo KPIs env == raw): {'yes' if same else 'NO'} "
+            f"(delay {env_k['delay']:.2f} s vs {raw_k['delay']:.2f} s)"
+        )
+    if "sumo-rl, random phases" in best:
+        console.print("sumo-rl gets the same phase sequences; its traffic is close, not identical")

@@ -1,0 +1,101 @@
+"""Traffic-signal scenarios on SUMO and their baseline controllers (registrations only).
+
+Importing this package is cheap: it registers ids and entry points; SUMO, libsumo and sumo-rl
+are imported only when an env is built. See ``scenarios/traffic/env.py`` for the env card.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from marl.registry import ControllerSpec, ScenarioSpec, register_controller, register_scenario
+
+__all__: list[str] = []
+
+_ENV = "scenarios.traffic.env:TrafficSignalEnv"
+_SIM = "SUMO (libsumo)"
+
+
+def _resco(
+    name: str, route: str, n_agents: int, begin: int, description: str, test_s: int = 300, **extra: Any
+) -> None:
+    """A RESCO map (Ault & Sharon 2021): 1 h window, decisions every 10 s incl. 3 s yellow.
+
+    Test presets keep ``test_s`` simulated seconds (a second or two of wall time)."""
+    kwargs = {
+        "net_file": f"RESCO/{name}/{name}.net.xml",
+        "route_file": f"RESCO/{name}/{route}",
+        "begin": begin,
+        "end": begin + 3600,
+        "delta_time": 10,
+        "yellow_time": 3,
+        **extra,
+    }
+    register_scenario(
+        ScenarioSpec(
+            id=f"traffic/{name}",
+            entry_point=_ENV,
+            description=description,
+            simulator=_SIM,
+            n_agents=n_agents,
+            kwargs=kwargs,
+            test_kwargs={"end": begin + test_s},
+            default_controller="fixed-time",
+        )
+    )
+
+
+def _sumo_rl(name: str, net: str, route: str, n_agents: int, description: str) -> None:
+    """One of sumo-rl's own nets: 1 h, sumo-rl's usual 5 s decisions with 2 s yellow."""
+    register_scenario(
+        ScenarioSpec(
+            id=f"traffic/{name}",
+            entry_point=_ENV,
+            description=description,
+            simulator=_SIM,
+            n_agents=n_agents,
+            kwargs={"net_file": net, "route_file": route, "begin": 0, "end": 3600,
+                    "delta_time": 5, "yellow_time": 2},  # fmt: skip
+            test_kwargs={"end": 300},
+            default_controller="fixed-time",
+        )
+    )
+
+
+_sumo_rl("single-intersection", "single-intersection/single-intersection.net.xml",
+         "single-intersection/single-intersection.rou.xml", 1,
+         "one 4-way intersection, 2 phases (sumo-rl)")  # fmt: skip
+_sumo_rl("2x2grid", "2x2grid/2x2.net.xml", "2x2grid/2x2.rou.xml", 4,
+         "2x2 grid of 4-phase intersections, random flows (sumo-rl)")  # fmt: skip
+_sumo_rl("4x4-lucas", "4x4-Lucas/4x4.net.xml", "4x4-Lucas/4x4c1c2c1c2.rou.xml", 16,
+         "4x4 grid, alternating demand patterns (sumo-rl, Lucas Alegre)")  # fmt: skip
+
+_resco("grid4x4", "grid4x4_1.rou.xml", 16, 0, "RESCO 4x4 synthetic grid, 1 h")
+_resco("arterial4x4", "arterial4x4_1.rou.xml", 16, 0,
+       "RESCO 4x4 arterial grid, heavy demand, 5 s decisions", delta_time=5, yellow_time=2)  # fmt: skip
+_resco("cologne1", "cologne1.rou.xml", 1, 25200, "RESCO Cologne, 1 real intersection, 7-8 am")
+_resco("cologne3", "cologne3.rou.xml", 3, 25200,
+       "RESCO Cologne corridor, 3 heterogeneous lights, 7-8 am")  # fmt: skip
+_resco("cologne8", "cologne8.rou.xml", 8, 25200,
+       "RESCO Cologne region, 8 heterogeneous lights, 7-8 am")  # fmt: skip
+_resco("ingolstadt1", "ingolstadt1.rou.xml", 1, 57600,
+       "RESCO Ingolstadt, 1 real intersection, 4-5 pm")  # fmt: skip
+_resco("ingolstadt7", "ingolstadt7.rou.xml", 7, 57600,
+       "RESCO Ingolstadt corridor, 7 heterogeneous lights, 4-5 pm")  # fmt: skip
+_resco("ingolstadt21", "ingolstadt21.rou.xml", 21, 57600,
+       "RESCO Ingolstadt region, 21 heterogeneous lights, 4-5 pm", test_s=150)  # fmt: skip
+
+
+for _name, _entry, _text, _talks in (
+    ("fixed-time", "scenarios.traffic.controllers:FixedTime",
+     "the net's own signal programme, unchanged", False),
+    ("max-pressure", "scenarios.traffic.controllers:MaxPressure",
+     "green to the phase with most upstream minus downstream vehicles (Varaiya 2013)", False),
+    ("max-wave", "scenarios.traffic.controllers:MaxWave",
+     "greedy: green to the phase serving most approaching vehicles (RESCO greedy)", False),
+    ("random", "scenarios.traffic.controllers:RandomPhases",
+     "a uniformly random allowed phase every decision", False),
+    ("max-pressure-coordinated", "scenarios.traffic.coordinated:CoordinatedMaxPressure",
+     "max-pressure using neighbours' queue messages", True),
+):  # fmt: skip
+    register_controller(ControllerSpec("traffic", _name, _entry, _text, uses_messages=_talks))

@@ -1,0 +1,115 @@
+"""Baseline signal controllers for the SUMO traffic scenarios.
+
+* :class:`FixedTime` — the net's own signal programme, run by SUMO unchanged (the env's
+  ``control="program"`` mode); the traffic is exactly that of a plain SUMO run.
+* :class:`MaxPressure` — every decision, the green phase with the largest pressure: the sum over
+  the links it serves of vehicles upstream minus vehicles downstream (Varaiya 2013, as in
+  RESCO's max-pressure).
+* :class:`MaxWave` — greedy: the phase whose green lanes hold the most approaching vehicles
+  (RESCO's "greedy"/max-wave baseline).
+* :class:`RandomPhases` — a uniformly random allowed phase (respects ``action_mask``).
+
+The pressure arithmetic lives in :func:`phase_pressure` alone, so a coordinated variant can call
+it with the downstream counts its neighbours sent instead of the measured ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from marl.controllers import Controller
+
+__all__ = ["phase_pressure", "FixedTime", "MaxPressure", "MaxWave", "RandomPhases"]
+
+
+def phase_pressure(signal: Any, upstream: np.ndarray, downstream: np.ndarray) -> np.ndarray:
+    """Pressure of each green phase of ``signal`` (a :class:`~scenarios.traffic.nets.Signal`).
+
+    ``upstream[j]`` is the load of ``signal.in_lanes[j]`` and ``downstream[k]`` that of
+    ``signal.out_lanes[k]`` (vehicles or halting vehicles). Phase ``p``'s pressure is
+    Σ over links ``i`` green in ``p`` of ``upstream[link_in[i]] - downstream[link_out[i]]``.
+    Returns a float array of length ``signal.n_phases``.
+    """
+    valid = signal.link_in >= 0
+    up = np.zeros(len(signal.link_in))
+    down = np.zeros(len(signal.link_in))
+    up[valid] = np.asarray(upstream, dtype=np.float64)[signal.link_in[valid]]
+    down[valid] = np.asarray(downstream, dtype=np.float64)[signal.link_out[valid]]
+    return signal.phase_links.astype(np.float64) @ (up - down)
+
+
+def _best(scores: np.ndarray, current: int) -> int:
+    """Argmax with ties broken in favour of the current phase (no needless yellow)."""
+    best = float(scores.max())
+    return current if scores[current] >= best else int(np.argmax(scores))
+
+
+class FixedTime(Controller):
+    """The net's signal programme: switches the env to programme mode; actions are ignored."""
+
+    def __init__(self, env: Any, config: Any = None) -> None:
+        super().__init__(env, config)
+        env.use_program(True)  # takes effect at the next reset, i.e. the run's first episode
+
+    def act(
+        self, observations: dict[str, np.ndarray], env: Any, messages: Any = None
+    ) -> dict[str, Any]:
+        return {agent: env.current_phase(agent) for agent in env.agents}
+
+
+@dataclass
+class MaxPressureConfig:
+    measure: Literal["vehicles", "halting"] = field(
+        default="vehicles", metadata={"help": "lane load used for pressure"}
+    )
+
+
+class MaxPressure(Controller):
+    """Green to the phase of largest pressure (see :func:`phase_pressure`)."""
+
+    Config = MaxPressureConfig
+
+    def act(
+        self, observations: dict[str, np.ndarray], env: Any, messages: Any = None
+    ) -> dict[str, Any]:
+        actions = {}
+        for agent in env.agents:
+            scores = env.phase_pressures(agent, self.config.measure)
+            actions[agent] = _best(scores, env.current_phase(agent))
+        return actions
+
+
+class MaxWave(Controller):
+    """Green to the phase whose green incoming lanes hold the most vehicles."""
+
+    def act(
+        self, observations: dict[str, np.ndarray], env: Any, messages: Any = None
+    ) -> dict[str, Any]:
+        actions = {}
+        for agent in env.agents:
+            sig = env.signals[agent]
+            load = env.vehicles(sig.in_lanes)
+            served = np.zeros((sig.n_phases, len(sig.in_lanes)), dtype=bool)
+            for p in range(sig.n_phases):
+                served[p, sig.link_in[sig.phase_links[p]]] = True  # each lane counted once
+            actions[agent] = _best(served.astype(np.float64) @ load, env.current_phase(agent))
+        return actions
+
+
+class RandomPhases(Controller):
+    """A uniformly random allowed phase per light per decision, seeded by ``reset``."""
+
+    def __init__(self, env: Any, config: Any = None) -> None:
+        super().__init__(env, config)
+        self._rng = np.random.default_rng(0)
+
+    def reset(self, env: Any, seed: int | None = None) -> None:
+        self._rng = np.random.default_rng(seed)
+
+    def act(
+        self, observations: dict[str, np.ndarray], env: Any, messages: Any = None
+    ) -> dict[str, Any]:
+        return {a: int(self._rng.choice(np.flatnonzero(env.action_mask(a)))) for a in env.agents}

@@ -1,0 +1,641 @@
+"""Traffic-signal control on SUMO: one agent per traffic light (PettingZoo ParallelEnv).
+
+Env card
+--------
+**Description.** Real SUMO microsimulation (libsumo in-process by default, TraCI with
+``use_libsumo=false``) of a road network whose signalised intersections are the agents. Nets and
+demand come from sumo-rl's bundled ``nets`` (incl. RESCO's eight maps, Ault & Sharon 2021).
+
+**Agents.** One per traffic light that controls at least one link and has a green phase, named
+by the SUMO traffic-light id (sorted). ``topology`` joins two lights when a road leads from one to
+the other through unsignalised junctions only, within ``neighbour_max_m`` metres; edge attribute
+``distance`` = metres of road between them (lengths of the lanes from one light's outgoing lane to
+the other's incoming lane, inclusive; shortest path, either direction). The graph is static.
+
+**Observation** (``Box(0, 1, (P + 1 + 2L,), float32)``, sumo-rl's default observation, padded):
+one-hot of the current green phase (P = most green phases of any light), a flag "min green has
+passed", then per incoming lane its density (vehicles / (length / 7.5 m)) and queue (halting
+vehicles / (length / 7.5 m)), both clipped to 1; L = most incoming lanes of any light. Lights with
+fewer phases or lanes are zero-padded at the end of each block.
+
+**Actions.** ``Discrete(P)``, shared by all agents: the index of the green phase to show for the
+next ``delta_time`` seconds (the net's own green phases, in programme order). A change inserts
+``yellow_time`` seconds of yellow (links losing green turn yellow) inside the interval; a change is
+only made once the current phase has lasted ``yellow_time + min_green`` s. With ``max_green > 0``
+a phase held that long is forced to the next allowed phase. **Heterogeneous lights**
+(cologne3, cologne8, ingolstadt7, ingolstadt21...): ``infos[agent]["action_mask"]`` is a bool
+vector of length P, True for the light's own phases; a masked action keeps the current phase.
+``control="program"`` ignores actions and runs the net's own signal programme unchanged
+(the ``fixed-time`` controller switches this on), so the traffic equals a plain SUMO run.
+
+**Reward** (``reward``): ``wait`` (RESCO: clip(-Σ lane waiting time / 224, -4, 4) over incoming
+lanes), ``diff-waiting-time`` (sumo-rl: decrease of Σ waiting time / 100), ``queue`` (-halting
+vehicles on incoming lanes), ``pressure`` (vehicles on outgoing - incoming lanes).
+
+**KPIs** (``episode_kpis()``, from SUMO's tripinfo with unfinished and undeparted trips):
+``delay`` (RESCO's average delay, s: timeLoss + departDelay per vehicle; vehicles never inserted
+are charged the time from their scheduled departure to the end, SUMO's departDelay for them),
+``waiting_time`` (mean per vehicle, s), ``queue`` (halting vehicles per incoming lane, averaged
+over decision steps), ``throughput`` (vehicles arrived), ``teleports``, ``trips`` (vehicles
+counted). ``main_kpi = "delay"``. Until the episode ends only ``queue`` so far is known.
+
+**Episode end.** Truncation at ``end`` seconds of simulated time (``(end - begin) / delta_time``
+steps); there is no termination.
+
+**Arguments.** See :class:`Config` (``marl run traffic/grid4x4 --set end=600``).
+
+**One simulation per process.** libsumo holds a single simulation per process: a second env whose
+simulation is live in the same process raises :class:`~marl.errors.SimulatorError`; close the
+first env (or use subprocesses / ``use_libsumo=false``).
+
+**Controller API** (what baselines may read; see ``controllers.py``): ``env.signals[agent]`` is a
+:class:`~scenarios.traffic.nets.Signal` (green ``phases``, ``links``, ``in_lanes``,
+``out_lanes``, ``phase_links``, ``link_in``/``link_out``); ``env.vehicles(lanes)`` and
+``env.halting(lanes)`` give the current counts as float arrays; ``env.phase_pressures(agent,
+measure, downstream=None)`` the pressure of each green phase (``downstream`` substitutes the
+out-lane loads, e.g. with neighbours' messages); ``env.current_phase(agent)``;
+``env.action_mask(agent)``; ``env.sim_time``. Counts are read at decision steps only.
+
+**Version history.** v0 (2026-11): first version; lean signal logic on libsumo (sumo-rl's
+``TrafficSignal`` semantics: green set, yellow transitions, default observation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import shutil
+import subprocess
+import tempfile
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import networkx as nx
+import numpy as np
+from gymnasium import spaces
+
+from marl.errors import ConfigError, SimulatorError
+from scenarios.base import Scenario
+from scenarios.traffic.nets import (
+    INSTALL_HINT,
+    Signal,
+    import_sumo,
+    read_net,
+    resolve_path,
+    sumo_binary,
+)
+
+__all__ = ["Config", "TrafficSignalEnv", "parse_tripinfo", "sumo_command"]
+
+#: Metres of lane one vehicle occupies (5 m car + 2.5 m gap, SUMO's defaults) for densities.
+VEHICLE_SPACE_M = 7.5
+
+#: The env whose libsumo simulation is running in this process (libsumo allows one).
+_LIVE: TrafficSignalEnv | None = None
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class Config:
+    """Parameters of a traffic-signal scenario (times in seconds of simulated time)."""
+
+    net_file: str = field(
+        default="RESCO/grid4x4/grid4x4.net.xml",
+        metadata=_help("SUMO .net.xml: a path, or relative to sumo-rl's nets directory"),
+    )
+    route_file: str = field(
+        default="RESCO/grid4x4/grid4x4_1.rou.xml",
+        metadata=_help("SUMO .rou.xml demand: a path, or relative to sumo-rl's nets directory"),
+    )
+    begin: int = field(default=0, metadata=_help("simulation start time, s"))
+    end: int = field(default=3600, metadata=_help("simulation end time (episode end), s"))
+    delta_time: int = field(default=10, metadata=_help("seconds between decisions (incl. yellow)"))
+    yellow_time: int = field(default=3, metadata=_help("yellow seconds inserted on a phase change"))
+    min_green: int = field(default=5, metadata=_help("min green seconds before a change is allowed"))
+    max_green: int = field(default=0, metadata=_help("force a change after this many s; 0 = never"))
+    control: Literal["agents", "program"] = field(
+        default="agents",
+        metadata=_help("agents: actions pick phases; program: run the net's own signal programme"),
+    )
+    reward: Literal["wait", "diff-waiting-time", "queue", "pressure"] = field(
+        default="wait", metadata=_help("reward per light (see the env card)")
+    )
+    use_libsumo: bool = field(default=True, metadata=_help("libsumo in-process; false: TraCI"))
+    sumo_seed: int | None = field(
+        default=None, metadata=_help("fixed SUMO --seed; None: the seed given to reset()")
+    )
+    neighbour_max_m: float = field(
+        default=1000.0, metadata=_help("max road metres between two lights joined in topology")
+    )
+    verbose: bool = field(default=False, metadata=_help("let SUMO print its console output"))
+
+    def __post_init__(self) -> None:
+        if self.end <= self.begin:
+            raise ConfigError(f"bad end {self.end}; expected end > begin ({self.begin})")
+        if self.delta_time < 1:
+            raise ConfigError(f"bad delta_time {self.delta_time}; expected an integer >= 1")
+        if not 0 <= self.yellow_time < self.delta_time:
+            raise ConfigError(
+                f"bad yellow_time {self.yellow_time}; expected 0 <= yellow_time < delta_time "
+                f"({self.delta_time})"
+            )
+        if self.min_green < 0 or self.max_green < 0:
+            raise ConfigError("bad min_green/max_green; expected integers >= 0")
+
+
+def sumo_command(
+    net: str | Path,
+    route: str | Path,
+    begin: int,
+    end: int,
+    seed: int,
+    *,
+    tripinfo: str | Path | None = None,
+    statistics: str | Path | None = None,
+    verbose: bool = False,
+    binary: str = "sumo",
+) -> list[str]:
+    """The SUMO command line the env uses (the benchmark's raw runs use the same one)."""
+    cmd = [binary, "-n", str(net), "-r", str(route), "-b", str(begin), "-e", str(end)]
+    cmd += ["--seed", str(seed)]
+    if tripinfo is not None:
+        cmd += [
+            "--tripinfo-output", str(tripinfo),
+            "--tripinfo-output.write-unfinished", "true",
+            "--tripinfo-output.write-undeparted", "true",
+        ]  # fmt: skip
+    if statistics is not None:
+        cmd += ["--statistic-output", str(statistics)]
+    if verbose:
+        cmd += ["--verbose", "true"]
+    else:
+        cmd += ["--no-step-log", "true", "--no-warnings", "true", "--duration-log.disable", "true"]
+    return cmd
+
+
+#: One tripinfo element's attributes in SUMO's output order (checked against a count below).
+_TRIP = re.compile(
+    rb'<tripinfo [^>]*?\bdepartDelay="([^"]*)"[^>]*?\barrival="([^"]*)"'
+    rb'[^>]*?\bwaitingTime="([^"]*)"[^>]*?\btimeLoss="([^"]*)"'
+)
+
+
+def _trips(tripinfo: str | Path) -> list[tuple[bytes | str, ...]]:
+    """(departDelay, arrival, waitingTime, timeLoss) of every trip.
+
+    A regular expression over SUMO's fixed attribute order is ~30x faster than an XML parser;
+    if it does not match every ``<tripinfo`` element (another SUMO version), parse the XML.
+    """
+    data = Path(tripinfo).read_bytes()
+    rows: list[tuple[bytes | str, ...]] = _TRIP.findall(data)
+    if len(rows) == data.count(b"<tripinfo "):
+        return rows
+    rows = []
+    for _, elem in ET.iterparse(str(tripinfo), events=("end",)):
+        if elem.tag == "tripinfo":
+            get = elem.attrib.get
+            rows.append((get("departDelay", "0"), get("arrival", "-1"), get("waitingTime", "0"),
+                         get("timeLoss", "0")))  # fmt: skip
+            elem.clear()
+    return rows
+
+
+def parse_tripinfo(tripinfo: str | Path, statistics: str | Path | None = None) -> dict[str, float]:
+    """RESCO's KPIs from a tripinfo file written with unfinished and undeparted trips.
+
+    ``delay`` = mean of timeLoss + departDelay. For a vehicle never inserted SUMO writes
+    depart="-1" and departDelay = end - scheduled departure, which is what RESCO charges.
+    """
+    n = arrived = 0
+    delay = waiting = 0.0
+    for depart_delay, arrival, waiting_time, time_loss in _trips(tripinfo):
+        n += 1
+        delay += float(time_loss) + float(depart_delay)
+        waiting += float(waiting_time)
+        if float(arrival) >= 0.0:
+            arrived += 1
+    kpis = {
+        "delay": delay / n if n else 0.0,
+        "waiting_time": waiting / n if n else 0.0,
+        "throughput": float(arrived),
+        "trips": float(n),
+    }
+    if statistics is not None:
+        teleports = 0.0
+        for _, elem in ET.iterparse(str(statistics), events=("end",)):
+            if elem.tag == "teleports":
+                teleports = float(elem.attrib.get("total", 0.0))
+        kpis["teleports"] = teleports
+    return kpis
+
+
+class TrafficSignalEnv(Scenario):
+    """SUMO traffic-signal control; see the module docstring (env card)."""
+
+    Config = Config
+    main_kpi = "delay"
+    kpi_goals = {
+        "delay": "min",
+        "waiting_time": "min",
+        "queue": "min",
+        "throughput": "max",
+        "teleports": "min",
+        "return": "max",
+    }
+    metadata = {"name": "concord_traffic_v0", "render_modes": [], "is_parallelizable": True}
+
+    def __init__(self, config: Config | None = None) -> None:
+        self.config = config if config is not None else Config()
+        cfg = self.config
+        self._net_path = resolve_path(cfg.net_file, "net_file")
+        self._route_path = resolve_path(cfg.route_file, "route_file")
+        try:
+            net = read_net(str(self._net_path), float(cfg.neighbour_max_m))
+        except (ET.ParseError, ValueError) as exc:
+            raise ConfigError(f"bad net_file '{cfg.net_file}': not a readable SUMO net ({exc})") from None
+        if not net.signals:
+            raise ConfigError(f"bad net_file '{cfg.net_file}': it has no traffic lights")
+        self._roads = net.roads
+        #: Static description of each light, keyed by agent id (see the controller API).
+        self.signals: dict[str, Signal] = dict(net.signals)
+        self.possible_agents = list(self.signals)
+        self._agent_index = {a: i for i, a in enumerate(self.possible_agents)}
+        self.agents: list[str] = []
+        sigs = [self.signals[a] for a in self.possible_agents]
+        self.n_max_phases = max(s.n_phases for s in sigs)
+        self.n_max_lanes = max(len(s.in_lanes) for s in sigs)
+        P, L = self.n_max_phases, self.n_max_lanes
+        self.obs_size = P + 1 + 2 * L
+        box = spaces.Box(0.0, 1.0, (self.obs_size,), np.float32)
+        self.observation_spaces = {a: box for a in self.possible_agents}
+        self.action_spaces = {a: spaces.Discrete(P) for a in self.possible_agents}
+
+        # Lane table: incoming lanes of all lights first (sampled every decision), then lanes
+        # that are only outgoing (sampled when a controller or the reward asks).
+        in_lanes = list(dict.fromkeys(l for s in sigs for l in s.in_lanes))
+        in_set = set(in_lanes)
+        out_only = [l for l in dict.fromkeys(l for s in sigs for l in s.out_lanes) if l not in in_set]
+        self._lanes = in_lanes + out_only
+        self._n_in = len(in_lanes)
+        self._in_lanes = tuple(in_lanes)
+        self._lane_index = {l: i for i, l in enumerate(self._lanes)}
+        pad = len(self._lanes)  # index of a padding slot that always holds 0
+        lengths = {l: ln for s in sigs for l, ln in s.lane_length.items()}
+        self._capacity = np.array(
+            [max(lengths.get(l, 0.0) / VEHICLE_SPACE_M, 1.0) for l in self._lanes] + [1.0]
+        )
+        self._in_idx = np.full((len(sigs), L), pad, dtype=np.int64)
+        for i, s in enumerate(sigs):
+            self._in_idx[i, : len(s.in_lanes)] = [self._lane_index[l] for l in s.in_lanes]
+        self._out_idx = [
+            np.array([self._lane_index[l] for l in s.out_lanes], dtype=np.int64) for s in sigs
+        ]
+        self._n_phases = np.array([s.n_phases for s in sigs])
+        self._program_to_green = [(a, s.program_to_green) for a, s in zip(self.possible_agents, sigs)]
+        self._inv_capacity = 1.0 / self._capacity[self._in_idx]
+        self._rows = np.arange(len(sigs))
+        masks = {}
+        for a, s in zip(self.possible_agents, sigs):
+            m = np.zeros(P, dtype=bool)
+            m[: s.n_phases] = True
+            m.flags.writeable = False
+            masks[a] = m
+        self._masks = masks
+
+        self._tmp = Path(tempfile.mkdtemp(prefix="concord-sumo-"))
+        self._sim: Any = None
+        self._traci_label = f"concord-{id(self)}"
+        self._rng = np.random.default_rng()
+        self._program_mode = cfg.control == "program"
+        self._last_kpis: dict[str, float] | None = None
+        self._reset_counters()
+
+    # ----------------------------------------------------------------- public controller API
+    @property
+    def sim_time(self) -> float:
+        """Current simulation time, s."""
+        return float(self._t)
+
+    def action_mask(self, agent: str) -> np.ndarray:
+        """Bool vector over ``Discrete(P)``: True for the light's own green phases."""
+        return self._masks[agent]
+
+    def current_phase(self, agent: str) -> int:
+        """Index of the green phase the light shows (or last showed, during yellow)."""
+        return int(self._green[self._agent_index[agent]])
+
+    def vehicles(self, lanes: list[str]) -> np.ndarray:
+        """Vehicles on each lane at the current decision step."""
+        return self._lane_values(lanes, halting=False)
+
+    def halting(self, lanes: list[str]) -> np.ndarray:
+        """Halting vehicles (speed < 0.1 m/s) on each lane at the current decision step."""
+        return self._lane_values(lanes, halting=True)
+
+    def phase_pressures(
+        self,
+        agent: str,
+        measure: Literal["vehicles", "halting"] = "vehicles",
+        downstream: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Pressure of each green phase of ``agent`` (``controllers.phase_pressure``).
+
+        ``downstream`` replaces the measured load of ``signals[agent].out_lanes`` (e.g. queues
+        neighbours reported in messages).
+        """
+        from scenarios.traffic.controllers import phase_pressure
+
+        signal = self.signals[agent]
+        read = self.halting if measure == "halting" else self.vehicles
+        down = read(signal.out_lanes) if downstream is None else downstream
+        return phase_pressure(signal, read(signal.in_lanes), down)
+
+    def use_program(self, on: bool = True) -> None:
+        """Run the net's own signal programme (actions ignored) from the next ``reset`` on."""
+        self._program_mode = bool(on)
+
+    @property
+    def topology(self) -> nx.Graph:
+        graph = nx.Graph()
+        graph.add_nodes_from(self.possible_agents)
+        for (a, b), dist in self._roads.items():
+            graph.add_edge(a, b, distance=float(dist))
+        return graph
+
+    # ----------------------------------------------------------------- PettingZoo API
+    def observation_space(self, agent: str) -> spaces.Box:
+        return self.observation_spaces[agent]
+
+    def action_space(self, agent: str) -> spaces.Discrete:
+        return self.action_spaces[agent]
+
+    def reset(
+        self, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
+        if seed is not None:
+            self._rng = np.random.default_rng(seed)
+            sumo_seed = int(seed) % (2**31 - 1)
+        else:
+            sumo_seed = int(self._rng.integers(2**31 - 1))
+        if self.config.sumo_seed is not None:
+            sumo_seed = int(self.config.sumo_seed)
+        self._stop()
+        self._start(sumo_seed)
+        self._reset_counters()
+        self._last_kpis = None
+        self.agents = list(self.possible_agents)
+        if self._program_mode:
+            self._read_program_phases()
+        else:
+            for a in self.possible_agents:
+                self._set_state(a, self.signals[a].phases[0])
+        self._sample()
+        obs = self._observe()
+        return obs, {a: {"action_mask": self._masks[a]} for a in self.agents}
+
+    def step(
+        self, actions: dict[str, Any]
+    ) -> tuple[dict, dict[str, float], dict[str, bool], dict[str, bool], dict[str, dict]]:
+        if self._sim is None or not self.agents:
+            raise SimulatorError("step() called with no live episode; call reset() first")
+        cfg = self.config
+        target = min(self._t + cfg.delta_time, cfg.end)
+        if self._program_mode:
+            self._step_to(target)
+            self._read_program_phases()
+        else:
+            self._advance_agents(actions, target)
+        self._since += target - self._t
+        self._t = target
+        self._sample()
+        obs = self._observe()
+        rewards = self._rewards()
+        self._queue_sum += float(self._halt[: self._n_in].sum()) / max(self._n_in, 1)
+        self._queue_steps += 1
+        done = self._t >= cfg.end
+        agents = self.agents
+        terminations = {a: False for a in agents}
+        truncations = {a: done for a in agents}
+        infos = {a: {"action_mask": self._masks[a]} for a in agents}
+        if done:
+            self._finish_episode()
+            self.agents = []
+        return obs, rewards, terminations, truncations, infos
+
+    def episode_kpis(self) -> dict[str, float]:
+        if self._last_kpis is not None:
+            return dict(self._last_kpis)
+        return {"queue": self._queue_sum / max(self._queue_steps, 1)}
+
+    def state(self) -> np.ndarray:
+        return self._obs_matrix.reshape(-1).copy()
+
+    def close(self) -> None:
+        self._stop()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __del__(self) -> None:  # a forgotten env must not keep the process's one simulation
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ----------------------------------------------------------------- simulation
+    def _start(self, seed: int) -> None:
+        global _LIVE
+        cfg = self.config
+        if cfg.use_libsumo and _LIVE is not None and _LIVE is not self:
+            raise SimulatorError(
+                "another traffic env's libsumo simulation is live in this process; libsumo "
+                "allows one simulation per process: close() it first, or use a subprocess"
+            )
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        self._tripinfo = self._tmp / "tripinfo.xml"
+        self._statistics = self._tmp / "statistics.xml"
+        module = import_sumo(cfg.use_libsumo)
+        binary = "sumo" if cfg.use_libsumo else sumo_binary()
+        cmd = sumo_command(
+            self._net_path, self._route_path, cfg.begin, cfg.end, seed,
+            tripinfo=self._tripinfo, statistics=self._statistics, verbose=cfg.verbose, binary=binary,
+        )  # fmt: skip
+        try:
+            if cfg.use_libsumo:
+                module.start(cmd)
+                self._sim = module
+                _LIVE = self
+            elif cfg.verbose:
+                module.start(cmd, label=self._traci_label)
+                self._sim = module.getConnection(self._traci_label)
+            else:  # traci prints " Retrying in 1 seconds" while sumo opens its port
+                with contextlib.redirect_stdout(io.StringIO()):
+                    module.start(cmd, label=self._traci_label, stdout=subprocess.DEVNULL)
+                self._sim = module.getConnection(self._traci_label)
+        except Exception as exc:  # libsumo raises its own TraCIException/FatalTraCIError
+            self._sim = None
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SimulatorError(
+                f"SUMO could not start on net '{cfg.net_file}' with routes '{cfg.route_file}': "
+                f"{message} (a broken install? {INSTALL_HINT})"
+            ) from None
+        self._t = float(cfg.begin)
+        self._getters = self._lane_getters()
+        self._step_to = self._sim.simulationStep
+        self._get_phase = self._sim.trafficlight.getPhase
+        if cfg.use_libsumo:  # the C entry points: no Python wrapper layers (nor step listeners)
+            try:
+                from libsumo import _libsumo as c
+
+                self._step_to, self._get_phase = c.simulation_step, c.trafficlight_getPhase
+            except (ImportError, AttributeError):
+                pass
+
+    def _lane_getters(self) -> tuple[Any, Any, Any]:
+        """(vehicles, halting, waiting time) per lane; libsumo's C entry points skip a Python
+        wrapper layer each, which is a third of the env's per-decision cost."""
+        if self.config.use_libsumo:
+            try:
+                from libsumo import _libsumo as c
+
+                return (c.lane_getLastStepVehicleNumber, c.lane_getLastStepHaltingNumber,
+                        c.lane_getWaitingTime)  # fmt: skip
+            except (ImportError, AttributeError):
+                pass
+        lane = self._sim.lane
+        return lane.getLastStepVehicleNumber, lane.getLastStepHaltingNumber, lane.getWaitingTime
+
+    def _stop(self) -> None:
+        """Close this env's simulation (flushing SUMO's output files); idempotent."""
+        global _LIVE
+        sim, self._sim = self._sim, None
+        if _LIVE is self:
+            _LIVE = None
+        if sim is not None:
+            try:
+                sim.close()
+            except Exception:
+                pass
+
+    def _finish_episode(self) -> None:
+        self._stop()  # SUMO writes unfinished trips and statistics on close
+        kpis = parse_tripinfo(self._tripinfo, self._statistics)
+        kpis["queue"] = self._queue_sum / max(self._queue_steps, 1)
+        for path in (self._tripinfo, self._statistics):
+            path.unlink(missing_ok=True)
+        self._last_kpis = kpis
+
+    def _reset_counters(self) -> None:
+        n = len(self.possible_agents)
+        self._t = float(self.config.begin)
+        self._green = np.zeros(n, dtype=np.int64)
+        # Start as if the current phase had lasted long enough to be changed at once.
+        self._since = np.full(n, float(self.config.yellow_time + self.config.min_green))
+        self._queue_sum = 0.0
+        self._queue_steps = 0
+        self._last_wait = np.zeros(n)
+        size = len(self._lanes) + 1
+        self._count = np.zeros(size)
+        self._halt = np.zeros(size)
+        self._wait = np.zeros(size)
+        self._out_fresh = False
+        self._obs_matrix = np.zeros((n, self.obs_size), dtype=np.float32)
+
+    def _read_program_phases(self) -> None:
+        """In programme mode, the green phase each light's own programme is in (or follows)."""
+        get_phase = self._get_phase
+        self._green[:] = [
+            to_green[get_phase(a) % len(to_green)] for a, to_green in self._program_to_green
+        ]
+
+    def _set_state(self, agent: str, state: str) -> None:
+        self._sim.trafficlight.setRedYellowGreenState(agent, state)
+
+    def _advance_agents(self, actions: dict[str, Any], target: float) -> None:
+        cfg = self.config
+        switching: list[tuple[int, str, int]] = []
+        for i, agent in enumerate(self.possible_agents):
+            n_phases = int(self._n_phases[i])
+            current = int(self._green[i])
+            try:
+                wanted = int(actions.get(agent, current))
+            except (TypeError, ValueError):
+                wanted = current
+            if not 0 <= wanted < n_phases:
+                wanted = current  # masked (padding) action: keep the phase, as the card says
+            if wanted == current and cfg.max_green and self._since[i] >= cfg.max_green + cfg.yellow_time:
+                wanted = (current + 1) % n_phases
+            if wanted != current and self._since[i] >= cfg.yellow_time + cfg.min_green:
+                switching.append((i, agent, wanted))
+        if switching and cfg.yellow_time > 0:
+            for i, agent, wanted in switching:
+                self._set_state(agent, self.signals[agent].transition(int(self._green[i]), wanted))
+            self._step_to(min(self._t + cfg.yellow_time, target))
+        for i, agent, wanted in switching:
+            self._set_state(agent, self.signals[agent].phases[wanted])
+            self._green[i] = wanted
+            self._since[i] = 0.0
+        self._step_to(target)
+
+    # ----------------------------------------------------------------- measurements
+    def _sample(self) -> None:
+        """Read incoming lanes' counts once per decision (getter calls cost ~0.3 µs on libsumo)."""
+        vehicles, halting, waiting = self._getters
+        n = self._n_in
+        lanes = self._in_lanes
+        self._count[:n] = np.fromiter(map(vehicles, lanes), np.float64, n)
+        self._halt[:n] = np.fromiter(map(halting, lanes), np.float64, n)
+        if self.config.reward in ("wait", "diff-waiting-time"):
+            self._wait[:n] = np.fromiter(map(waiting, lanes), np.float64, n)
+        self._out_fresh = False
+
+    def _sample_out(self) -> None:
+        if self._out_fresh or self._sim is None:
+            return
+        vehicles, halting, _ = self._getters
+        n, m = self._n_in, len(self._lanes)
+        rest = self._lanes[n:]
+        self._count[n:m] = np.fromiter(map(vehicles, rest), np.float64, m - n)
+        self._halt[n:m] = np.fromiter(map(halting, rest), np.float64, m - n)
+        self._out_fresh = True
+
+    def _lane_values(self, lanes: list[str], *, halting: bool) -> np.ndarray:
+        idx = [self._lane_index.get(l) for l in lanes]
+        if any(i is None for i in idx):
+            missing = next(l for l, i in zip(lanes, idx) if i is None)
+            raise ConfigError(f"unknown lane '{missing}': not controlled by or leaving any light")
+        if any(i >= self._n_in for i in idx):  # type: ignore[operator]
+            self._sample_out()
+        values = self._halt if halting else self._count
+        return values[np.asarray(idx, dtype=np.int64)]
+
+    def _observe(self) -> dict[str, np.ndarray]:
+        P, L = self.n_max_phases, self.n_max_lanes
+        obs = self._obs_matrix = np.zeros((len(self.possible_agents), self.obs_size), np.float32)
+        obs[self._rows, self._green] = 1.0
+        obs[:, P] = self._since >= self.config.yellow_time + self.config.min_green
+        np.minimum(self._count[self._in_idx] * self._inv_capacity, 1.0, out=obs[:, P + 1 : P + 1 + L],
+                   casting="unsafe")  # fmt: skip
+        np.minimum(self._halt[self._in_idx] * self._inv_capacity, 1.0, out=obs[:, P + 1 + L :],
+                   casting="unsafe")  # fmt: skip
+        return dict(zip(self.agents, obs))
+
+    def _rewards(self) -> dict[str, float]:
+        kind = self.config.reward
+        if kind == "wait":
+            total = self._wait[self._in_idx].sum(axis=1)
+            values = np.maximum(total * (-1.0 / 224.0), -4.0)  # clip(-Σwait/224, -4, 4)
+        elif kind == "diff-waiting-time":
+            total = self._wait[self._in_idx].sum(axis=1) / 100.0
+            values, self._last_wait = self._last_wait - total, total
+        elif kind == "queue":
+            values = -self._halt[self._in_idx].sum(axis=1)
+        else:  # pressure: vehicles leaving minus vehicles approaching (sumo-rl)
+            self._sample_out()
+            incoming = self._count[self._in_idx].sum(axis=1)
+            values = np.array([self._count[o].sum() for o in self._out_idx]) - incoming
+        return dict(zip(self.agents, values.tolist()))
