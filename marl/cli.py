@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from marl import registry
-from marl.config import parse_sets
+from marl.config import build_config, parse_sets
 from marl.options import channel_option, protocol_option, seed_option, set_option
 from marl.errors import ConcordError, closest, unknown
 
@@ -110,6 +110,13 @@ def list_command(kind: str) -> None:
 @seed_option
 @click.option("--out", default=None, help="Results directory; default results/<scenario>-<time>.")
 @set_option
+@click.option(
+    "--controller-set",
+    "controller_set",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a controller parameter (repeatable), e.g. --controller-set patience=0.",
+)
 @protocol_option
 @channel_option
 @click.option("--policy", default=None, help="Evaluate a trained policy checkpoint instead of a controller.")
@@ -120,6 +127,7 @@ def run_command(
     seed: int,
     out: str | None,
     set_: tuple[str, ...],
+    controller_set: tuple[str, ...],
     protocol: str,
     channel: str,
     policy: str | None,
@@ -137,14 +145,17 @@ def run_command(
         seed=seed,
         out=out,
         overrides=parse_sets(set_),
+        controller_overrides=parse_sets(controller_set),
         protocol=protocol,
         channel=channel,
         policy=policy,
     )
     # Validate names before a simulator starts, so errors come at once.
     spec = registry.scenario_spec(scenario)
-    if controller is not None and policy is None:
-        registry.controller_spec(spec.domain, controller)
+    if policy is None:
+        name = controller or spec.default_controller
+        controller_cls = registry.load(registry.controller_spec(spec.domain, name).entry_point)
+        build_config(controller_cls.Config, request.controller_overrides, what="--controller-set key")
     registry.scenario_config(scenario, request.overrides)
     if protocol != "none" or channel:
         from comms.runtime import validate_comms

@@ -36,7 +36,8 @@ class RunRequest:
     episodes: int = 1
     seed: int = 0
     out: str | None = None  #: results directory; None: results/<scenario>-<time>
-    overrides: dict[str, str] = field(default_factory=dict)  #: --set key=value
+    overrides: dict[str, str] = field(default_factory=dict)  #: --set key=value (scenario)
+    controller_overrides: dict[str, str] = field(default_factory=dict)  #: --controller-set
     protocol: str = "none"
     channel: str = ""  #: channel spec, e.g. "drop=0.1,delay=1"; "" is a perfect channel
     policy: str | None = None  #: checkpoint directory or file of a trained policy
@@ -110,7 +111,9 @@ def run(
             method = controller.method_name
         else:
             method = request.controller or spec.default_controller
-            controller = build_controller(request.scenario, method, env)
+            controller = build_controller(
+                request.scenario, method, env, request.controller_overrides
+            )
         comms = _build_comms(request, env, controller.payload_size)
 
         out_dir = Path(request.out) if request.out else default_out_dir(request.scenario)

@@ -122,6 +122,11 @@ def test_record_writer_refuses_foreign_csv(tmp_path) -> None:
         (["run", "traffic/grid4x4", "--episodes", "0"], "bad --episodes 0"),
         (["run", "traffic/grid4x4", "--protocol", "telepathy"], "unknown protocol 'telepathy'"),
         (["list", "robots"], "unknown list kind 'robots'"),
+        (
+            ["run", "warehouse/small", "--controller", "greedy", "--controller-set", "patiense=0"],
+            "unknown --controller-set key for GreedyConfig 'patiense'; did you mean 'patience'?",
+        ),
+        (["run", "traffic/grid4x4", "--controller", "volt-var"], "unknown controller for traffic"),
     ],
 )
 def test_cli_user_errors_exit_2_with_one_line(argv, expected, capsys) -> None:
