@@ -39,7 +39,7 @@ def bench_app() -> None:
 
 
 # Piped output (files, CI logs) gets a wide console instead of rich's 80 columns.
-console = Console(width=None if sys.stdout.isatty() else 160)
+console = Console(width=None if sys.stdout.isatty() else 160, emoji=False)
 
 #: Commands implemented in their own modules: name -> module exposing ``command``.
 COMMAND_MODULES = {
@@ -231,10 +231,14 @@ def _usage_hint(exc: click.UsageError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``marl`` script; returns the exit code (2 for any user error)."""
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    # emoji=False: a user value such as 'a:x:b' must be printed as typed, not as an emoji.
+    err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
     try:
         rv = app.main(args=argv, prog_name="marl", standalone_mode=False)
         return rv if isinstance(rv, int) else 0
+    except click.exceptions.NoArgsIsHelpError as exc:  # `marl` or `marl bench` alone
+        click.echo(exc.ctx.get_help())
+        return 0
     except click.UsageError as exc:
         where = exc.ctx.command_path if exc.ctx is not None else "marl"
         err.print(f"{where}: error: {_usage_hint(exc)}", markup=False)

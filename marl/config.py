@@ -15,6 +15,7 @@ YAML is used only for presets and always through ``yaml.safe_load`` (never here)
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -39,6 +40,7 @@ def parse_sets(pairs: Iterable[str]) -> dict[str, str]:
     return out
 
 
+_KIND = {int: "an integer", float: "a number"}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -84,13 +86,13 @@ def coerce(name: str, value: Any, annotation: Any) -> Any:
         raise ConfigError(f"bad value for {name}: '{value}'; expected true or false")
     if annotation in (int, float):
         if isinstance(value, bool):
-            raise ConfigError(f"bad value for {name}: '{value}'; expected a {annotation.__name__}")
+            raise ConfigError(f"bad value for {name}: '{value}'; expected {_KIND[annotation]}")
         try:
             number = annotation(value) if annotation is float else _to_int(value)
-        except (TypeError, ValueError):
-            raise ConfigError(
-                f"bad value for {name}: '{value}'; expected a {annotation.__name__}"
-            ) from None
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"bad value for {name}: '{value}'; expected {_KIND[annotation]}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"bad value for {name}: '{value}'; expected a finite number")
         return number
     if annotation is str:
         return str(value)
@@ -105,7 +107,12 @@ def _to_int(value: Any) -> int:
             raise ValueError(value)
         return int(value)
     text = str(value).strip().replace("_", "")
-    return int(float(text)) if "e" in text.lower() else int(text)
+    if "e" in text.lower():  # 1e3 is a fine way to write 1000; 2.5e0 is not an integer
+        number = float(text)
+        if not number.is_integer():
+            raise ValueError(value)
+        return int(number)
+    return int(text)
 
 
 def build_config(cls: type[C], *layers: Mapping[str, Any] | None, what: str = "option") -> C:

@@ -4,8 +4,10 @@ This is the path behind ``marl run`` and every cell of ``marl compare``: build t
 the registry, build the acting method, optionally put a protocol and a channel in the loop, run
 ``episodes`` episodes, and append one row per KPI per episode to the results directory.
 
-Episode ``e`` of a run with seed ``s`` is reset with seed ``s + e``, so episodes differ and a run
-is reproducible from its manifest alone.
+Episode 0 of a run with seed ``s`` is reset with seed ``s`` itself; episode ``e > 0`` with a seed
+derived from ``(s, e)`` by :func:`episode_seed`, so the episodes of seed 0 never repeat those of
+seed 1 (seeds must be independent samples for the confidence intervals of ``marl report``). The
+manifest lists every seed used, so a run is reproducible from it alone.
 """
 
 from __future__ import annotations
@@ -22,9 +24,40 @@ from marl import registry
 from marl.config import build_config
 from marl.controllers import Controller
 from marl.errors import ConfigError
-from marl.results.records import Row, RecordWriter, environment_info, new_run_id, now_iso
+from marl.results.records import (
+    RecordWriter,
+    Row,
+    check_out_dir,
+    environment_info,
+    new_run_id,
+    now_iso,
+)
 
-__all__ = ["RunRequest", "RunResult", "run", "build_controller", "default_out_dir"]
+__all__ = [
+    "RunRequest",
+    "RunResult",
+    "run",
+    "run_episode",
+    "build_controller",
+    "default_out_dir",
+    "episode_seed",
+    "method_label",
+]
+
+
+def episode_seed(seed: int, episode: int) -> int:
+    """The env seed of episode ``episode`` of a run seeded ``seed`` (31-bit, for SUMO too)."""
+    if episode == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, episode]).generate_state(1)[0] >> 1)
+
+
+def method_label(name: str, overrides: Mapping[str, Any]) -> str:
+    """``greedy`` or, with controller overrides, ``greedy[patience=0]``: rows of differently
+    configured controllers must never be pooled by a report."""
+    if not overrides:
+        return name
+    return name + "[" + ",".join(f"{k}={v}" for k, v in sorted(overrides.items())) + "]"
 
 
 @dataclass
@@ -102,6 +135,9 @@ def run(
 ) -> RunResult:
     """Run ``request``; ``on_step(steps_done)`` and ``on_episode(i, kpis)`` drive progress bars."""
     spec = registry.scenario_spec(request.scenario)
+    out_dir = Path(request.out) if request.out else default_out_dir(request.scenario)
+    check_out_dir(out_dir)
+    channel = _canonical_channel(request.channel)
     env = registry.make_scenario(request.scenario, request.overrides, test=request.test)
     try:
         if request.policy is not None:
@@ -110,45 +146,40 @@ def run(
             controller = policy_controller(request.policy, env, request.scenario)
             method = controller.method_name
         else:
-            method = request.controller or spec.default_controller
-            controller = build_controller(
-                request.scenario, method, env, request.controller_overrides
-            )
+            name = request.controller or spec.default_controller
+            controller = build_controller(request.scenario, name, env, request.controller_overrides)
+            method = method_label(name, request.controller_overrides)
         comms = _build_comms(request, env, controller.payload_size)
 
-        out_dir = Path(request.out) if request.out else default_out_dir(request.scenario)
-        writer = RecordWriter(out_dir)
         run_id = new_run_id()
+        seeds = [episode_seed(request.seed, e) for e in range(request.episodes)]
+        scenario_config = asdict(env.config) if hasattr(env, "config") else None
         manifest: dict[str, Any] = {
             "run_id": run_id,
             "command": "run",
             "request": asdict(request),
             "method": method,
-            "scenario_config": asdict(env.config) if hasattr(env, "config") else None,
-            "seeds": [request.seed + e for e in range(request.episodes)],
+            "scenario": request.scenario,
+            "scenario_config": scenario_config,
+            "seeds": seeds,
             "start_time": now_iso(),
             "end_time": None,
             "episodes_completed": 0,
             **environment_info(),
         }
-        writer.write_manifest(run_id, manifest)
-
+        # The directory and manifest are written only once the first episode has finished, so a
+        # run that fails at start (a bad net file, say) leaves nothing behind.
+        writer: RecordWriter | None = None
         results: list[dict[str, float]] = []
-        for episode in range(request.episodes):
-            kpis = run_episode(env, controller, comms, seed=request.seed + episode, on_step=on_step)
+        for episode, seed in enumerate(seeds):
+            kpis = run_episode(env, controller, comms, seed=seed, on_step=on_step)
             results.append(kpis)
+            if writer is None:
+                writer = RecordWriter(out_dir)
+                writer.check_compatible(request.scenario, scenario_config)
             writer.append(
-                Row(
-                    run_id,
-                    request.scenario,
-                    method,
-                    request.protocol,
-                    request.channel,
-                    request.seed,
-                    episode,
-                    metric,
-                    float(value),
-                )
+                Row(run_id, request.scenario, method, request.protocol, channel,
+                    request.seed, episode, metric, float(value))
                 for metric, value in kpis.items()
             )
             manifest["episodes_completed"] = episode + 1
@@ -159,6 +190,17 @@ def run(
         return RunResult(run_id=run_id, out_dir=out_dir, method=method, episodes=results)
     finally:
         env.close()
+
+
+def _canonical_channel(spec: str) -> str:
+    """One spelling per channel setting (sorted keys, defaults dropped) so reports group right."""
+    if not spec:
+        return ""
+    from comms.channel import parse_channel
+
+    parsed = parse_channel(spec)
+    canonical = getattr(parsed, "canonical", None)
+    return canonical() if canonical is not None else spec
 
 
 def run_episode(

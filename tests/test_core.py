@@ -44,8 +44,12 @@ def test_build_config_coerces_cli_strings() -> None:
     "override, message",
     [
         ({"horizn": "5"}, "unknown option for Toy 'horizn'; did you mean 'horizon'?"),
-        ({"horizon": "ten"}, "bad value for horizon: 'ten'; expected a int"),
-        ({"horizon": "2.5"}, "bad value for horizon: '2.5'; expected a int"),
+        ({"horizon": "ten"}, "bad value for horizon: 'ten'; expected an integer"),
+        ({"horizon": "2.5"}, "bad value for horizon: '2.5'; expected an integer"),
+        ({"horizon": "2.5e0"}, "bad value for horizon: '2.5e0'; expected an integer"),
+        ({"horizon": "1e400"}, "bad value for horizon: '1e400'; expected an integer"),
+        ({"rate": "nan"}, "bad value for rate: 'nan'; expected a finite number"),
+        ({"rate": "-inf"}, "bad value for rate: '-inf'; expected a finite number"),
         ({"libsumo": "maybe"}, "bad value for libsumo: 'maybe'; expected true or false"),
         ({"mode": "c"}, "bad value for mode: 'c'; allowed: a, b"),
         ({"horizon": "0"}, "bad horizon 0; expected >= 1"),
@@ -122,6 +126,7 @@ def test_record_writer_refuses_foreign_csv(tmp_path) -> None:
         (["run", "traffic/grid4x4", "--episodes", "0"], "bad --episodes 0"),
         (["run", "traffic/grid4x4", "--protocol", "telepathy"], "unknown protocol 'telepathy'"),
         (["list", "robots"], "unknown list kind 'robots'"),
+        (["run", "nosuch/:x:y"], "unknown scenario 'nosuch/:x:y'"),
         (
             ["run", "warehouse/small", "--controller", "greedy", "--controller-set", "patiense=0"],
             "unknown --controller-set key for GreedyConfig 'patiense'; did you mean 'patience'?",
@@ -150,3 +155,51 @@ def test_cli_help_lists_defaults(capsys) -> None:
     assert main(["run", "--help"]) == 0
     out = capsys.readouterr().out
     assert "--episodes" in out and "default: 1" in out
+
+
+def test_cli_bad_out_is_one_line_error(tmp_path, capsys) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    assert main(["run", "warehouse/small", "--set", "horizon=5", "--out", str(a_file)]) == 2
+    assert "it exists and is not a directory" in capsys.readouterr().err
+
+
+def test_cli_without_arguments_prints_help(capsys) -> None:
+    assert main([]) == 0
+    assert "Commands:" in capsys.readouterr().out
+
+
+def test_concurrent_writers_keep_every_row(tmp_path) -> None:
+    """Two runs appending into one directory (interleaved) both keep their rows."""
+    first, second = RecordWriter(tmp_path), RecordWriter(tmp_path)
+    for episode in range(3):
+        first.append([Row("a", "s", "m", "none", "", 0, episode, "k", 1.0)])
+        second.append([Row("b", "s", "m", "none", "", 1, episode, "k", 2.0)])
+    frame = read_records(tmp_path)
+    assert sorted(frame["run_id"]) == ["a"] * 3 + ["b"] * 3
+
+
+def test_writer_refuses_to_pool_runs_with_other_settings(tmp_path) -> None:
+    writer = RecordWriter(tmp_path)
+    writer.write_manifest("r1", {"scenario": "s/x", "scenario_config": {"horizon": 10}})
+    writer.check_compatible("s/x", {"horizon": 10})  # same settings: fine
+    writer.check_compatible("s/y", {"horizon": 99})  # another scenario: fine
+    with pytest.raises(Exception, match=r"horizon=20 \(was 10\)"):
+        writer.check_compatible("s/x", {"horizon": 20})
+
+
+def test_episode_seeds_of_different_run_seeds_never_overlap() -> None:
+    from marl.runner import episode_seed
+
+    seeds = [episode_seed(s, e) for s in range(20) for e in range(5)]
+    assert len(set(seeds)) == len(seeds)
+    assert episode_seed(7, 0) == 7
+    assert all(0 <= x < 2**31 for x in seeds)
+
+
+def test_run_that_fails_at_start_leaves_no_results_dir(tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    argv = ["run", "traffic/single-intersection", "--set", "end=60", "--set", "route_file=/etc/hostname"]
+    assert main([*argv, "--out", str(out)]) == 2
+    assert "\n" == capsys.readouterr().err[-1:]
+    assert not out.exists()

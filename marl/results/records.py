@@ -16,14 +16,17 @@ episode readable and never a torn file. Several runs may share a directory (each
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import io
+import json
 import os
 import platform
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -38,6 +41,7 @@ __all__ = [
     "RECORDS_FILE",
     "Row",
     "RecordWriter",
+    "check_out_dir",
     "read_records",
     "new_run_id",
     "environment_info",
@@ -85,34 +89,93 @@ def now_iso() -> str:
 
 
 class RecordWriter:
-    """Append rows to ``<out>/records.csv`` atomically and write manifests beside it."""
+    """Append rows to ``<out>/records.csv`` atomically and write manifests beside it.
+
+    Appends take an exclusive lock on ``<out>/.records.lock`` and re-read the file first, so two
+    runs writing into one directory at the same time both keep their rows.
+    """
 
     def __init__(self, out_dir: str | os.PathLike[str]) -> None:
         self.out_dir = Path(out_dir)
         self.path = self.out_dir / RECORDS_FILE
-        self._lines: list[list[str]] = []
-        if self.path.exists():
-            with self.path.open(newline="") as fh:
-                reader = csv.reader(fh)
-                header = next(reader, None)
-                if header is not None and tuple(header) != COLUMNS:
-                    raise ConcordError(
-                        f"{self.path} has columns {header}; expected {list(COLUMNS)} "
-                        "(choose another --out directory)"
-                    )
-                self._lines = [line for line in reader if line]
+        check_out_dir(self.out_dir)
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConcordError(f"cannot create results directory {self.out_dir}: {exc.strerror}") from None
+        self._read()  # fail early on a foreign records.csv
+
+    def _read(self) -> list[list[str]]:
+        if not self.path.exists():
+            return []
+        with self.path.open(newline="") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            if header is not None and tuple(header) != COLUMNS:
+                raise ConcordError(
+                    f"{self.path} has columns {header}; expected {list(COLUMNS)} "
+                    "(choose another --out directory)"
+                )
+            return [line for line in reader if line]
 
     def append(self, rows: Iterable[Row]) -> None:
-        """Add ``rows`` and rewrite the file atomically."""
-        self._lines.extend([_fmt(v) for v in row.as_list()] for row in rows)
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(COLUMNS)
-        writer.writerows(self._lines)
-        atomic_write_text(self.path, buf.getvalue())
+        """Add ``rows`` to the file (under the directory lock) and replace it atomically."""
+        new = [[_fmt(v) for v in row.as_list()] for row in rows]
+        with _locked(self.out_dir / ".records.lock"):
+            lines = self._read() + new
+            buf = io.StringIO()
+            writer = csv.writer(buf, lineterminator="\n")
+            writer.writerow(COLUMNS)
+            writer.writerows(lines)
+            atomic_write_text(self.path, buf.getvalue())
 
     def write_manifest(self, run_id: str, manifest: Mapping[str, Any]) -> Path:
         return atomic_write_json(self.out_dir / MANIFEST_DIR / f"{run_id}.json", dict(manifest))
+
+    def check_compatible(self, scenario: str, scenario_config: Mapping[str, Any] | None) -> None:
+        """Refuse to mix runs of ``scenario`` with different settings in one directory.
+
+        Reports group rows by scenario, method, protocol and channel; runs made with other
+        ``--set`` values would silently be pooled with these, so they must go elsewhere.
+        """
+        if scenario_config is None:
+            return
+        for path in sorted((self.out_dir / MANIFEST_DIR).glob("*.json")):
+            try:
+                other = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if other.get("scenario") != scenario or other.get("scenario_config") is None:
+                continue
+            theirs = other["scenario_config"]
+            differ = sorted(k for k in set(theirs) | set(scenario_config)
+                            if theirs.get(k) != scenario_config.get(k))
+            if differ:
+                shown = ", ".join(f"{k}={scenario_config.get(k)!r} (was {theirs.get(k)!r})" for k in differ[:3])
+                raise ConcordError(
+                    f"{self.out_dir} already holds {scenario} runs with other settings: {shown}; "
+                    "use another --out so reports do not pool them"
+                )
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def check_out_dir(out_dir: str | os.PathLike[str]) -> None:
+    """A one-line error now, rather than a traceback later, when ``out_dir`` cannot be used."""
+    path = Path(out_dir)
+    if path.exists() and not path.is_dir():
+        raise ConcordError(f"bad --out {path}: it exists and is not a directory")
+    parent = next((p for p in [path, *path.parents] if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK):
+        raise ConcordError(f"bad --out {path}: {parent} is not writable")
 
 
 def _fmt(value: Any) -> str:
