@@ -143,7 +143,9 @@ def run(
         if request.policy is not None:
             from marl.train import policy_controller
 
-            controller = policy_controller(request.policy, env, request.scenario)
+            controller = policy_controller(
+                request.policy, env, request.scenario, channel=request.channel or None
+            )
             method = controller.method_name
         else:
             name = request.controller or spec.default_controller
@@ -237,4 +239,9 @@ def run_episode(
     kpis["env_steps"] = float(steps)
     if comms is not None:
         kpis.update({k: float(v) for k, v in comms.stats().items()})
+    # Trained policies with learned protocols count their own bytes (a gate that stays silent
+    # sends nothing); they report them here.
+    episode_stats = getattr(controller, "episode_stats", None)
+    if episode_stats is not None:
+        kpis.update({k: float(v) for k, v in episode_stats().items()})
     return kpis

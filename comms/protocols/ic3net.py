@@ -62,7 +62,7 @@ class IC3NetGate(nn.Module):
     ) -> CommsOutput:
         if delivered is None:
             delivered = full_mask(h)
-        dist = Categorical(logits=self.gate_head(h))  # decided from the pre-communication state
+        dist = Categorical(logits=self.gate_head(h), validate_args=False)  # decided from the pre-communication state
         if gate is None:
             gate = dist.probs.argmax(-1) if deterministic else dist.sample()
         speaks = gate.to(torch.bool)  # [B, N]

@@ -1,0 +1,18 @@
+"""Learning algorithms, one readable file each; registered here without importing torch."""
+
+from marl.registry import AlgorithmSpec, register_algorithm
+
+register_algorithm(
+    AlgorithmSpec(
+        name="ippo",
+        entry_point="marl.algos.ippo:IPPO",
+        description="Independent PPO, shared parameters + agent id (or per-agent), optional learned comms",
+    )
+)
+register_algorithm(
+    AlgorithmSpec(
+        name="mappo",
+        entry_point="marl.algos.mappo:MAPPO",
+        description="MAPPO: PPO with a centralised critic on env.state() (Yu et al. 2022)",
+    )
+)

@@ -1,0 +1,194 @@
+"""``marl train SCENARIO``: train IPPO or MAPPO (optionally with a learned protocol) on a scenario.
+
+Examples::
+
+    marl train traffic/2x2grid --algo ippo --protocol tarmac --steps 20000
+    marl train traffic/grid4x4 --algo mappo --algo-set learning_rate=1e-3 --algo-set num_steps=256
+    marl train traffic/2x2grid --show-config          # print every option with its default
+    marl train traffic/2x2grid --resume results/train-traffic-2x2grid-ippo-.../
+    marl train traffic/grid4x4 --ranks 4 --sync allreduce --compress fp16
+
+``--set key=value`` goes to the scenario (its env card lists the keys); ``--algo-set key=value``
+goes to the algorithm's typed config (``--show-config`` lists keys, types, defaults and help).
+The trained policy is evaluated by ``marl run SCENARIO --policy <out dir or checkpoint>``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from marl.options import channel_option, protocol_option, seed_option, set_option
+
+__all__ = ["command"]
+
+
+@click.command("train", context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.argument("scenario")
+@click.option("--algo", default="ippo", help="Learning algorithm (see 'marl list algorithms').")
+@protocol_option
+@channel_option
+@click.option("--steps", type=int, default=20_000, help="Environment steps to train for (total over ranks).")
+@seed_option
+@click.option("--out", default=None, help="Results directory; default results/train-<scenario>-<algo>-<time>.")
+@click.option("--resume", default=None, help="Continue from a checkpoint (training output dir, checkpoints dir or .pt).")
+@set_option
+@click.option("--algo-set", "algo_set", multiple=True, metavar="KEY=VALUE",
+              help="Override an algorithm hyper-parameter (repeatable); see --show-config.")
+@click.option("--eval-episodes", type=int, default=3, help="Final evaluation episodes (seeds SEED..SEED+n-1, as marl run).")
+@click.option("--show-config", is_flag=True, help="Print the algorithm, scenario and distributed config and exit.")
+@click.option("--test", "test_preset", is_flag=True, hidden=True, help="Use the scenario's short test presets.")
+@click.option("--ranks", type=int, default=1, help="MPI ranks; > 1 relaunches under the venv's mpiexec.")
+@click.option("--sync", default="allreduce", help="Gradient sync: allreduce, ring, ps, gossip.")
+@click.option("--compress", default="none", help="Gradient compression: none, fp16, topk:RATIO, powersgd:RANK.")
+@click.option("--bucket-mb", type=float, default=25.0, help="Fused gradient bucket size, MB.")
+@click.option("--overlap/--no-overlap", default=False, help="Overlap bucket allreduce with backward.")
+@click.option("--fault-tolerance", default="none", help="none, ulfm or checkpoint.")
+@click.option("--inject-failure", default="", hidden=True, help="R:U kills rank R at update U (tests, demos).")
+def command(
+    scenario: str,
+    algo: str,
+    protocol: str,
+    channel: str,
+    steps: int,
+    seed: int,
+    out: str | None,
+    resume: str | None,
+    set_: tuple[str, ...],
+    algo_set: tuple[str, ...],
+    eval_episodes: int,
+    show_config: bool,
+    test_preset: bool,
+    ranks: int,
+    sync: str,
+    compress: str,
+    bucket_mb: float,
+    overlap: bool,
+    fault_tolerance: str,
+    inject_failure: str,
+) -> None:
+    """Train a learning algorithm on SCENARIO; write checkpoints, training curves and a final
+    evaluation (same records as 'marl run')."""
+    from rich.console import Console
+
+    from marl import registry
+    from marl.config import describe_config, parse_sets
+    from marl.distributed.config import DistConfig
+    from marl.errors import ConfigError
+    from marl.train import TrainRequest, algorithm_class, algorithm_config
+
+    console = Console()
+    dist_cfg = DistConfig(ranks=ranks, sync=sync, compress=compress, bucket_mb=bucket_mb, overlap=overlap,
+                          fault_tolerance=fault_tolerance, inject_failure=inject_failure)
+    overrides, algo_overrides = parse_sets(set_), parse_sets(algo_set)
+    # Validate every name and value before a simulator or MPI launcher starts.
+    algorithm_class(algo)
+    config = algorithm_config(algo, algo_overrides)
+    spec = registry.protocol_spec(protocol)
+    if channel and protocol == "none":
+        raise ConfigError(f"--channel '{channel}' needs a --protocol (allowed: "
+                          + ", ".join(sorted(n for n in registry.protocols() if n != "none")) + ")")
+    if spec.learned and not hasattr(config, "comm_rounds"):
+        raise ConfigError(f"algorithm {algo} cannot use learned protocol {protocol}")
+    if channel:
+        from comms.channel import parse_channel
+
+        parse_channel(channel)
+    scenario_cfg = registry.scenario_config(scenario, overrides, test=test_preset)
+    if show_config:
+        console.print(f"[bold]algorithm {algo}[/bold]  (--algo-set key=value)", highlight=False)
+        console.print(describe_config(config), markup=False, highlight=False)
+        console.print(f"\n[bold]scenario {scenario}[/bold]  (--set key=value)", highlight=False)
+        console.print(describe_config(scenario_cfg), markup=False, highlight=False)
+        console.print("\n[bold]distributed[/bold]", highlight=False)
+        console.print(describe_config(dist_cfg), markup=False, highlight=False)
+        return
+    if resume is not None:
+        from marl.train import load_checkpoint
+
+        load_checkpoint(resume)  # fail fast on a missing or corrupt checkpoint
+    if ranks > 1:
+        try:
+            from marl.distributed import launch_if_needed
+        except ImportError:
+            raise ConfigError(f"--ranks {ranks} needs marl.distributed, which is not available in this build") from None
+        launch_if_needed(dist_cfg, sys.argv)
+
+    request = TrainRequest(
+        scenario=scenario, algo=algo, protocol=protocol, channel=channel, steps=steps, seed=seed,
+        out=out, overrides=overrides, algo_overrides=algo_overrides, eval_episodes=eval_episodes,
+        resume=resume, test=test_preset, dist=dist_cfg,
+    )
+    if _launcher_rank() != 0:  # under mpiexec only rank 0 draws progress and prints results
+        from marl.train import train
+
+        train(request)
+        return
+    result = _train_with_progress(request, Console(stderr=True))
+    _summary(console, request, result)
+
+
+def _launcher_rank() -> int:
+    """This process's rank as the MPI launcher set it (0 outside MPI); read from the environment
+    so the CLI need not import mpi4py."""
+    import os
+
+    for var in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def _train_with_progress(request: object, err_console: object) -> object:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from marl.train import train
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[sps]:>6.0f} steps/s"),
+        TextColumn("return {task.fields[ret]:>8.3f}"),
+        TextColumn("{task.fields[kpi]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=False,
+    )
+    with progress:
+        task = progress.add_task(f"{request.algo} {request.scenario}", total=request.steps, sps=0.0,
+                                 ret=float("nan"), kpi="")
+
+        def on_progress(info: dict) -> None:
+            fields = {}
+            if info.get("phase") == "train":
+                fields.update(sps=info.get("steps_per_second", 0.0), ret=info.get("episode_return", float("nan")))
+                value = info.get("kpi_value")
+                if info.get("kpi") and value is not None and value == value:
+                    fields["kpi"] = f"{info['kpi']} {value:.4g}"
+            else:
+                value = info.get("kpi_value")
+                kpi = f"{info['kpi']} {value:.4g}" if info.get("kpi") and value == value else ""
+                fields["kpi"] = f"eval return {info.get('eval_return', float('nan')):.3f} {kpi}"
+            progress.update(task, completed=min(info["env_steps"], request.steps), total=request.steps, **fields)
+
+        return train(request, on_progress=on_progress)
+
+
+def _summary(console: object, request: object, result: object) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{request.scenario} — {result.method} after {result.env_steps} steps "
+                        f"({result.updates} updates, {result.seconds:.0f} s, {result.steps_per_second:.0f} steps/s)",
+                  header_style="bold")
+    table.add_column("KPI (final evaluation, mean)")
+    table.add_column("value", justify="right")
+    for key, value in result.final_kpis.items():
+        table.add_row(key, f"{value:.4g}")
+    console.print(table)
+    console.print(f"records: {result.out_dir / 'records.csv'}  (run {result.run_id})")
+    if result.checkpoint is not None:
+        console.print(f"checkpoint: {result.checkpoint}")
+        console.print(f"evaluate: marl run {request.scenario} --policy {result.out_dir}")
