@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import networkx as nx
 import numpy as np
 import pytest
 
@@ -259,3 +260,13 @@ def test_opf_curtails_when_reactive_power_is_made_expensive() -> None:
     kpis = run_episode(env, opf, seed=0)
     assert kpis["curtailed_mwh"] > 0.5 and kpis["reactive_mvarh"] < 0.01
     assert kpis["voltage_violation"] == 0.0 and kpis["controllable_rate"] == 1.0
+
+
+@pytest.mark.parametrize("scenario_id", ["grid/mv-rural", "grid/lv-rural", "grid/ieee33"])
+def test_named_scenarios_have_a_connected_topology(scenario_id: str) -> None:
+    """Protocols and consensus need a connected agent graph on every named grid scenario."""
+    env = registry.make_scenario(scenario_id, test=True)
+    try:
+        assert nx.is_connected(env.topology)
+    finally:
+        env.close()

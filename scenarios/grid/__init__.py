@@ -42,7 +42,8 @@ register_scenario(
         description="SimBench 1-LV-rural2 (97 buses, 0.4 kV), 8 rooftop PV inverters",
         simulator=_SIM,
         n_agents=8,
-        kwargs={"feeder": "1-LV-rural2--0-sw", "pv_scale": 4.0},
+        # hops: the fewest feeder hops that connect every inverter (the PV units sit far apart).
+        kwargs={"feeder": "1-LV-rural2--0-sw", "pv_scale": 4.0, "hops": 20},
         test_kwargs=_TEST,
         default_controller="no-control",
     )
@@ -54,7 +55,8 @@ register_scenario(
         description="IEEE 33-bus (case33bw), 6 PV inverters, SimBench profiles (MAPDN-style)",
         simulator=_SIM,
         n_agents=6,
-        kwargs={"feeder": "ieee33", "pv_scale": 2.0},
+        # hops: the fewest feeder hops that connect the six PV buses.
+        kwargs={"feeder": "ieee33", "pv_scale": 2.0, "hops": 12},
         test_kwargs=_TEST,
         default_controller="no-control",
     )
