@@ -38,6 +38,10 @@ CLI form (``--channel``), parsed by :func:`parse_channel`::
 
     drop=0.1,delay=1,bits=8,budget=256,crash=3,seed=7     # crash 3 agents chosen by seed
     crash=tls_1+tls_4                                      # crash these agents
+
+Each key may appear once. :meth:`ChannelSpec.canonical` gives the one spelling of a setting
+(sorted keys, defaults left out, ``""`` for a perfect channel), so ``bits=8,drop=0.3``,
+``drop=0.3,bits=8`` and ``drop=0.3,bits=8,delay=0`` are one setting, and ``drop=0`` is ``""``.
 """
 
 from __future__ import annotations
@@ -56,8 +60,10 @@ __all__ = [
     "Channel",
     "Delivery",
     "parse_channel",
+    "send_neighbours_loop",
     "message_bytes",
     "quantise",
+    "delivery_rate",
     "quantisation_bound",
     "segment_sum",
     "segment_max",
@@ -85,6 +91,9 @@ class ChannelSpec:
     budget: int | None = None  #: bytes an agent may send per step (None: unlimited)
     crash: int | tuple[str, ...] = 0  #: crashed agents: how many (seeded) or which ids
     seed: int = 0  #: seeds drops and the choice of crashed agents
+    #: True when the spec names its seed (``seed=0`` included): the run's seed then does not
+    #: replace it (comms.runtime.build_comms). Not part of equality: the channel is the same.
+    seed_given: bool = field(default=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.crash, (list, set, frozenset)):
@@ -101,6 +110,33 @@ class ChannelSpec:
         if isinstance(self.crash, int) and self.crash < 0:
             raise ConfigError(f"bad channel crash={self.crash}; allowed: a count >= 0 or ids a+b")
 
+    def canonical(self) -> str:
+        """The one spelling of this setting: ``key=value`` pairs in sorted key order, only values
+        that differ from a perfect channel's (plus ``seed`` when given), ``""`` for a perfect
+        channel. ``parse_channel(spec.canonical())`` is the same channel (crash ids come back sorted).
+
+        >>> parse_channel("drop=0.3,bits=8,delay=0").canonical()
+        'bits=8,drop=0.3'
+        """
+        default = ChannelSpec()
+        parts: dict[str, str] = {}
+        if self.drop != default.drop:
+            parts["drop"] = repr(float(self.drop))
+        if self.delay != default.delay:
+            parts["delay"] = str(int(self.delay))
+        if self.bits != default.bits:
+            parts["bits"] = str(int(self.bits))
+        if self.budget is not None:
+            parts["budget"] = str(int(self.budget))
+        if isinstance(self.crash, tuple):
+            if self.crash:  # crashed ids are a set: their order says nothing
+                parts["crash"] = "+".join(sorted(dict.fromkeys(self.crash)))
+        elif self.crash:
+            parts["crash"] = str(int(self.crash))
+        if self.seed_given or self.seed != default.seed:
+            parts["seed"] = str(int(self.seed))
+        return ",".join(f"{key}={parts[key]}" for key in sorted(parts))
+
 
 _INT_KEYS = {"delay", "bits", "budget", "seed"}
 
@@ -110,8 +146,9 @@ def parse_channel(spec: str) -> ChannelSpec:
 
     ``crash`` takes a count (agents chosen by ``seed``) or ids joined by ``+``
     (``crash=tls_1+tls_4``); ids are checked against the agents when the channel is built.
+    A key given twice (``drop=0.1,drop=0.2``) is an error rather than a silent last-one-wins.
     """
-    allowed = [f.name for f in fields(ChannelSpec)]
+    allowed = [f.name for f in fields(ChannelSpec) if f.name != "seed_given"]
     values: dict[str, Any] = {}
     for part in filter(None, (p.strip() for p in (spec or "").split(","))):
         key, sep, text = part.partition("=")
@@ -120,6 +157,8 @@ def parse_channel(spec: str) -> ChannelSpec:
             raise ConfigError(f"bad channel item '{part}'; expected key=value, e.g. drop=0.1,delay=1")
         if key not in allowed:
             raise unknown("channel key", key, allowed)
+        if key in values:
+            raise ConfigError(f"bad channel '{spec}': key '{key}' given twice; allowed: each key once")
         try:
             if key == "drop":
                 values[key] = float(text)
@@ -131,7 +170,28 @@ def parse_channel(spec: str) -> ChannelSpec:
                 values[key] = int(text) if text.isdigit() else tuple(t for t in text.split("+") if t)
         except ValueError:
             raise ConfigError(f"bad channel {key}={text!r}; expected a number") from None
-    return ChannelSpec(**values)
+    return ChannelSpec(**values, seed_given="seed" in values)
+
+
+def send_neighbours_loop(channel: Channel, payloads: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
+    """Reference per-message Python loop for :meth:`Channel.send_neighbours` on a loss-only channel.
+
+    Walks the channel's directed links in the same order and draws one loss number per message
+    from the channel's RNG, so from the same RNG state it delivers exactly the same
+    ``(src, dst, payload row)`` triples as the vectorised step (payload rows unquantised; with
+    ``bits=32`` the vectorised step returns them rounded to float32). It neither advances the
+    step clock nor counts anything. ``marl bench comms`` times it as the baseline of its
+    throughput ratio and tests/test_channel.py checks the equivalence.
+    """
+    spec = channel.spec
+    if spec.delay or spec.budget is not None or spec.bits != 32 or channel.crashed.any():
+        raise ValueError("send_neighbours_loop models loss only: no delay, budget, quantisation or crashes")
+    drop = float(spec.drop)
+    rand = channel.rng.random
+    src, dst = channel.edges
+    if drop <= 0:  # the vectorised step draws nothing without loss
+        return [(s, d, payloads[s]) for s, d in zip(src.tolist(), dst.tolist())]
+    return [(s, d, payloads[s]) for s, d in zip(src.tolist(), dst.tolist()) if rand() >= drop]
 
 
 def message_bytes(payload_size: int, bits: int) -> int:
@@ -240,6 +300,19 @@ class _Counters:
         for f in fields(self):
             if f.name != "n":
                 setattr(self, f.name, np.zeros(self.n, dtype=np.int64))
+
+
+def delivery_rate(delivered: int, dropped: int, over_budget: int) -> float:
+    """Share of attempted messages that arrived: ``delivered / (delivered + dropped + over_budget)``.
+
+    Attempted = delivered, lost (loss, missing link, dead receiver) or refused by the byte budget;
+    messages still in the delay line are not decided yet and count nowhere, and a crashed
+    sender attempts nothing. With nothing attempted at all (no message delivered, lost or
+    refused) the rate is 1.0 — nothing failed — so records stay finite; a budget that refuses
+    every message gives 0.0.
+    """
+    attempted = delivered + dropped + over_budget
+    return delivered / attempted if attempted else 1.0
 
 
 class Channel:
@@ -522,7 +595,6 @@ class Channel:
             "bytes_sent": float(c.sent_bytes.sum()),
             "bytes_delivered": float(c.delivered_bytes.sum()),
             "bytes_per_agent_step": float(c.sent_bytes.sum()) / (self.n * steps),
-            # Of the messages whose fate is decided (delivered or lost); in-flight ones excluded.
-            "delivery_rate": delivered / (delivered + dropped) if delivered + dropped else 1.0,
+            "delivery_rate": delivery_rate(delivered, dropped, int(c.over_budget_msgs.sum())),
             "channel_steps": float(self.t),
         }

@@ -9,6 +9,7 @@ the episode's channel totals, recorded as KPI rows next to the scenario's own.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -107,7 +108,8 @@ def build_comms(
 ) -> CommsRuntime:
     """Build the runtime for a rule-based ``protocol`` over the ``channel`` spec string.
 
-    The channel's randomness is seeded from ``seed`` unless the spec names its own ``seed=``.
+    The channel's randomness is seeded from ``seed`` unless the spec names its own ``seed=``
+    (``seed=0`` included; a canonical spec keeps a given seed, see ChannelSpec.canonical).
     """
     validate_comms(protocol, "" if isinstance(channel, ChannelSpec) else channel)
     spec = registry.protocol_spec(protocol)
@@ -115,7 +117,7 @@ def build_comms(
         channel_spec = channel
     else:
         channel_spec = parse_channel(channel)
-        if "seed=" not in channel.replace(" ", ""):
-            channel_spec = ChannelSpec(**{**channel_spec.__dict__, "seed": int(seed)})
+        if not channel_spec.seed_given:
+            channel_spec = dataclasses.replace(channel_spec, seed=int(seed))
     cls: Any = registry.load(spec.entry_point)
     return CommsRuntime(cls(), Channel(list(agents), channel_spec), payload_size, seed)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-__all__ = ["set_option", "protocol_option", "channel_option", "seed_option"]
+__all__ = ["set_option", "protocol_option", "channel_option", "channels_option", "seed_option", "CHANNEL_HELP"]
 
 # One definition each, so names and help never drift apart between commands.
 set_option = click.option(
@@ -21,9 +21,15 @@ set_option = click.option(
 protocol_option = click.option(
     "--protocol", default="none", help="Communication protocol (see 'marl list protocols')."
 )
-channel_option = click.option(
+#: What a channel spec looks like (comms.channel.parse_channel); shared by --channel's two forms.
+CHANNEL_HELP = "Channel spec, e.g. drop=0.1,delay=1,bits=8,budget=256,crash=3; empty is a perfect channel."
+channel_option = click.option("--channel", default="", help=CHANNEL_HELP)
+#: The repeatable form (``marl compare``): each --channel is one setting of the grid.
+channels_option = click.option(
     "--channel",
-    default="",
-    help="Channel spec, e.g. drop=0.1,delay=1,bits=8,budget=256,crash=3; empty is a perfect channel.",
+    "channels",
+    multiple=True,
+    metavar="SPEC",
+    help=CHANNEL_HELP + " Repeatable: one setting each (--channel drop=0 --channel drop=0.3); default: perfect.",
 )
 seed_option = click.option("--seed", type=int, default=0, help="Seed (episode e of a run uses seed+e).")

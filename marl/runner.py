@@ -200,9 +200,7 @@ def _canonical_channel(spec: str) -> str:
         return ""
     from comms.channel import parse_channel
 
-    parsed = parse_channel(spec)
-    canonical = getattr(parsed, "canonical", None)
-    return canonical() if canonical is not None else spec
+    return parse_channel(spec).canonical()
 
 
 def run_episode(

@@ -675,6 +675,17 @@ def evaluate(env: Any, controller: PolicyController, seeds: list[int]) -> list[d
     return results
 
 
+def check_ranks(config: Any, world_size: int) -> None:
+    """Refuse settings that cannot work on several ranks (before launching, and again inside)."""
+    if getattr(config, "target_kl", None) is not None and world_size > 1:
+        # The early stop is decided on each rank's own KL: ranks would then run different
+        # numbers of gradient syncs and deadlock in the allreduce.
+        raise ConfigError(
+            f"bad --algo-set target_kl={config.target_kl} with {world_size} ranks; "
+            "allowed only with --ranks 1 (set target_kl=none)"
+        )
+
+
 def train(request: TrainRequest, on_progress: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
     """Train ``request.algo`` on ``request.scenario``; write records, checkpoints and a manifest.
 
@@ -717,6 +728,7 @@ def train(request: TrainRequest, on_progress: Callable[[dict[str, Any]], None] |
         layout = TeamLayout.of(env, request.scenario, need_state=algo_cls.centralised_critic)
         world, sync_grads, rank_failure = _init_distributed(request.dist, env.topology)
         rank = world.rank
+        check_ranks(config, world.size)
         torch.manual_seed(request.seed)  # identical initial weights on every rank (contract)
         comm = Communication(request.protocol, request.channel, layout.agents, layout.obs_dim,
                              request.seed + 1000 * rank, mode=config.comm_mode, hidden_size=config.hidden_size)
@@ -977,7 +989,12 @@ def train(request: TrainRequest, on_progress: Callable[[dict[str, Any]], None] |
 
             # ---- checkpoint
             if update % config.checkpoint_every == 0 or finished:
-                agreed = world.agree(update)
+                while True:  # a peer may die between the update and this agreement too
+                    try:
+                        agreed = world.agree(update)
+                        break
+                    except rank_failure:
+                        world.recover(model, optimizer)
                 if world.is_root:
                     state = {
                         "model": model.state_dict(),

@@ -46,11 +46,17 @@ def test_plan_grid_runs_non_talking_controllers_once():
     assert len(plan.skipped) == 3 and all("does not read messages" in s.reason for s in plan.skipped)
     talking = plan_grid("traffic/grid4x4", methods=["max-pressure-coordinated"],
                         protocols=["none", "neighbours"], channels=["drop=0", "drop=0.3"], seeds=3)
-    # Protocol none sends nothing: once per seed on a perfect channel; neighbours on both channels.
+    # drop=0 is the perfect channel (""). Protocol none sends nothing: once per seed on the perfect
+    # channel; neighbours on both channel settings.
     assert sorted({(c.protocol, c.channel) for c in talking.cells}) == [
-        ("neighbours", "drop=0"), ("neighbours", "drop=0.3"), ("none", "")]
+        ("neighbours", ""), ("neighbours", "drop=0.3"), ("none", "")]
     assert len(talking.cells) == 3 * 3 == len({c.key for c in talking.cells})
-    assert [(s.protocol, s.channel) for s in talking.skipped] == [("none", "drop=0"), ("none", "drop=0.3")]
+    assert [(s.protocol, s.channel) for s in talking.skipped] == [("none", "drop=0.3")]
+    # One setting, however it is spelled: canonical spec in cells, keys and the channel column.
+    spelled = plan_grid("traffic/grid4x4", methods=["max-pressure-coordinated"], protocols=["neighbours"],
+                        channels=["drop=0.3,bits=8", "bits=8,drop=0.3", "bits=8, drop=0.30,delay=0"], seeds=1)
+    assert [(c.channel, c.key) for c in spelled.cells] == [
+        ("bits=8,drop=0.3", "max-pressure-coordinated__neighbours__bits=8_drop=0.3__seed0")]
     assert cell_key("a", "none", "drop=0.3,delay=1", 2) == "a__none__drop=0.3_delay=1__seed2"
     assert cell_key("a", "none", "", 0) == "a__none__perfect__seed0"
 
@@ -66,6 +72,9 @@ def test_bad_input_fails_before_any_cell_runs(tmp_path, capsys):
     assert main(["compare", SCENARIO, "--out", out]) == 2
     assert "exactly one of" in capsys.readouterr().err
     assert main(["compare", SCENARIO, "--controllers", "greedy", "--seeds", "0", "--out", out]) == 2
+    assert main(["compare", SCENARIO, "--controllers", "greedy", "--channel", "drop=0.1,drop=0.2",
+                 "--out", out]) == 2
+    assert "'drop' given twice" in capsys.readouterr().err
     assert not Path(out).exists()
 
 
@@ -106,9 +115,10 @@ def test_one_failing_cell_does_not_stop_the_others(tmp_path, capsys):
     out = tmp_path / "grid"
     args = ["compare", SCENARIO, "--controllers", "greedy,random", "--seeds", "1", "--jobs", "2",
             *SHORT, "--out", str(out)]
-    assert main([*args, "--inject-failure", r"^random__"]) == 1
+    assert main([*args, "--inject-failure", r"^random__|:x:"]) == 1
     captured = capsys.readouterr()
     assert "1 failed" in captured.out and "random__none__perfect__seed0" in captured.err
+    assert ":x:" in captured.err and "\u274c" not in captured.err  # user text printed verbatim, no emoji
     failed_dir = out / "cells" / "random__none__perfect__seed0"
     assert "injected failure" in (failed_dir / "error.txt").read_text()
     assert not (failed_dir / "done.json").exists()
@@ -146,6 +156,27 @@ def test_killed_compare_resumes_to_a_complete_grid(tmp_path):
     assert rerun.returncode == 0, rerun.stderr
     assert f"{3 - finished} run now, {finished} already done" in rerun.stdout
     _assert_complete(out, cells=3)
+
+
+def test_stale_cells_of_an_earlier_compare_are_ignored(tmp_path, capsys):
+    out = tmp_path / "grid"
+    assert main(["compare", SCENARIO, "--controllers", "greedy", "--seeds", "2", *SHORT, "--out", str(out)]) == 0
+    capsys.readouterr()
+    # Another comparison into the same directory: the greedy cells stay on disk but are not part of it.
+    assert main(["compare", SCENARIO, "--controllers", "random", "--seeds", "1", *SHORT, "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "2 cell director(ies)" in err and "greedy__none__perfect__seed0" in err
+    assert len(list((out / "cells").glob("*/done.json"))) == 3
+    rows = _assert_complete(out, cells=1)
+    assert {r[0] for r in rows} == {"random"}
+    manifests = list((out / "manifests").glob("*.json"))
+    assert len(manifests) == 1 and "random" in manifests[0].read_text()
+    assert main(["report", str(out), "--format", "csv,md", "--no-figures", "--quiet"]) == 0
+    with (out / "report" / "summary.csv").open() as fh:
+        assert {r["method"] for r in csv.DictReader(fh)} == {"random"}
+    report = (out / "report" / "report.md").read_text()
+    assert "2 cell director(ies) in cells/ are not in this comparison's grid.json" in report
+    assert "greedy__none__perfect__seed1" in report
 
 
 @pytest.mark.mpi

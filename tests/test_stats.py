@@ -87,3 +87,12 @@ def test_probability_of_improvement_edge_cases_and_interval():
         stats.probability_of_improvement(np.ones((3, 2)), np.ones((3, 3)))
     with pytest.raises(ValueError):
         stats.t_interval([1.0, float("nan")])
+
+
+def test_iqm_interval_needs_five_runs_but_keeps_the_estimate():
+    four = stats.iqm_interval([1.0, 2.0, 3.0, 10.0], reps=300)
+    assert four.estimate == pytest.approx(2.5) and not four.defined and four.n == 4  # trims 1 and 10
+    five = stats.iqm_interval([1.0, 2.0, 3.0, 4.0, 10.0], reps=300)
+    assert five.estimate == pytest.approx(sps.trim_mean([1.0, 2.0, 3.0, 4.0, 10.0], 0.25))
+    assert five.defined and five.low <= five.estimate <= five.high
+    assert stats.iqm_interval([1.0, 2.0, 3.0], reps=300, min_runs=2).defined  # explicit override

@@ -208,3 +208,13 @@ def test_two_ranks_train_and_only_rank0_writes(tmp_path):
     assert latest["update"] == 2 and latest["env_steps"] == 256  # 2 updates x 64 steps x 2 ranks
     run_ids = {line.split(",")[0] for line in (out / "records.csv").read_text().splitlines()[1:]}
     assert len(run_ids) == 1 and len(list((out / "manifests").glob("*.json"))) == 1
+
+
+def test_target_kl_with_several_ranks_is_refused_before_training(tmp_path, capsys) -> None:
+    """Per-rank early stopping would desynchronise the allreduce; it must be refused clearly."""
+    from marl.cli import main
+
+    code = main(["train", "traffic/single-intersection", "--ranks", "2", "--steps", "64",
+                 "--algo-set", "target_kl=0.02", "--set", "end=120", "--out", str(tmp_path / "t")])
+    assert code == 2
+    assert "target_kl" in capsys.readouterr().err

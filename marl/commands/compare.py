@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 
 import click
 
+from marl.options import channels_option, set_option
+
 if TYPE_CHECKING:  # only for annotations: keep `marl --help` free of these imports
     from rich.console import Console
 
@@ -45,20 +47,12 @@ def _split(text: str | None) -> list[str]:
 @click.option("--algo", default=None, help="Learning algorithm to train in every cell (instead of --controllers).")
 @click.option("--steps", type=int, default=None, help="Training steps per cell (with --algo).")
 @click.option("--protocols", default="none", help="Comma-separated protocols (see 'marl list protocols').")
-@click.option(
-    "--channel",
-    "channels",
-    multiple=True,
-    metavar="SPEC",
-    help="Channel setting, repeatable (e.g. --channel drop=0 --channel drop=0.3); default: perfect.",
-)
+@channels_option
 @click.option("--seeds", type=int, default=3, help="Number of seeds per cell setting (seeds 0..K-1).")
 @click.option("--episodes", type=int, default=1, help="Evaluation episodes per cell.")
 @click.option("--jobs", type=int, default=None, help="Parallel processes; default: number of CPUs.")
 @click.option("--ranks", type=int, default=1, help="Spread cells over N MPI ranks (relaunches under mpiexec).")
-@click.option(
-    "--set", "set_", multiple=True, metavar="KEY=VALUE", help="Override a scenario parameter (repeatable)."
-)
+@set_option
 @click.option("--out", required=True, help="Results directory, e.g. results/NAME (rerun to resume).")
 @click.option("--inject-failure", default="", hidden=True, help="Regex: cells whose key matches fail (tests).")
 def command(
@@ -84,7 +78,8 @@ def command(
     from marl.errors import ConfigError
     from marl.results.compare import merge_cells, plan_grid, write_plan
 
-    err = Console(stderr=True, highlight=False)
+    # emoji=False: user values such as a cell key or error text with ":x:" must print verbatim.
+    err = Console(stderr=True, highlight=False, emoji=False)
     if (controllers is None) == (algo is None):
         raise ConfigError("give exactly one of --controllers a,b or --algo NAME")
     if algo is not None and (steps is None or steps < 1):
@@ -98,7 +93,7 @@ def command(
         methods=_split(controllers) if controllers is not None else [algo or ""],
         kind="controller" if controllers is not None else "algo",
         protocols=_split(protocols) or ["none"],
-        channels=list(dict.fromkeys(channels)) or [""],
+        channels=list(channels) or [""],  # plan_grid dedupes by canonical spelling
         seeds=seeds,
         episodes=episodes,
         overrides=parse_sets(set_),
@@ -134,10 +129,13 @@ def command(
         if rank != 0:
             return 0
     finished, rows = merge_cells(out)
-    from marl.results.compare import collect_cells
+    from marl.results.compare import collect_cells, stale_cells
 
     _, failed = collect_cells(out)  # failures of this plan's cells only (not stale directories)
-    failed = {k: v for k, v in failed.items() if k in {c.key for c in plan.cells}}
+    stale = stale_cells(out)
+    if stale:
+        err.print(f"note: {len(stale)} cell director(ies) in {Path(out) / 'cells'} belong to an earlier "
+                  f"compare with other settings and are ignored: {_listing(stale)}", markup=False, soft_wrap=True)
     ran, reused = counts
     summary = (
         f"compare {scenario}: {len(plan.cells)} cells — {ran} run now, {reused} already done, "
@@ -153,6 +151,10 @@ def command(
                   markup=False, soft_wrap=True)
     click.echo(summary)
     return 1 if failed else 0
+
+
+def _listing(keys: list[str], limit: int = 5) -> str:
+    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 def _run_with_progress(

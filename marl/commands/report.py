@@ -3,7 +3,7 @@
 Example::
 
     marl report results/demo                       # every KPI; md + csv + tex + figures
-    marl report results/demo --metric avg_delay --improvement neighbours,none --format md
+    marl report results/demo --metric delay --improvement neighbours,none --format md
 
 Writes into ``results/NAME/report/`` (every file atomically): ``report.md``, ``summary.csv``,
 ``report.tex`` and ``figures/*.png|pdf``, then prints the Markdown. See marl/results/aggregate.py
@@ -74,7 +74,7 @@ def build_report(
 ) -> tuple[str, list[Path]]:
     """Build the report of ``directory``; returns (Markdown text, files written)."""
     from marl.errors import ConcordError
-    from marl.results import aggregate, plots, tables
+    from marl.results import aggregate, plots, stats, tables
     from marl.results.io import atomic_write_text
 
     results = aggregate.load_results(directory)
@@ -101,10 +101,14 @@ def build_report(
             f"{len(few)} row(s) rest on a single seed: no confidence interval exists (shown as n/a); "
             "run more seeds (--seeds K, K >= 2) for intervals"
         )
-    if (summary["n_seeds"] < 4).any():
+    few_iqm = summary[(summary["n_seeds"] >= 2) & (summary["n_seeds"] < stats.IQM_CI_MIN_RUNS)]
+    if not few_iqm.empty:
         notes.append(
-            "with fewer than 4 seeds the IQM trims nothing (25% of n < 1) and equals the mean; "
-            "its bootstrap interval is then a percentile interval of the mean"
+            f"{len(few_iqm)} row(s) rest on 2-{stats.IQM_CI_MIN_RUNS - 1} seeds: their IQM interval is n/a, "
+            f"because a bootstrap of so few seeds only restates their spread and is no 95% CI "
+            f"(it is given from {stats.IQM_CI_MIN_RUNS} seeds on); the IQM itself is shown"
+            + (" and, below 4 seeds, trims nothing (25% of n < 1) and equals the mean"
+               if (few_iqm["n_seeds"] < 4).any() else "")
         )
     for goal in goals.values():
         notes.extend(goal.notes)
@@ -112,6 +116,18 @@ def build_report(
     for reason in dict.fromkeys(s["reason"] for s in skipped):
         n = sum(s["reason"] == reason for s in skipped)
         notes.append(f"{n} combination(s) not run: {reason}")
+    if results.stale:
+        shown = ", ".join(results.stale[:10]) + (f" and {len(results.stale) - 10} more" if len(results.stale) > 10 else "")
+        notes.append(
+            f"{len(results.stale)} cell director(ies) in cells/ are not in this comparison's grid.json "
+            f"(left from an earlier compare with other settings) and were ignored: {shown}"
+        )
+    if any(aggregate.BASELINE_CONTEXT in imp.context for imp in improvements):
+        notes.append(
+            "protocol none sends nothing, so compare runs it on the perfect channel only; where the "
+            "improvement table says 'none: perfect-channel baseline', the other protocol at that "
+            "channel setting is compared with none's perfect-channel run of the same method"
+        )
     if results.failures:
         notes.append(
             f"{len(results.failures)} cell(s) failed and are missing: {', '.join(sorted(results.failures))}"

@@ -76,7 +76,7 @@ def command(
     from marl.config import describe_config, parse_sets
     from marl.distributed.config import DistConfig
     from marl.errors import ConfigError
-    from marl.train import TrainRequest, algorithm_class, algorithm_config
+    from marl.train import TrainRequest, algorithm_class, algorithm_config, check_ranks
 
     console = Console()
     dist_cfg = DistConfig(ranks=ranks, sync=sync, compress=compress, bucket_mb=bucket_mb, overlap=overlap,
@@ -108,6 +108,7 @@ def command(
         from marl.train import load_checkpoint
 
         load_checkpoint(resume)  # fail fast on a missing or corrupt checkpoint
+    check_ranks(config, ranks)
     if ranks > 1:
         try:
             from marl.distributed import launch_if_needed

@@ -4,7 +4,9 @@ The unit of replication is the seed: the episodes of one seed are averaged first
 one controller or trained policy), then seeds are summarised with
 
 * the mean and its 95 % Student-t interval (n − 1 degrees of freedom, n = real number of seeds);
-* the IQM with a 95 % stratified-bootstrap percentile interval;
+* the IQM with a 95 % stratified-bootstrap percentile interval — from 5 seeds on
+  (:data:`marl.results.stats.IQM_CI_MIN_RUNS`); below that the interval is n/a (a bootstrap of
+  2–4 seeds only restates their spread), the IQM itself is kept;
 * the channel's cost beside it: bytes per agent per step and delivery rate (mean over seeds).
 
 With fewer than two seeds no interval exists: it is shown as n/a and a note says so.
@@ -48,6 +50,8 @@ __all__ = [
     "COMMS_METRICS",
     "GENERIC_GOALS",
     "GROUP",
+    "NO_PROTOCOL",
+    "BASELINE_CONTEXT",
 ]
 
 #: Channel statistics that runs with a protocol record; shown beside every KPI, not as KPIs.
@@ -66,6 +70,10 @@ CHANNEL_TOTALS = frozenset({
 #: update number in the episode column. They feed learning curves; tables use the final
 #: evaluation rows, which carry the plain KPI names.
 TRAINING_PREFIXES: tuple[str, ...] = ("train_", "eval_")
+#: The protocol that sends nothing (its result cannot depend on the channel).
+NO_PROTOCOL = "none"
+#: Appended to an improvement's context when protocol none's perfect-channel run stood in.
+BASELINE_CONTEXT = f"({NO_PROTOCOL}: perfect-channel baseline)"
 #: The columns a report groups by.
 GROUP: tuple[str, ...] = ("scenario", "method", "protocol", "channel")
 
@@ -79,6 +87,8 @@ class Results:
     manifests: list[dict[str, Any]]
     plan: dict[str, Any] | None = None  #: grid.json of a compare, when present
     failures: dict[str, str] = field(default_factory=dict)
+    #: cell directories of an earlier compare into the same directory, not in grid.json: ignored
+    stale: list[str] = field(default_factory=list)
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
@@ -94,11 +104,14 @@ def _read_csv(path: Path) -> pd.DataFrame:
 
 
 def load_results(directory: str | Path) -> Results:
-    """Read ``records.csv`` (or, for a compare, every finished cell) plus manifests.
+    """Read ``records.csv`` (or, for a compare, every finished cell of grid.json) plus manifests.
+
+    Cell directories of an earlier compare into the same directory are not read; their keys are
+    in ``Results.stale``.
 
     Raises ConcordError for a missing or empty directory, a foreign schema, or non-numeric values.
     """
-    from marl.results.compare import CELLS_DIR, GRID_FILE, collect_cells
+    from marl.results.compare import CELLS_DIR, GRID_FILE, collect_cells, stale_cells
 
     root = Path(directory)
     if not root.is_dir():
@@ -106,8 +119,10 @@ def load_results(directory: str | Path) -> Results:
     plan = json.loads((root / GRID_FILE).read_text()) if (root / GRID_FILE).exists() else None
     failures: dict[str, str] = {}
     manifest_dirs: list[Path] = []
+    stale: list[str] = []
     if (root / CELLS_DIR).is_dir():
-        done, failures = collect_cells(root)
+        done, failures = collect_cells(root)  # the cells of grid.json only
+        stale = stale_cells(root)
         frames = [_read_csv(d / RECORDS_FILE) for d in done if (d / RECORDS_FILE).exists()]
         manifest_dirs = [d / MANIFEST_DIR for d in done]
         if not frames:
@@ -141,7 +156,7 @@ def load_results(directory: str | Path) -> Results:
                 manifests.append(json.loads(path.read_text()))
             except json.JSONDecodeError:
                 raise ConcordError(f"{path} is not valid JSON") from None
-    return Results(root, frame, manifests, plan, failures)
+    return Results(root, frame, manifests, plan, failures, stale)
 
 
 @dataclass
@@ -318,6 +333,11 @@ def improvement(
     ``a`` and ``b`` name two methods (compared at equal protocol and channel) or two protocols
     (compared at equal method and channel). For lower-is-better metrics scores are negated, so
     the probability always reads "A is better than B".
+
+    Protocol ``none`` sends nothing, so ``marl compare`` runs it once per seed on the perfect
+    channel only. When one side is ``none`` and it has no rows at a channel setting where the
+    other protocol has, that setting is compared against ``none``'s perfect-channel run of the
+    same method; the context says so ("none: perfect-channel baseline").
     """
     methods = set(frame["method"])
     protocols = set(frame["protocol"])
@@ -336,13 +356,22 @@ def improvement(
         for key, ctx in sub.groupby(["scenario", *fixed], sort=False):
             xa = ctx.loc[ctx[varying] == a, "value"].to_numpy(dtype=float)
             xb = ctx.loc[ctx[varying] == b, "value"].to_numpy(dtype=float)
+            context = ", ".join(
+                f"{name}={channel_label(v) if name == 'channel' else v}" for name, v in zip(fixed, key[1:])
+            )
+            if varying == "protocol" and (xa.size == 0) != (xb.size == 0) and NO_PROTOCOL in (a, b):
+                missing = a if xa.size == 0 else b
+                if missing == NO_PROTOCOL and key[2] != "":
+                    base = sub[(sub["scenario"] == key[0]) & (sub["method"] == key[1])
+                               & (sub["protocol"] == NO_PROTOCOL) & (sub["channel"] == "")]
+                    values = base["value"].to_numpy(dtype=float)
+                    if values.size:
+                        xa, xb = (values, xb) if missing == a else (xa, values)
+                        context += " " + BASELINE_CONTEXT
             if xa.size == 0 or xb.size == 0:
                 continue
             sign = -1.0 if goals[key[0]].goal(metric) == "min" else 1.0
             prob = stats.probability_of_improvement_interval(sign * xa, sign * xb, reps=reps)
-            context = ", ".join(
-                f"{name}={channel_label(v) if name == 'channel' else v}" for name, v in zip(fixed, key[1:])
-            )
             out.append(Improvement(key[0], metric, context, a, b, prob))
     if not out:
         raise ConcordError(f"--improvement {a},{b}: no setting has results for both")

@@ -13,6 +13,10 @@ A comparison lives in one directory::
       records.csv, manifests/   the merged view of every finished cell (what ``marl report`` reads)
       failures.json             failed cells and their one-line errors
 
+Only the cells listed in grid.json make up the comparison: a later compare with other settings
+into the same directory leaves the earlier cells on disk, but the merged view and ``marl report``
+ignore them (the command and the report's notes name them; see :func:`stale_cells`).
+
 Resuming is the same command again: finished cells (done.json present) are skipped; an unfinished
 cell's directory is wiped and the cell runs from scratch, so rows are never duplicated. The merged
 ``records.csv`` is rebuilt from the finished cells after every run.
@@ -61,6 +65,9 @@ __all__ = [
     "merge_cells",
     "collect_cells",
     "write_plan",
+    "canonical_channel",
+    "plan_keys",
+    "stale_cells",
     "CELLS_DIR",
     "DONE_FILE",
     "ERROR_FILE",
@@ -141,14 +148,13 @@ def cell_key(method: str, protocol: str, channel: str, seed: int) -> str:
     return f"{_slug(method)}__{_slug(protocol)}__{_slug(channel) or 'perfect'}__seed{seed}"
 
 
-def _validate_channel(spec: str) -> None:
-    if not spec:
-        return
-    try:
-        from comms.channel import parse_channel
-    except ModuleNotFoundError:  # comms not installed yet: the runner will complain per cell
-        return
-    parse_channel(spec)
+def canonical_channel(spec: str) -> str:
+    """Validate a channel spec and return its one spelling (``ChannelSpec.canonical``): sorted
+    keys, defaults dropped, ``""`` for a perfect channel — so ``drop=0`` is the perfect channel
+    and ``bits=8,drop=0.3`` / ``drop=0.3,bits=8`` are one cell, one key and one report row."""
+    from comms.channel import parse_channel
+
+    return parse_channel(spec).canonical()
 
 
 def plan_grid(
@@ -166,7 +172,8 @@ def plan_grid(
     """Validate every name up front (before any simulator starts) and list the cells.
 
     ``seeds`` is a count (seeds 0..K-1) or an explicit list. Order: method, protocol, channel,
-    seed — so with several jobs the first results to appear cover every method.
+    seed — so with several jobs the first results to appear cover every method. Channel specs
+    are replaced by their canonical spelling (:func:`canonical_channel`) and deduplicated.
     """
     spec = registry.scenario_spec(scenario)
     if not methods:
@@ -185,8 +192,8 @@ def plan_grid(
                     f"protocol {name} is learned and needs --algo; with --controllers allowed: "
                     + ", ".join(allowed)
                 )
-    for spec_text in channels:
-        _validate_channel(spec_text)
+    # Canonical spellings, deduplicated: what cells, keys and the records' channel column use.
+    channels = list(dict.fromkeys(canonical_channel(text) for text in channels)) or [""]
     registry.scenario_config(scenario, overrides)  # bad --set keys fail now, with closest match
     sorted_overrides = tuple(sorted((overrides or {}).items()))
 
@@ -467,14 +474,46 @@ def write_plan(plan: GridPlan, out_dir: str | os.PathLike[str], *, world_size: i
     atomic_write_json(out / GRID_FILE, {**plan.to_json(), "world_size": world_size})
 
 
-def collect_cells(out_dir: str | os.PathLike[str]) -> tuple[list[Path], dict[str, str]]:
-    """Finished cell directories (sorted by key) and failed ones as {key: last error line}."""
+def plan_keys(out_dir: str | os.PathLike[str]) -> list[str] | None:
+    """The cell keys of the comparison recorded in ``grid.json`` (None without a grid.json)."""
+    path = Path(out_dir) / GRID_FILE
+    if not path.exists():
+        return None
+    try:
+        keys = json.loads(path.read_text()).get("cells")
+    except json.JSONDecodeError:
+        raise ConcordError(f"{path} is not valid JSON") from None
+    return None if keys is None else [str(k) for k in keys]
+
+
+def _cell_dirs(out_dir: str | os.PathLike[str]) -> list[Path]:
     root = Path(out_dir) / CELLS_DIR
+    return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+
+def stale_cells(out_dir: str | os.PathLike[str]) -> list[str]:
+    """Cell directories left from an earlier compare into the same ``--out`` (keys not in
+    grid.json): ignored by :func:`merge_cells` and by ``marl report``, never deleted."""
+    keys = plan_keys(out_dir)
+    if keys is None:
+        return []
+    wanted = set(keys)
+    return [d.name for d in _cell_dirs(out_dir) if d.name not in wanted]
+
+
+def collect_cells(out_dir: str | os.PathLike[str]) -> tuple[list[Path], dict[str, str]]:
+    """Finished cell directories (sorted by key) and failed ones as {key: last error line}.
+
+    With a grid.json only the cells of that plan count: directories of an earlier, different
+    compare into the same directory (:func:`stale_cells`) are left out.
+    """
     done: list[Path] = []
     failed: dict[str, str] = {}
-    if not root.is_dir():
-        return done, failed
-    for cell_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+    keys = plan_keys(out_dir)
+    wanted = None if keys is None else set(keys)
+    for cell_dir in _cell_dirs(out_dir):
+        if wanted is not None and cell_dir.name not in wanted:
+            continue
         if (cell_dir / DONE_FILE).exists():
             done.append(cell_dir)
         elif (cell_dir / ERROR_FILE).exists():
@@ -484,9 +523,11 @@ def collect_cells(out_dir: str | os.PathLike[str]) -> tuple[list[Path], dict[str
 
 
 def merge_cells(out_dir: str | os.PathLike[str]) -> tuple[int, int]:
-    """Rebuild ``records.csv``, ``manifests/`` and ``failures.json`` from the cells.
+    """Rebuild ``records.csv``, ``manifests/`` and ``failures.json`` from the plan's cells.
 
-    Returns (finished cells, rows). Only finished cells contribute, each exactly once.
+    Returns (finished cells, rows). Only finished cells of the plan in grid.json contribute,
+    each exactly once; stale cells of an earlier compare (:func:`stale_cells`) and their
+    manifests are left out of the merged view.
     """
     from marl.results.records import COLUMNS, MANIFEST_DIR, RECORDS_FILE
 
@@ -494,6 +535,7 @@ def merge_cells(out_dir: str | os.PathLike[str]) -> tuple[int, int]:
     done, failed = collect_cells(out)
     header = ",".join(COLUMNS)
     lines: list[str] = []
+    manifests: set[str] = set()
     for cell_dir in done:
         path = cell_dir / RECORDS_FILE
         if not path.exists():
@@ -505,11 +547,14 @@ def merge_cells(out_dir: str | os.PathLike[str]) -> tuple[int, int]:
             raise ConcordError(f"{path} has columns {text[0]!r}; expected {header!r}")
         lines.extend(ln for ln in text[1:] if ln)
         for manifest in sorted((cell_dir / MANIFEST_DIR).glob("*.json")):
+            manifests.add(manifest.name)
             target = out / MANIFEST_DIR / manifest.name
             if not target.exists():
                 atomic_write_text(target, manifest.read_text())
-    if lines:
+    for old in (out / MANIFEST_DIR).glob("*.json") if (out / MANIFEST_DIR).is_dir() else ():
+        if old.name not in manifests:  # a manifest of a stale cell or a rerun attempt
+            old.unlink()
+    if lines or (out / RECORDS_FILE).exists():  # never leave rows of an earlier compare behind
         atomic_write_text(out / RECORDS_FILE, "\n".join([header, *lines]) + "\n")
     atomic_write_json(out / FAILURES_FILE, failed)
     return len(done), len(lines)
-

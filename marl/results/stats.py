@@ -32,10 +32,15 @@ __all__ = [
     "iqm",
     "stratified_bootstrap_ci",
     "iqm_interval",
+    "IQM_CI_MIN_RUNS",
     "probability_of_improvement",
     "probability_of_improvement_interval",
 ]
 
+#: Fewest runs for which :func:`iqm_interval` reports its bootstrap interval. With 2–4 runs the
+#: IQM trims nothing (25 % of n < 1) and the percentile bootstrap of so few values is no more
+#: than their spread — its nominal 95 % coverage does not hold — so it is left undefined.
+IQM_CI_MIN_RUNS = 5
 #: Bootstrap replicates used by reports: enough for stable 2.5/97.5 % percentiles (±~1 % of the
 #: spread between runs) while a 20-cell report stays well under a second.
 DEFAULT_REPS = 2000
@@ -123,12 +128,21 @@ def stratified_bootstrap_ci(
 
 
 def iqm_interval(
-    scores: np.ndarray | list[float], *, reps: int = DEFAULT_REPS, confidence: float = 0.95, seed: int = 0
+    scores: np.ndarray | list[float],
+    *,
+    reps: int = DEFAULT_REPS,
+    confidence: float = 0.95,
+    seed: int = 0,
+    min_runs: int | None = None,
 ) -> Interval:
-    """IQM with its stratified bootstrap CI."""
+    """IQM with its stratified bootstrap CI; the CI is NaN (undefined) below ``min_runs`` runs
+    (default :data:`IQM_CI_MIN_RUNS`), the IQM itself is always given."""
     matrix = _as_runs_by_tasks(scores)
+    estimate = iqm(matrix)
+    if matrix.shape[0] < (IQM_CI_MIN_RUNS if min_runs is None else min_runs):
+        return Interval(estimate, float("nan"), float("nan"), matrix.shape[0])
     low, high = stratified_bootstrap_ci(matrix, iqm, reps=reps, confidence=confidence, seed=seed)
-    return Interval(iqm(matrix), low, high, matrix.shape[0])
+    return Interval(estimate, low, high, matrix.shape[0])
 
 
 def probability_of_improvement(

@@ -4,7 +4,8 @@ One table per (scenario, KPI). Rows are (method, protocol, channel setting); col
 number of seeds, the mean with its 95 % t-interval, the IQM with its 95 % stratified-bootstrap
 interval, and the channel cost beside the KPI (bytes per agent per step, delivery rate). The best
 value of each column is bold — lowest or highest according to the KPI's goal; lowest bytes and
-highest delivery rate for the channel columns. Intervals that do not exist (one seed) read n/a.
+highest delivery rate for the channel columns. Intervals that do not exist read n/a: the mean's
+with one seed, the IQM's with fewer than 5 seeds (marl.results.stats.IQM_CI_MIN_RUNS).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import pandas as pd
 
 from marl.results.aggregate import GROUP, Goals, Improvement, channel_label
+from marl.results.stats import IQM_CI_MIN_RUNS
 
 __all__ = ["fmt", "Provenance", "provenance", "markdown_report", "latex_report", "csv_summary"]
 
@@ -174,7 +176,8 @@ def markdown_report(
 def _notes_md(notes: Sequence[str]) -> list[str]:
     base = [
         "Mean: over seeds (each seed's episodes averaged first) with a 95% Student-t interval; "
-        "IQM: interquartile mean with a 95% stratified-bootstrap percentile interval; "
+        "IQM: interquartile mean with a 95% stratified-bootstrap percentile interval "
+        f"(from {IQM_CI_MIN_RUNS} seeds on; n/a below); "
         "bold: best in its column.",
     ]
     return ["**Notes.** " + " ".join(base), ""] + [f"- {n}" for n in notes] + ([""] if notes else [])
@@ -203,7 +206,8 @@ def latex_report(
             r"\begin{table}[t]",
             r"\centering",
             rf"\caption{{{tex_escape(scenario)}: {tex_escape(metric)} ({_goal_word(goal)}); "
-            r"mean with 95\% t-interval and IQM with 95\% stratified-bootstrap interval over seeds; best in bold.}",
+            r"mean with 95\% t-interval and IQM with 95\% stratified-bootstrap interval over seeds"
+            rf" (n/a below {IQM_CI_MIN_RUNS} seeds); best in bold.}}",
             r"\begin{tabular}{lllrrrrr}",
             r"\toprule",
             " & ".join(tex_escape(c) for c in _COLUMNS) + r" \\",
