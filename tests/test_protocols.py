@@ -168,6 +168,11 @@ class _FakeTrafficEnv:
     Phase 0 gives w -> ab green, phase 1 gives n -> x green.
     """
 
+    control = "agents"
+
+    def set_control(self, mode: str) -> None:
+        self.control = mode
+
     def __init__(self) -> None:
         from scenarios.traffic.nets import Signal
 

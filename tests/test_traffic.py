@@ -260,3 +260,74 @@ def test_bench_command_runs(tmp_path: Path) -> None:
     output = " ".join(result.output.split())
     assert "identical traffic, fixed-time (tripinfo KPIs env == raw): yes" in output
     assert "identical traffic, random phases (tripinfo KPIs env == raw): yes" in output
+
+
+def _finish(env: TrafficSignalEnv) -> dict[str, float]:
+    while env.agents:
+        env.step({})  # agent mode: keep the current phase
+    return env.episode_kpis()
+
+
+def test_set_control_picks_the_mode_of_the_current_episode_only() -> None:
+    program = make("traffic/grid4x4", end=300, control="program")
+    try:
+        plain = run_all(program, seed=0)  # the net's programme from the config
+        program.reset(seed=0)
+        program.set_control("agents")  # ... and the other way round, for one episode
+        held_from_program = _finish(program)
+        program.reset(seed=0)
+        assert program.control == "program", "reset returns to config.control"
+    finally:
+        program.close()
+    env = make("traffic/grid4x4", end=300)
+    try:
+        env.reset(seed=0)
+        env.set_control("program")
+        assert env.control == "program"
+        assert _finish(env) == plain  # exactly the plain programme run
+        env.reset(seed=0)
+        assert env.control == "agents"
+        held = _finish(env)
+        assert held == held_from_program and held != plain
+        env.reset(seed=0)
+        env.step({})
+        with pytest.raises(SimulatorError, match="before the first step"):
+            env.set_control("program")
+        with pytest.raises(ConcordError, match="did you mean 'program'"):
+            env.set_control("programme")
+    finally:
+        env.close()
+
+
+def test_sumo_load_errors_name_the_rejected_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.rou.xml"
+    bad.write_text("not a route file\n")
+    env = make("traffic/grid4x4", end=60, route_file=str(bad))
+    try:
+        with pytest.raises(ConfigError, match="bad route_file") as info:
+            env.reset(seed=0)
+    finally:
+        env.close()
+    message = str(info.value)
+    assert str(bad) in message and "invalid document structure" in message
+    assert "install" not in message and "\n" not in message
+    # routes of another net: SUMO names no file, so both are named, still no install hint
+    other = make("traffic/grid4x4", end=60, route_file="RESCO/cologne1/cologne1.rou.xml")
+    try:
+        with pytest.raises(SimulatorError, match="is not known") as info:
+            other.reset(seed=0)
+    finally:
+        other.close()
+    assert "cologne1.rou.xml" in str(info.value) and "install" not in str(info.value)
+
+
+def test_bench_rejects_other_domains() -> None:
+    from click.testing import CliRunner
+
+    from marl.bench.traffic import command
+    from marl.errors import UnknownNameError
+
+    result = CliRunner().invoke(command, ["grid/ieee33"])
+    assert isinstance(result.exception, UnknownNameError)
+    assert "unknown traffic scenario 'grid/ieee33'" in str(result.exception)
+    assert "traffic/grid4x4" in str(result.exception)

@@ -338,3 +338,27 @@ def test_bench_command_runs_without_pogema(tmp_path: Path):
     assert "skipping POGEMA" in result.output and "not measured" in result.output
     figures = json.loads(out.read_text())
     assert figures["robots"] == 10 and figures["ours_dict_api"] > 0 and "pogema" not in figures
+
+
+def test_registered_presets_derive_agents_and_description_from_n_robots():
+    from marl import registry
+
+    specs = registry.scenarios("warehouse")
+    assert set(specs) == {"warehouse/small", "warehouse/medium", "warehouse/large"}
+    for spec in specs.values():
+        n = spec.kwargs["n_robots"]
+        assert spec.n_agents == n and spec.description.startswith(f"{n} robots, ")
+    env = make_scenario("warehouse/small", test=True)
+    assert len(env.possible_agents) == specs["warehouse/small"].n_agents
+
+
+def test_bench_rejects_other_domains():
+    from click.testing import CliRunner
+
+    from marl.bench.warehouse import command
+    from marl.errors import UnknownNameError
+
+    result = CliRunner().invoke(command, ["traffic/grid4x4"])
+    assert isinstance(result.exception, UnknownNameError)
+    assert "unknown warehouse scenario 'traffic/grid4x4'" in str(result.exception)
+    assert "warehouse/small" in str(result.exception)

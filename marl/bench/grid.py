@@ -59,14 +59,14 @@ def command(scenario: str, steps: int, ref_steps: int, rounds: int, seed: int, o
     from rich.progress import Progress
     from rich.table import Table
 
+    from marl.bench.common import require_domain
     from marl.errors import ConfigError
-    from marl.registry import make_scenario, scenario_spec
+    from marl.registry import make_scenario
     from marl.results.io import atomic_write_json
 
     if steps < 1 or ref_steps < 1 or rounds < 1:
         raise ConfigError("bad --steps/--ref-steps/--rounds; expected integers >= 1")
-    if scenario_spec(scenario).domain != "grid":
-        raise ConfigError(f"bad scenario '{scenario}'; this benchmark takes a grid/* scenario")
+    require_domain(scenario, "grid")
     console = Console()
     fast = make_scenario(scenario, {"split": "all"})
     ref = make_scenario(scenario, {"split": "all", "solver": "pandapower"})

@@ -236,13 +236,12 @@ def command(scenario: str, horizon: int | None, repeat: int, skip_sumo_rl: bool,
     from rich.table import Table
 
     from marl import registry
+    from marl.bench.common import require_domain
     from marl.errors import ConfigError
 
     if repeat < 1:
         raise ConfigError(f"bad --repeat {repeat}; expected an integer >= 1")
-    spec = registry.scenario_spec(scenario)
-    if spec.domain != "traffic":
-        raise ConfigError(f"bad scenario '{scenario}' for bench traffic; expected a traffic/ scenario")
+    require_domain(scenario, "traffic")
     base = registry.scenario_config(scenario)
     overrides: dict[str, Any] = {}
     if horizon is not None:

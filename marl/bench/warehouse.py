@@ -165,15 +165,15 @@ def command(
     from rich.progress import Progress
     from rich.table import Table
 
+    from marl.bench.common import require_domain
     from marl.errors import ConfigError
-    from marl.registry import make_scenario, scenario_spec
+    from marl.registry import make_scenario
     from marl.results.io import atomic_write_json
     from marl.runner import build_controller
 
     if steps < 1 or rounds < 1 or planner_steps < 0:
         raise ConfigError("bad --steps/--rounds/--planner-steps; expected --steps >= 1, --rounds >= 1, --planner-steps >= 0")
-    if scenario_spec(scenario).domain != "warehouse":
-        raise ConfigError(f"bad scenario '{scenario}'; this benchmark takes a warehouse/* scenario")
+    require_domain(scenario, "warehouse")
     console = Console()
     overrides: dict[str, Any] = {"horizon": steps}
     if view_radius is not None:

@@ -1,7 +1,8 @@
 """Baseline signal controllers for the SUMO traffic scenarios.
 
 * :class:`FixedTime` — the net's own signal programme, run by SUMO unchanged (the env's
-  ``control="program"`` mode); the traffic is exactly that of a plain SUMO run.
+  ``"program"`` mode, chosen per episode in :meth:`SignalController.reset`); the traffic is
+  exactly that of a plain SUMO run.
 * :class:`MaxPressure` — every decision, the green phase with the largest pressure: the sum over
   the links it serves of vehicles upstream minus vehicles downstream (Varaiya 2013, as in
   RESCO's max-pressure).
@@ -16,13 +17,20 @@ it with the downstream counts its neighbours sent instead of the measured ones.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
 from marl.controllers import Controller
 
-__all__ = ["phase_pressure", "FixedTime", "MaxPressure", "MaxWave", "RandomPhases"]
+__all__ = [
+    "phase_pressure",
+    "SignalController",
+    "FixedTime",
+    "MaxPressure",
+    "MaxWave",
+    "RandomPhases",
+]
 
 
 def phase_pressure(signal: Any, upstream: np.ndarray, downstream: np.ndarray) -> np.ndarray:
@@ -47,12 +55,25 @@ def _best(scores: np.ndarray, current: int) -> int:
     return current if scores[current] >= best else int(np.argmax(scores))
 
 
-class FixedTime(Controller):
-    """The net's signal programme: switches the env to programme mode; actions are ignored."""
+class SignalController(Controller):
+    """Base of the traffic controllers: declares who drives the lights.
 
-    def __init__(self, env: Any, config: Any = None) -> None:
-        super().__init__(env, config)
-        env.use_program(True)  # takes effect at the next reset, i.e. the run's first episode
+    ``runs_program`` says whether the controller runs the net's own signal programme (True) or
+    sets phases through its actions (False). :meth:`reset`, called by the runner right after
+    every ``env.reset``, puts the env in that mode for the episode (``env.set_control``), so a
+    controller never inherits the mode of one that ran before it on the same env.
+    """
+
+    runs_program: ClassVar[bool] = False
+
+    def reset(self, env: Any, seed: int | None = None) -> None:
+        env.set_control("program" if self.runs_program else "agents")
+
+
+class FixedTime(SignalController):
+    """The net's signal programme, run by SUMO unchanged; actions are ignored."""
+
+    runs_program = True
 
     def act(
         self, observations: dict[str, np.ndarray], env: Any, messages: Any = None
@@ -67,7 +88,7 @@ class MaxPressureConfig:
     )
 
 
-class MaxPressure(Controller):
+class MaxPressure(SignalController):
     """Green to the phase of largest pressure (see :func:`phase_pressure`)."""
 
     Config = MaxPressureConfig
@@ -82,7 +103,7 @@ class MaxPressure(Controller):
         return actions
 
 
-class MaxWave(Controller):
+class MaxWave(SignalController):
     """Green to the phase whose green incoming lanes hold the most vehicles."""
 
     def act(
@@ -99,7 +120,7 @@ class MaxWave(Controller):
         return actions
 
 
-class RandomPhases(Controller):
+class RandomPhases(SignalController):
     """A uniformly random allowed phase per light per decision, seeded by ``reset``."""
 
     def __init__(self, env: Any, config: Any = None) -> None:
@@ -107,6 +128,7 @@ class RandomPhases(Controller):
         self._rng = np.random.default_rng(0)
 
     def reset(self, env: Any, seed: int | None = None) -> None:
+        super().reset(env, seed)
         self._rng = np.random.default_rng(seed)
 
     def act(

@@ -31,8 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from marl.controllers import Controller
-from scenarios.traffic.controllers import MaxPressureConfig, _best, phase_pressure
+from scenarios.traffic.controllers import MaxPressureConfig, SignalController, _best, phase_pressure
 
 __all__ = ["CoordinatedMaxPressure", "CoordinatedConfig"]
 
@@ -57,7 +56,7 @@ class _Plan:
     local_lanes: list[str]
 
 
-class CoordinatedMaxPressure(Controller):
+class CoordinatedMaxPressure(SignalController):
     """Max-pressure with downstream loads taken from neighbours' messages (see module doc)."""
 
     Config = CoordinatedConfig
@@ -84,9 +83,13 @@ class CoordinatedMaxPressure(Controller):
                 local_pos=np.array(local, dtype=np.int64),
                 local_lanes=[sig.out_lanes[k] for k in local],
             )
-        self.reset(env)
+        self._clear()
 
     def reset(self, env: Any, seed: int | None = None) -> None:
+        super().reset(env, seed)  # the lights follow this controller, not the net's programme
+        self._clear()
+
+    def _clear(self) -> None:
         # Per light: last load heard for each downstream slot and its age in decisions.
         self._last = {a: np.zeros(len(p.recv_slots)) for a, p in self._plans.items()}
         self._age = {a: np.full(len(p.recv_slots), np.inf) for a, p in self._plans.items()}

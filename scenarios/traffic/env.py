@@ -25,8 +25,10 @@ only made once the current phase has lasted ``yellow_time + min_green`` s. With 
 a phase held that long is forced to the next allowed phase. **Heterogeneous lights**
 (cologne3, cologne8, ingolstadt7, ingolstadt21...): ``infos[agent]["action_mask"]`` is a bool
 vector of length P, True for the light's own phases; a masked action keeps the current phase.
-``control="program"`` ignores actions and runs the net's own signal programme unchanged
-(the ``fixed-time`` controller switches this on), so the traffic equals a plain SUMO run.
+``control="program"`` ignores actions and runs the net's own signal programme unchanged, so the
+traffic equals a plain SUMO run. Controllers choose the mode of each episode with
+``env.set_control(mode)`` right after ``reset()`` (``fixed-time`` picks ``"program"``); every
+``reset()`` returns to ``control``.
 
 **Reward** (``reward``): ``wait`` (RESCO: clip(-Σ lane waiting time / 224, -4, 4) over incoming
 lanes), ``diff-waiting-time`` (sumo-rl: decrease of Σ waiting time / 100), ``queue`` (-halting
@@ -54,7 +56,8 @@ first env (or use subprocesses / ``use_libsumo=false``).
 ``env.halting(lanes)`` give the current counts as float arrays; ``env.phase_pressures(agent,
 measure, downstream=None)`` the pressure of each green phase (``downstream`` substitutes the
 out-lane loads, e.g. with neighbours' messages); ``env.current_phase(agent)``;
-``env.action_mask(agent)``; ``env.sim_time``. Counts are read at decision steps only.
+``env.action_mask(agent)``; ``env.sim_time``; ``env.set_control(mode)`` / ``env.control`` (see
+above). Counts are read at decision steps only.
 
 **Version history.** v0 (2026-11): first version; lean signal logic on libsumo (sumo-rl's
 ``TrafficSignal`` semantics: green set, yellow transitions, default observation).
@@ -77,10 +80,9 @@ import networkx as nx
 import numpy as np
 from gymnasium import spaces
 
-from marl.errors import ConfigError, SimulatorError
+from marl.errors import ConcordError, ConfigError, SimulatorError, unknown
 from scenarios.base import Scenario
 from scenarios.traffic.nets import (
-    INSTALL_HINT,
     Signal,
     import_sumo,
     read_net,
@@ -313,6 +315,7 @@ class TrafficSignalEnv(Scenario):
         self._traci_label = f"concord-{id(self)}"
         self._rng = np.random.default_rng()
         self._program_mode = cfg.control == "program"
+        self._stepped = False
         self._last_kpis: dict[str, float] | None = None
         self._reset_counters()
 
@@ -356,9 +359,36 @@ class TrafficSignalEnv(Scenario):
         down = read(signal.out_lanes) if downstream is None else downstream
         return phase_pressure(signal, read(signal.in_lanes), down)
 
-    def use_program(self, on: bool = True) -> None:
-        """Run the net's own signal programme (actions ignored) from the next ``reset`` on."""
-        self._program_mode = bool(on)
+    @property
+    def control(self) -> str:
+        """Who drives the lights this episode: ``"agents"`` (actions) or ``"program"``."""
+        return "program" if self._program_mode else "agents"
+
+    def set_control(self, mode: str) -> None:
+        """Drive the lights of the current episode by ``mode`` (``"agents"`` or ``"program"``).
+
+        Takes effect at once, but only between ``reset()`` and the episode's first ``step()``:
+        every ``reset()`` goes back to ``config.control``, so a mode never leaks into a later
+        episode (or a later controller on the same env). This works because ``reset()`` leaves
+        the lights to SUMO's programme; agent mode puts phase 0 on them lazily, at the first
+        step, so a ``"program"`` episode is exactly a plain SUMO run. The observation ``reset()``
+        returned encodes the current phase of the mode it was reset in.
+        """
+        if mode not in ("agents", "program"):
+            raise unknown("control mode", str(mode), ["agents", "program"])
+        if self._sim is None or not self.agents or self._stepped:
+            raise SimulatorError(
+                f"set_control('{mode}') outside an episode's start; call it after reset() and "
+                "before the first step()"
+            )
+        if (mode == "program") == self._program_mode:
+            return
+        self._program_mode = mode == "program"
+        if self._program_mode:
+            self._read_program_phases()
+        else:
+            self._green[:] = 0
+        self._observe()
 
     @property
     def topology(self) -> nx.Graph:
@@ -390,11 +420,12 @@ class TrafficSignalEnv(Scenario):
         self._reset_counters()
         self._last_kpis = None
         self.agents = list(self.possible_agents)
+        self._program_mode = self.config.control == "program"
+        self._stepped = False
         if self._program_mode:
             self._read_program_phases()
-        else:
-            for a in self.possible_agents:
-                self._set_state(a, self.signals[a].phases[0])
+        # agent mode: phase 0 (self._green) is put on the lights at the first step, so that a
+        # controller can still switch this episode to the programme (set_control)
         self._sample()
         obs = self._observe()
         return obs, {a: {"action_mask": self._masks[a]} for a in self.agents}
@@ -410,7 +441,11 @@ class TrafficSignalEnv(Scenario):
             self._step_to(target)
             self._read_program_phases()
         else:
+            if not self._stepped:  # no simulation step since reset: same as doing it there
+                for i, a in enumerate(self.possible_agents):
+                    self._set_state(a, self.signals[a].phases[int(self._green[i])])
             self._advance_agents(actions, target)
+        self._stepped = True
         self._since += target - self._t
         self._t = target
         self._sample()
@@ -478,11 +513,7 @@ class TrafficSignalEnv(Scenario):
                 self._sim = module.getConnection(self._traci_label)
         except Exception as exc:  # libsumo raises its own TraCIException/FatalTraCIError
             self._sim = None
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise SimulatorError(
-                f"SUMO could not start on net '{cfg.net_file}' with routes '{cfg.route_file}': "
-                f"{message} (a broken install? {INSTALL_HINT})"
-            ) from None
+            raise self._load_error(exc) from None
         self._t = float(cfg.begin)
         self._getters = self._lane_getters()
         self._step_to = self._sim.simulationStep
@@ -494,6 +525,33 @@ class TrafficSignalEnv(Scenario):
                 self._step_to, self._get_phase = c.simulation_step, c.trafficlight_getPhase
             except (ImportError, AttributeError):
                 pass
+
+    def _load_error(self, exc: BaseException) -> ConcordError:
+        """The one-line error for SUMO refusing to start on this env's net and route files.
+
+        SUMO was found and imported (else :func:`~scenarios.traffic.nets.import_sumo` raised,
+        with the install hint), so the cause is the input: SUMO's message usually ends with
+        "In file '<path>'", which tells which of the two files it rejected.
+        """
+        cfg = self.config
+        text = str(exc)
+        message = " ".join(text.split()) or type(exc).__name__
+        named = re.search(r"In file '([^']*)'", text)
+        if named:
+            bad = Path(named.group(1))
+            for key, path, given in (
+                ("route_file", self._route_path, cfg.route_file),
+                ("net_file", self._net_path, cfg.net_file),
+            ):
+                with contextlib.suppress(OSError):
+                    if bad == path or bad.resolve() == Path(path).resolve():
+                        # the error names the file already; keep SUMO's words and position
+                        detail = " ".join(re.sub(r"\s*In file '[^']*'", ";", text).split())
+                        return ConfigError(f"bad {key} '{given}': SUMO rejected it: {detail}")
+        return SimulatorError(
+            f"SUMO could not load net_file '{cfg.net_file}' with route_file '{cfg.route_file}': "
+            f"{message}"
+        )
 
     def _lane_getters(self) -> tuple[Any, Any, Any]:
         """(vehicles, halting, waiting time) per lane; libsumo's C entry points skip a Python
