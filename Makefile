@@ -19,12 +19,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-# A small protocol comparison on the RESCO 4x4 grid (15 simulated minutes, 3 seeds, 2 processes),
+# A protocol comparison on the RESCO 4x4 grid (one simulated hour, 5 seeds, 2 processes),
 # then its report: Markdown/CSV/LaTeX tables and figures in results/demo/report/.
 demo: $(STAMP)
 	$(BIN)/marl compare traffic/grid4x4 --controllers max-pressure,max-pressure-coordinated \
 	    --protocols none,neighbours,broadcast --channel drop=0 --channel drop=0.3 \
-	    --seeds 3 --set end=900 --jobs 2 --out results/demo
+	    --seeds 5 --jobs 2 --out results/demo
 	$(BIN)/marl report results/demo --metric delay --metric throughput
 
 test: $(STAMP)
