@@ -640,8 +640,10 @@ def _init_distributed(dist_cfg: Any, topology: Any) -> tuple[Any, Callable[[list
         return _SingleProcessWorld(), None, _NeverRaised
     cfg = dist_cfg if dist_cfg is not None else dist.DistConfig()
     world = dist.init_world(cfg)
-    sync = dist.make_sync(world, cfg, topology)
-    return world, sync.synchronize, dist.RankFailure
+    # prescaled: ppo_update multiplies the loss by sync.grad_scale, so the allreduce needs no
+    # averaging pass (the sync object is callable as sync_grads(params)).
+    sync = dist.make_sync(world, cfg, topology, prescaled=True)
+    return world, sync, dist.RankFailure
 
 
 class _NeverRaised(Exception):

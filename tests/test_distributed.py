@@ -131,7 +131,7 @@ class _LoneRank:
         return payload[None]
 
 
-@pytest.mark.parametrize("compressor", [TopK(0.05), PowerSGD(1)])
+@pytest.mark.parametrize("compressor", [TopK(0.05), TopK(0.05, per_tensor=True), PowerSGD(1)])
 def test_error_feedback_sent_plus_residual_equals_sum_of_grads(compressor) -> None:
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.zeros(8, 6)), torch.nn.Parameter(torch.zeros(8))]
@@ -147,6 +147,23 @@ def test_error_feedback_sent_plus_residual_equals_sum_of_grads(compressor) -> No
     residual = compressor.residual[0]
     assert residual.abs().max() > 1e-3  # it really compressed something...
     assert torch.allclose(sent + residual, total, atol=1e-4)  # ...and lost nothing
+
+
+def test_topk_selects_globally_over_the_bucket() -> None:
+    # A big-gradient tensor and a small-gradient one: the global top-k (default) spends every
+    # slot on the big one; per tensor, each tensor gets max(1, ratio * size) slots.
+    params = [torch.nn.Parameter(torch.zeros(100)), torch.nn.Parameter(torch.zeros(100))]
+    (bucket,) = make_buckets(params, 1 << 20)
+    grads = torch.cat([torch.linspace(1e-3, 1e-2, 100), torch.linspace(1.0, 2.0, 100)])
+    picked = {}
+    for per_tensor in (False, True):
+        comp = TopK(0.05, per_tensor=per_tensor)
+        bucket.buffer.copy_(grads)
+        comp.reduce_(bucket, _LoneRank())
+        picked[per_tensor] = comp.last_sent[0].nonzero().flatten()
+    big = 100  # bucket positions 100..199 hold the large gradients
+    assert picked[False].numel() == 10 and bool((picked[False] >= big).all())
+    assert picked[True].numel() == 10 and int((picked[True] < big).sum()) == 5
 
 
 def test_metropolis_weights_are_doubly_stochastic() -> None:
@@ -170,14 +187,28 @@ def suite() -> list[dict]:
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("method", ["allreduce", "ring", "ps", "overlap"])
-def test_synced_gradient_is_mean_of_ranks(suite: list[dict], method: str) -> None:
+@pytest.mark.parametrize(
+    "method, scale",
+    [("allreduce", 1 / 3), ("overlap", 1 / 3), ("ring", 1.0), ("ps", 1.0), ("averaging", 1.0),
+     ("overlap_averaging", 1.0)],
+)
+def test_synced_gradient_is_mean_of_ranks(suite: list[dict], method: str, scale: float) -> None:
+    # The harness scales the loss by sync.grad_scale as marl train does: prescaled allreduce
+    # (1/size, no averaging pass) and self-averaging methods (1) both end with the exact mean.
     for r in suite:
+        assert r[f"mean_{method}"]["grad_scale"] == pytest.approx(scale)
         assert r[f"mean_{method}"]["max_error"] < 1e-6
     sent = [r[f"mean_{method}"]["bytes"] for r in suite]
     assert all(b > 0 for b in sent)
     if method == "ps":  # the server sends (n-1) copies, workers one
         assert sent[0] == 2 * sent[1] == 2 * sent[2]
+
+
+@pytest.mark.mpi
+def test_compressor_averages_itself_so_prescale_is_ignored(suite: list[dict]) -> None:
+    for r in suite:
+        assert r["mean_fp16"]["grad_scale"] == 1.0
+        assert r["mean_fp16"]["max_error"] < 2e-3  # fp16 rounding only; a stray 1/3 would be O(0.1)
 
 
 @pytest.mark.mpi
@@ -194,6 +225,7 @@ def test_parameters_identical_after_training(suite: list[dict]) -> None:
     for r in suite:
         assert r["train"]["metrics"] == {"rank": 1.0, "update": 3.0}  # mean over ranks 0,1,2
         assert r["train"]["agreed"] == 4 and r["train"]["adam_steps"] == [4.0] * 4
+        assert r["train"]["grad_scales"] == [pytest.approx(1 / 3)] and r["train"]["max_error"] < 1e-6
 
 
 @pytest.mark.mpi
@@ -228,6 +260,8 @@ def test_ulfm_survivors_continue_after_a_rank_is_killed() -> None:
     for r in results:
         t = r["train"]
         assert t["size_after"] == 3 and t["agreed"] == 6 and t["adam_steps"] == [6.0] * 4
+        # The prescale factor follows the shrink (1/4 -> 1/3): still the exact mean of the live ranks.
+        assert t["grad_scales"] == [pytest.approx(1 / 4), pytest.approx(1 / 3)] and t["max_error"] < 1e-6
         (event,) = t["events"]
         assert event["event"] == "rank_failure" and event["rank"] == 1 and event["update"] == 3
         assert event["world_size_after"] == 3 and event["last_completed_update"] == 2
@@ -239,3 +273,50 @@ def test_ulfm_without_launcher_support_is_a_clear_error() -> None:
     rc, results, log = run_mpi(2, "--check", "train", "--fault-tolerance", "ulfm")
     assert rc == 2 and not results
     assert "launched without 'mpiexec --with-ft ulfm'" in log
+
+
+class _RecordingSync:
+    """Stands in for a prescaled GradientSync of ``ranks`` identical ranks: records the local
+    (scaled) gradients it is handed and sums them over the ranks, as Allreduce(SUM) would."""
+
+    def __init__(self, ranks: int, prescaled: bool) -> None:
+        self.ranks = ranks
+        self.grad_scale = 1.0 / ranks if prescaled else 1.0
+        self.seen: list[list[torch.Tensor]] = []
+        self.after: list[list[torch.Tensor]] = []
+
+    def __call__(self, params) -> int:
+        self.seen.append([p.grad.clone() for p in params])
+        for p in params:  # identical ranks: SUM = ranks * local; the average divides it back
+            p.grad.mul_(self.ranks if self.grad_scale != 1.0 else 1.0)
+        self.after.append([p.grad.clone() for p in params])
+        return 0
+
+
+def test_ppo_update_scales_the_loss_by_grad_scale_so_a_sum_is_the_mean() -> None:
+    from marl.algos.ippo import Batch, IPPOConfig, ppo_update
+    from marl.policies import ActionSpec, ActorCritic
+
+    def run(sync: _RecordingSync) -> None:
+        torch.manual_seed(0)
+        model = ActorCritic(n_agents=2, obs_dim=5, critic_dim=5, action=ActionSpec("discrete", 3), hidden=8)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the gradients are what is compared
+        g = torch.Generator().manual_seed(1)
+        t, n = 8, 2
+        batch = Batch(obs=torch.randn(t, n, 5, generator=g), critic_in=torch.randn(t, n, 5, generator=g),
+                      delivered=None, action_mask=None, actions=torch.randint(0, 3, (t, n), generator=g),
+                      gates=None, logprobs=torch.full((t, n), -1.1), values=torch.randn(t, n, generator=g),
+                      advantages=torch.randn(t, n, generator=g), returns=torch.randn(t, n, generator=g))
+        cfg = IPPOConfig(update_epochs=1, num_minibatches=2, max_grad_norm=1e9)
+        ppo_update(model, opt, batch, cfg, sync_grads=sync, generator=torch.Generator().manual_seed(2))
+
+    plain, scaled = _RecordingSync(4, prescaled=False), _RecordingSync(4, prescaled=True)
+    run(plain)
+    run(scaled)
+    assert len(scaled.seen) == 2  # one sync per mini-batch
+    for p_seen, s_seen, p_after, s_after in zip(plain.seen, scaled.seen, plain.after, scaled.after):
+        for a, b in zip(p_seen, s_seen):
+            assert torch.allclose(b, a / 4, atol=1e-7)  # the loss was multiplied by 1/4 ...
+        for a, b in zip(p_after, s_after):
+            assert torch.allclose(a, b, atol=1e-6)  # ... so the summed gradient is the mean
+    assert any(float(a.abs().max()) > 1e-4 for a in plain.seen[0])

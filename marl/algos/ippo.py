@@ -217,7 +217,10 @@ def ppo_update(
     """Run the PPO epochs on one rollout; returns monitoring metrics (means over mini-batches).
 
     ``sync_grads(params)`` is called between ``backward`` and the optimiser step (MPI gradient
-    averaging, :mod:`marl.distributed`); it returns the bytes it put on the wire.
+    averaging, :mod:`marl.distributed`); it returns the bytes it put on the wire. When it has a
+    ``grad_scale`` attribute (a :class:`marl.distributed.GradientSync`), the loss is multiplied by
+    it before ``backward`` (Horovod's prescale: the allreduce then sums straight to the mean, with
+    no averaging pass); it is read for every mini-batch since a rank failure can shrink the world.
     """
     steps = batch.obs.shape[0]
     mb_size = steps // config.num_minibatches
@@ -267,7 +270,8 @@ def ppo_update(
             loss = pg_loss - config.ent_coef * entropy_loss + config.vf_coef * v_loss
 
             optimizer.zero_grad(set_to_none=False)
-            loss.backward()
+            grad_scale = getattr(sync_grads, "grad_scale", 1.0)
+            (loss * grad_scale if grad_scale != 1.0 else loss).backward()
             if sync_grads is not None:
                 wire_bytes += sync_grads(params)
             nn.utils.clip_grad_norm_(params, config.max_grad_norm)

@@ -16,6 +16,17 @@ chosen by ``DistConfig.sync``:
   weights (Xiao & Boyd 2004) and then applies its own local gradient. Ranks drift apart a little
   and are pulled to consensus; the default topology is a ring of ranks.
 
+Averaging without an averaging pass (``prescaled``; Horovod's ``prescale_factor``, Sergeev & Del
+Balso 2018): dividing the summed bucket by the world size is a second full pass over memory, and
+for a shared-memory allreduce that pass costs about as much as the reduction itself. A sync made
+with ``prescaled=True`` that can exploit it (dense fp32 ``allreduce``) reports
+``grad_scale == 1 / world size``; the training loop multiplies its loss by ``sync.grad_scale``
+before ``backward`` (free: a scalar on the loss), so ``Allreduce(SUM)`` directly yields the mean and
+the gradients after ``synchronize`` are exactly what they were with averaging (same clipping,
+same optimiser step). Every other method (ring, ps, gossip, compressors) averages by itself and
+reports ``grad_scale == 1.0``. ``grad_scale`` is read per backward, because a ULFM recovery shrinks
+the world (n -> n-1 ranks) and the factor must follow.
+
 Bytes on the wire are counted per rank and update from the algorithm's message pattern: a ring
 allreduce of B bytes sends 2(n-1)/n·B (what Open MPI's large-message allreduce sends too), an
 allgather (n-1)·B, the server sends (n-1)·B and a worker B, gossip B per neighbour.
@@ -57,12 +68,18 @@ class MPICollectives:
     def size(self) -> int:
         return self.world.size
 
-    def allreduce_mean_(self, t: torch.Tensor) -> int:
+    def allreduce_sum_(self, t: torch.Tensor) -> int:
+        """Sum contiguous fp32 ``t`` over ranks in place; return bytes sent by this rank."""
         assert t.dtype == torch.float32 and t.is_contiguous()
         MPI = self.MPI
         self.world.call(self.world.comm.Allreduce, MPI.IN_PLACE, [t.numpy(), MPI.FLOAT], op=MPI.SUM)
-        t /= self.size
         return ring_bytes(t.numel() * 4, self.size)
+
+    def allreduce_mean_(self, t: torch.Tensor) -> int:
+        """Average contiguous fp32 ``t`` over ranks in place (sum, then one division pass)."""
+        sent = self.allreduce_sum_(t)
+        t /= self.size
+        return sent
 
     def allgather(self, payload: np.ndarray) -> np.ndarray:
         MPI = self.MPI
@@ -77,13 +94,23 @@ def ring_bytes(nbytes: int, size: int) -> int:
 
 
 class GradientSync:
-    """Averages ``p.grad`` in place across ranks. World size 1: a no-op that returns 0."""
+    """Averages ``p.grad`` in place across ranks. World size 1: a no-op that returns 0.
+
+    Contract with the training loop: multiply the loss by :attr:`grad_scale` before ``backward``
+    (read it every time: it changes when a recovery shrinks the world); after
+    :meth:`synchronize` every ``p.grad`` is the mean over ranks of their *unscaled* gradients.
+    Calling a sync is the same as calling :meth:`synchronize`.
+    """
 
     name = "none"
+    #: True for methods that can skip their averaging pass when the caller prescales the loss.
+    supports_prescale = False
 
-    def __init__(self, world: World, cfg: DistConfig) -> None:
+    def __init__(self, world: World, cfg: DistConfig, *, prescaled: bool = False) -> None:
         self.world = world
         self.cfg = cfg
+        #: The caller scales its loss by ``grad_scale``, so a plain SUM over ranks is the mean.
+        self.prescaled = bool(prescaled) and self.supports_prescale
         self.bucket_bytes = int(cfg.bucket_mb * 1e6)
         self.buckets: list[Bucket] = []
         self._key: tuple[Any, ...] = ()
@@ -92,8 +119,20 @@ class GradientSync:
         self.last_bytes = 0
         self.total_bytes = 0
 
+    @property
+    def grad_scale(self) -> float:
+        """Factor the caller applies to its loss before ``backward``: ``1 / world size`` in
+        prescaled mode (the sync then only sums), else 1.0 (the sync averages by itself)."""
+        return 1.0 / self.world.size if self.prescaled else 1.0
+
+    def __call__(self, params: list[torch.nn.Parameter]) -> int:
+        return self.synchronize(params)
+
     def synchronize(self, params: list[torch.nn.Parameter]) -> int:
-        """Average the gradients of ``params`` over ranks in place; return bytes sent."""
+        """Average the gradients of ``params`` over ranks in place; return bytes sent.
+
+        In prescaled mode the gradients must already carry the factor :attr:`grad_scale`.
+        """
         if self.world.size == 1:
             return 0
         params = [p for p in params if p.requires_grad]
@@ -128,14 +167,22 @@ class NoSync(GradientSync):
 
 
 class AllreduceSync(GradientSync):
-    """Fused-bucket averaging with in-place Allreduce; optional compression and overlap."""
+    """Fused-bucket averaging with in-place Allreduce; optional compression and overlap.
+
+    Uncompressed, it supports ``prescaled``: one in-place ``Allreduce(SUM)`` per bucket and
+    nothing else (with ``.grad`` already views into the buckets, not even a copy). Compressors
+    average themselves (their error-feedback residuals live in unscaled units), so with one the
+    sync keeps ``grad_scale == 1``.
+    """
 
     name = "allreduce"
 
-    def __init__(self, world: MPIWorld, cfg: DistConfig, compressor: Compressor | None = None) -> None:
-        super().__init__(world, cfg)
-        self.coll = MPICollectives(world)
+    def __init__(self, world: MPIWorld, cfg: DistConfig, compressor: Compressor | None = None, *,
+                 prescaled: bool = False) -> None:
         self.compressor = compressor or NoCompression()
+        self.supports_prescale = isinstance(self.compressor, NoCompression)
+        super().__init__(world, cfg, prescaled=prescaled)
+        self.coll = MPICollectives(world)
         self.overlap = cfg.overlap
         self._hooks: list[Any] = []
         self._requests: dict[int, Any] = {}
@@ -190,7 +237,10 @@ class AllreduceSync(GradientSync):
             sent = 0
             for bucket in self.buckets:
                 bucket.pack_grads()
-                sent += self.compressor.reduce_(bucket, self.coll)
+                if self.prescaled:  # the hot path: the SUM of prescaled grads is the mean
+                    sent += self.coll.allreduce_sum_(bucket.buffer)
+                else:
+                    sent += self.compressor.reduce_(bucket, self.coll)
                 bucket.unpack_grads()
             return sent
         try:
@@ -204,7 +254,8 @@ class AllreduceSync(GradientSync):
             sent = 0
             for bucket in self.buckets:
                 self.world.call(self._requests[bucket.index].Wait)
-                bucket.buffer /= self.world.size
+                if not self.prescaled:
+                    bucket.buffer /= self.world.size
                 bucket.unpack_grads()
                 sent += ring_bytes(bucket.numel * 4, self.world.size)
             return sent
@@ -344,16 +395,21 @@ class GossipSync(GradientSync):
         return sent
 
 
-def make_sync(world: World, cfg: DistConfig, topology: Any = None) -> GradientSync:
+def make_sync(world: World, cfg: DistConfig, topology: Any = None, *, prescaled: bool = False) -> GradientSync:
     """The gradient sync chosen by ``cfg.sync``.
 
     ``topology`` matters for gossip only: a connected networkx graph whose nodes are the ranks
     0..n-1. Any other graph (None, or a scenario's graph over agent names) means a ring of ranks.
+
+    ``prescaled=True`` is a promise that the caller multiplies its loss by ``sync.grad_scale``
+    before every ``backward`` (what ``marl train`` does); methods that can use it then skip their
+    averaging pass. The default (False) keeps ``grad_scale == 1`` for callers that do not scale,
+    so forgetting it is slower, never wrong.
     """
     if not isinstance(world, MPIWorld):
         return NoSync(world, cfg)
     if cfg.sync == "allreduce":
-        return AllreduceSync(world, cfg, make_compressor(cfg.compressor))
+        return AllreduceSync(world, cfg, make_compressor(cfg.compressor), prescaled=prescaled)
     if cfg.sync == "ring":
         return RingSync(world, cfg)
     if cfg.sync == "ps":

@@ -23,31 +23,45 @@ def make_model(dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Mo
     return model.to(dtype)
 
 
-def local_grads(model: torch.nn.Module, rank: int, step: int) -> list[torch.Tensor]:
-    """The gradient rank ``rank`` computes at ``step`` (deterministic in rank and step)."""
+def local_grads(model: torch.nn.Module, rank: int, step: int, scale: float = 1.0,
+                set_to_none: bool = True) -> list[torch.Tensor]:
+    """The gradient rank ``rank`` computes at ``step`` (deterministic in rank and step), of the
+    loss times ``scale`` (the sync's ``grad_scale``, applied as marl train does)."""
     gen = torch.Generator().manual_seed(1000 * rank + step)
     x = torch.randn(8, 6, generator=gen).to(next(model.parameters()).dtype)
     y = torch.randn(8, 3, generator=gen).to(x.dtype)
-    model.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=set_to_none)
     loss = ((model(x) - y) ** 2).mean()
-    loss.backward()
+    (loss * scale).backward()
     return [p.grad.detach().float().clone() for p in model.parameters()]
 
 
-def check_mean(world, cfg: DistConfig, updates: int, dtype=torch.float32) -> dict:
-    """Synced gradients equal the mean of every rank's local gradient."""
-    sync = make_sync(world, cfg)
+def mean_of_ranks(model: torch.nn.Module, size: int, step: int) -> list[torch.Tensor]:
+    """The mean over ranks 0..size-1 of their unscaled local gradients (recomputed locally)."""
+    expected = [torch.zeros_like(g) for g in local_grads(model, 0, step)]
+    for r in range(size):
+        for e, g in zip(expected, local_grads(model, r, step)):
+            e += g / size
+    return expected
+
+
+def grad_error(model: torch.nn.Module, expected: list[torch.Tensor]) -> float:
+    return max(float((p.grad.float() - e).abs().max()) for p, e in zip(model.parameters(), expected))
+
+
+def check_mean(world, cfg: DistConfig, updates: int, dtype=torch.float32, prescaled: bool = True) -> dict:
+    """Synced gradients equal the mean of every rank's local gradient; with ``prescaled`` the
+    loss is scaled by ``sync.grad_scale`` first, exactly as the training loop does."""
+    sync = make_sync(world, cfg, prescaled=prescaled)
     model = make_model(dtype)
     world.broadcast_state(model)
-    errors, out = [], {}
+    errors, out = [], {"grad_scale": sync.grad_scale}
     for step in range(updates):
-        expected = [torch.zeros_like(g) for g in local_grads(model, 0, step)]
-        for r in range(world.size):
-            for e, g in zip(expected, local_grads(model, r, step)):
-                e += g / world.size
-        local_grads(model, world.rank, step)
+        expected = mean_of_ranks(model, world.size, step)
+        # As marl train: zero in place, so from the second step on .grad are bucket views.
+        local_grads(model, world.rank, step, scale=sync.grad_scale, set_to_none=False)
         out["bytes"] = sync.synchronize(list(model.parameters()))
-        errors.append(max(float((p.grad.float() - e).abs().max()) for p, e in zip(model.parameters(), expected)))
+        errors.append(grad_error(model, expected))
     out["grad_dtypes"] = sorted({str(p.grad.dtype) for p in model.parameters()})
     out["max_error"] = max(errors)
     return out
@@ -55,21 +69,25 @@ def check_mean(world, cfg: DistConfig, updates: int, dtype=torch.float32) -> dic
 
 def check_train(world, cfg: DistConfig, updates: int, seed_by_rank: bool) -> dict:
     """Adam training with synced grads: identical parameters after every update; ULFM-aware."""
-    sync = make_sync(world, cfg)
+    sync = make_sync(world, cfg, prescaled=True)  # as marl train
     model = make_model(seed=world.rank if seed_by_rank else 0)  # ranks may differ...
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     world.broadcast_state(model, opt)  # ...until rank 0's weights are broadcast
     world.check_identical(model)
-    update, metrics = 0, {}
+    update, metrics, errors, scales = 0, {}, [], []
     while update < updates:
         world.maybe_inject_failure(update)
-        local_grads(model, world.rank, update)
+        expected = mean_of_ranks(model, world.size, update)  # over the current (live) ranks
+        scale = sync.grad_scale  # read per update: a recovery shrinks the world
+        local_grads(model, world.rank, update, scale=scale, set_to_none=False)
         try:
             sync.synchronize(list(model.parameters()))
             metrics = world.mean_metrics({"rank": float(world.rank), "update": float(update)})
         except RankFailure:
             world.recover(model, opt)
             continue  # redo this update with the survivors
+        errors.append(grad_error(model, expected))
+        scales.append(scale)
         opt.step()
         update += 1
     world.check_identical(model)
@@ -80,6 +98,8 @@ def check_train(world, cfg: DistConfig, updates: int, seed_by_rank: bool) -> dic
         "checksum": float(sum(float(p.detach().double().sum()) for p in model.parameters())),
         "adam_steps": [float(s["step"]) for s in opt.state.values()],
         "size_after": world.size,
+        "max_error": max(errors),
+        "grad_scales": sorted(set(scales)),
     }
 
 
@@ -168,6 +188,12 @@ def main() -> None:
         for sync in ("allreduce", "ring", "ps"):
             out[f"mean_{sync}"] = check_mean(world, DistConfig(sync=sync, bucket_mb=tiny), 3)
         out["mean_overlap"] = check_mean(world, DistConfig(overlap=True, bucket_mb=tiny), 3)
+        # Callers that do not prescale (prescaled=False) still get the mean: the averaging pass.
+        out["mean_averaging"] = check_mean(world, DistConfig(bucket_mb=tiny), 3, prescaled=False)
+        out["mean_overlap_averaging"] = check_mean(world, DistConfig(overlap=True, bucket_mb=tiny), 3,
+                                                   prescaled=False)
+        # A compressor averages by itself: prescaled is ignored and grad_scale stays 1.
+        out["mean_fp16"] = check_mean(world, DistConfig(compress="fp16"), 2)
         out["mean_bf16"] = check_mean(world, DistConfig(), 2, dtype=torch.bfloat16)
         out["gossip"] = check_gossip(world, DistConfig(sync="gossip"), 40)
         for comp in ("topk:0.05", "powersgd:1"):
