@@ -25,18 +25,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from comms.protocols.learned import LearnedProtocol
 from marl.policies import CommsOutput, layer_init, straight_through
 
-__all__ = ["CommNet", "full_mask"]
+__all__ = ["CommNet"]
 
 
-def full_mask(h: torch.Tensor) -> torch.Tensor:
-    """A perfect channel: every message arrives. Shape ``[*batch, N, N]`` for ``h`` ``[*batch, N, H]``."""
-    n = h.shape[-2]
-    return torch.ones(*h.shape[:-2], n, n, dtype=torch.bool, device=h.device)
-
-
-class CommNet(nn.Module):
+class CommNet(LearnedProtocol):
     """CommNet mean-communication over a lossy channel; see the module docstring."""
 
     def __init__(
@@ -46,11 +41,7 @@ class CommNet(nn.Module):
         quantise: Callable[[torch.Tensor], torch.Tensor] | None = None,
         bytes_per_value: float = 4.0,
     ) -> None:
-        super().__init__()
-        if rounds < 1:
-            raise ValueError(f"rounds must be >= 1, got {rounds}")
-        self.hidden_size, self.rounds = hidden_size, rounds
-        self.quantise, self.bytes_per_value = quantise, bytes_per_value
+        super().__init__(hidden_size, rounds, quantise, bytes_per_value)
         self.self_layers = nn.ModuleList(nn.Linear(hidden_size, hidden_size) for _ in range(rounds))
         self.comm_layers = nn.ModuleList(nn.Linear(hidden_size, hidden_size) for _ in range(rounds))
         for layer in [*self.self_layers, *self.comm_layers]:
@@ -63,11 +54,7 @@ class CommNet(nn.Module):
         gate: torch.Tensor | None = None,
         deterministic: bool = False,
     ) -> CommsOutput:
-        if delivered is None:
-            delivered = full_mask(h)
-        n = h.shape[-2]
-        eye = torch.eye(n, dtype=torch.bool, device=h.device)
-        links = (delivered & ~eye).to(h.dtype)  # own message is not "received"
+        links = self.received(h, delivered).to(h.dtype)
         count = links.sum(-1, keepdim=True).clamp(min=1.0)
         for self_layer, comm_layer in zip(self.self_layers, self.comm_layers):
             msg = straight_through(self.quantise, h)

@@ -23,13 +23,13 @@ import torch
 from torch import nn
 from torch.distributions import Categorical
 
-from comms.protocols.commnet import full_mask
+from comms.protocols.learned import LearnedProtocol
 from marl.policies import CommsOutput, layer_init, straight_through
 
 __all__ = ["IC3NetGate"]
 
 
-class IC3NetGate(nn.Module):
+class IC3NetGate(LearnedProtocol):
     """Gated mean communication; see the module docstring."""
 
     def __init__(
@@ -39,11 +39,7 @@ class IC3NetGate(nn.Module):
         quantise: Callable[[torch.Tensor], torch.Tensor] | None = None,
         bytes_per_value: float = 4.0,
     ) -> None:
-        super().__init__()
-        if rounds < 1:
-            raise ValueError(f"rounds must be >= 1, got {rounds}")
-        self.hidden_size, self.rounds = hidden_size, rounds
-        self.quantise, self.bytes_per_value = quantise, bytes_per_value
+        super().__init__(hidden_size, rounds, quantise, bytes_per_value)
         self.gate_head = nn.Linear(hidden_size, 2)
         # Small gain: both choices start near 50/50 (like the policy head, Huang et al. 2022).
         layer_init(self.gate_head.weight, self.gate_head.bias, 0.01)
@@ -60,15 +56,11 @@ class IC3NetGate(nn.Module):
         gate: torch.Tensor | None = None,
         deterministic: bool = False,
     ) -> CommsOutput:
-        if delivered is None:
-            delivered = full_mask(h)
         dist = Categorical(logits=self.gate_head(h), validate_args=False)  # decided from the pre-communication state
         if gate is None:
             gate = dist.probs.argmax(-1) if deterministic else dist.sample()
         speaks = gate.to(torch.bool)  # [B, N]
-        n = h.shape[-2]
-        eye = torch.eye(n, dtype=torch.bool, device=h.device)
-        links = (delivered & ~eye & speaks.unsqueeze(-2)).to(h.dtype)  # [B, receiver, sender]
+        links = (self.received(h, delivered) & speaks.unsqueeze(-2)).to(h.dtype)  # [B, receiver, sender]
         count = links.sum(-1, keepdim=True).clamp(min=1.0)
         for message, self_layer, comm_layer in zip(self.messages, self.self_layers, self.comm_layers):
             msg = straight_through(self.quantise, message(h))

@@ -24,13 +24,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from comms.protocols.commnet import full_mask
+from comms.protocols.learned import LearnedProtocol
 from marl.policies import CommsOutput, layer_init, straight_through
 
 __all__ = ["TarMAC"]
 
 
-class TarMAC(nn.Module):
+class TarMAC(LearnedProtocol):
     """Signature-query attention over delivered messages; see the module docstring."""
 
     def __init__(
@@ -42,12 +42,8 @@ class TarMAC(nn.Module):
         key_size: int = 16,
         value_size: int = 32,
     ) -> None:
-        super().__init__()
-        if rounds < 1:
-            raise ValueError(f"rounds must be >= 1, got {rounds}")
-        self.hidden_size, self.rounds = hidden_size, rounds
+        super().__init__(hidden_size, rounds, quantise, bytes_per_value)
         self.key_size, self.value_size = key_size, value_size
-        self.quantise, self.bytes_per_value = quantise, bytes_per_value
         self.keys = nn.ModuleList(nn.Linear(hidden_size, key_size) for _ in range(rounds))
         self.values = nn.ModuleList(nn.Linear(hidden_size, value_size) for _ in range(rounds))
         self.queries = nn.ModuleList(nn.Linear(hidden_size, key_size) for _ in range(rounds))
@@ -62,11 +58,9 @@ class TarMAC(nn.Module):
         gate: torch.Tensor | None = None,
         deterministic: bool = False,
     ) -> CommsOutput:
-        if delivered is None:
-            delivered = full_mask(h)
         n = h.shape[-2]
-        eye = torch.eye(n, dtype=torch.bool, device=h.device)
-        allowed = delivered | eye
+        # An agent also attends to its own message, so every softmax row has a finite entry.
+        allowed = self.received(h, delivered) | torch.eye(n, dtype=torch.bool, device=h.device)
         scale = 1.0 / math.sqrt(self.key_size)
         for key, value, query, update in zip(self.keys, self.values, self.queries, self.updates):
             k = straight_through(self.quantise, key(h))  # [B, N, dk]: sent
