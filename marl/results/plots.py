@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -78,12 +79,20 @@ def kpi_vs_bytes(summary: pd.DataFrame, scenario: str, metric: str, goal: str, d
         for _, r in sub.iterrows():
             ax.annotate(str(r["protocol"]), (r["x"], r["mean"]), textcoords="offset points",
                         xytext=(4, 4), fontsize=7)
-    ax.set_xlabel("bytes per agent per step")
+    return _finish(fig, ax, scenario, metric, goal, "bytes per agent per step", "bandwidth", directory, "bytes")
+
+
+def _finish(
+    fig: Any, ax: Any, scenario: str, metric: str, goal: str, xlabel: str, against: str,
+    directory: Path, suffix: str,
+) -> list[Path]:
+    """Labels, grid and legend shared by the KPI-against-X figures; saves PNG and PDF."""
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(f"{metric} ({'lower' if goal == 'min' else 'higher'} is better)")
-    ax.set_title(f"{scenario}: {metric} vs bandwidth", fontsize=9)
+    ax.set_title(f"{scenario}: {metric} vs {against}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return save_figure(fig, directory, f"{_slug(scenario)}_{_slug(metric)}_vs_bytes")
+    return save_figure(fig, directory, f"{_slug(scenario)}_{_slug(metric)}_vs_{suffix}")
 
 
 def kpi_vs_drop(summary: pd.DataFrame, scenario: str, metric: str, goal: str, directory: Path) -> list[Path]:
@@ -115,12 +124,7 @@ def kpi_vs_drop(summary: pd.DataFrame, scenario: str, metric: str, goal: str, di
                    label=f"{method}, {protocol} (no messages)")
         if np.isfinite(row["ci_low"]):
             ax.axhspan(row["ci_low"], row["ci_high"], alpha=0.07, color=colour)
-    ax.set_xlabel("message drop probability")
-    ax.set_ylabel(f"{metric} ({'lower' if goal == 'min' else 'higher'} is better)")
-    ax.set_title(f"{scenario}: {metric} vs message loss", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return save_figure(fig, directory, f"{_slug(scenario)}_{_slug(metric)}_vs_drop")
+    return _finish(fig, ax, scenario, metric, goal, "message drop probability", "message loss", directory, "drop")
 
 
 def training_curves(frame: pd.DataFrame, metric: str) -> pd.DataFrame:

@@ -196,21 +196,7 @@ def _simbench(code: str) -> Feeder:
     # PV of the LV grids under an MV bus, whose profiles are the lv_* PV profiles).
     types = net.sgen["type"].astype(str).to_numpy()
     agents = np.flatnonzero(np.isin(types, ["PV", "PV_MV", "lv_RES"]))
-    return Feeder(
-        name=code,
-        net=net,
-        open_line_sides=tuple(open_sides),
-        load_bus=net.load["bus"].to_numpy().astype(np.int64),
-        sgen_bus=net.sgen["bus"].to_numpy().astype(np.int64),
-        load_p=_readonly(load_p),
-        load_q=_readonly(load_q),
-        sgen_p=_readonly(sgen_p),
-        sgen_sn=_readonly(net.sgen["sn_mva"].to_numpy()),
-        agent_sgens=agents,
-        graph=_bus_graph(net, open_sides),
-        slack_bus=int(net.ext_grid["bus"].iloc[0]),
-        sn_mva=float(net.sn_mva),
-    )
+    return _feeder(code, net, open_sides, load_p, load_q, sgen_p, agents)
 
 
 def _ieee33() -> Feeder:
@@ -238,8 +224,21 @@ def _ieee33() -> Feeder:
     load_q = np.stack([lp[f"{n}_qload"].to_numpy() for n in names], axis=1) / peak * net.load["q_mvar"].to_numpy()
     pv = [IEEE33_PV_PROFILES[i % len(IEEE33_PV_PROFILES)] for i in range(len(net.sgen))]
     sgen_p = np.stack([rp[n].to_numpy() for n in pv], axis=1) * net.sgen["sn_mva"].to_numpy()
+    return _feeder("ieee33", net, open_sides, load_p, load_q, sgen_p, np.arange(len(net.sgen)))
+
+
+def _feeder(
+    name: str,
+    net: Any,
+    open_sides: Any,
+    load_p: np.ndarray,
+    load_q: np.ndarray,
+    sgen_p: np.ndarray,
+    agents: np.ndarray,
+) -> Feeder:
+    """A :class:`Feeder` from a switch-free pandapower net and its absolute profiles (MW, Mvar)."""
     return Feeder(
-        name="ieee33",
+        name=name,
         net=net,
         open_line_sides=tuple(open_sides),
         load_bus=net.load["bus"].to_numpy().astype(np.int64),
@@ -248,7 +247,7 @@ def _ieee33() -> Feeder:
         load_q=_readonly(load_q),
         sgen_p=_readonly(sgen_p),
         sgen_sn=_readonly(net.sgen["sn_mva"].to_numpy()),
-        agent_sgens=np.arange(len(net.sgen)),
+        agent_sgens=agents,
         graph=_bus_graph(net, open_sides),
         slack_bus=int(net.ext_grid["bus"].iloc[0]),
         sn_mva=float(net.sn_mva),

@@ -16,6 +16,22 @@ _ENV = "scenarios.traffic.env:TrafficSignalEnv"
 _SIM = "SUMO (libsumo)"
 
 
+def _register(name: str, description: str, n_agents: int, kwargs: dict[str, Any], test_end: int) -> None:
+    """Register ``traffic/<name>``; tests run it up to ``test_end`` simulated seconds."""
+    register_scenario(
+        ScenarioSpec(
+            id=f"traffic/{name}",
+            entry_point=_ENV,
+            description=description,
+            simulator=_SIM,
+            n_agents=n_agents,
+            kwargs=kwargs,
+            test_kwargs={"end": test_end},
+            default_controller="fixed-time",
+        )
+    )
+
+
 def _resco(
     name: str, route: str, n_agents: int, begin: int, description: str, test_s: int = 300, **extra: Any
 ) -> None:
@@ -31,35 +47,14 @@ def _resco(
         "yellow_time": 3,
         **extra,
     }
-    register_scenario(
-        ScenarioSpec(
-            id=f"traffic/{name}",
-            entry_point=_ENV,
-            description=description,
-            simulator=_SIM,
-            n_agents=n_agents,
-            kwargs=kwargs,
-            test_kwargs={"end": begin + test_s},
-            default_controller="fixed-time",
-        )
-    )
+    _register(name, description, n_agents, kwargs, test_end=begin + test_s)
 
 
 def _sumo_rl(name: str, net: str, route: str, n_agents: int, description: str) -> None:
     """One of sumo-rl's own nets: 1 h, sumo-rl's usual 5 s decisions with 2 s yellow."""
-    register_scenario(
-        ScenarioSpec(
-            id=f"traffic/{name}",
-            entry_point=_ENV,
-            description=description,
-            simulator=_SIM,
-            n_agents=n_agents,
-            kwargs={"net_file": net, "route_file": route, "begin": 0, "end": 3600,
-                    "delta_time": 5, "yellow_time": 2},  # fmt: skip
-            test_kwargs={"end": 300},
-            default_controller="fixed-time",
-        )
-    )
+    kwargs = {"net_file": net, "route_file": route, "begin": 0, "end": 3600, "delta_time": 5,
+              "yellow_time": 2}  # fmt: skip
+    _register(name, description, n_agents, kwargs, test_end=300)
 
 
 _sumo_rl("single-intersection", "single-intersection/single-intersection.net.xml",
