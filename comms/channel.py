@@ -53,7 +53,7 @@ from typing import Any
 import networkx as nx
 import numpy as np
 
-from marl.errors import ConfigError, unknown
+from marl.core.errors import ConfigError, unknown
 
 __all__ = [
     "ChannelSpec",

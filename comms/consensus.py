@@ -41,7 +41,7 @@ import networkx as nx
 import numpy as np
 
 from comms.channel import Channel, Delivery, quantise, segment_sum
-from marl.errors import ConfigError, unknown
+from marl.core.errors import ConfigError, unknown
 
 __all__ = [
     "ConsensusTrace",

@@ -18,8 +18,8 @@ import numpy as np
 
 from comms.channel import Channel, ChannelSpec, parse_channel
 from comms.protocols.base import Protocol
-from marl import registry
-from marl.errors import ConfigError
+from marl.core import registry
+from marl.core.errors import ConfigError
 
 __all__ = ["CommsRuntime", "build_comms", "validate_comms"]
 

@@ -5,7 +5,7 @@ benchmarks in ``marl/bench/<name>.py``, each exposing a ``click.Command`` named 
 this module mounts. Those modules import heavy libraries (torch, SUMO, MPI) inside ``command``
 so that ``marl --help`` stays fast.
 
-User errors (:class:`~marl.errors.ConcordError` and click's usage errors) are printed as one line
+User errors (:class:`~marl.core.errors.ConcordError` and click's usage errors) are printed as one line
 on stderr with exit code 2 and no traceback.
 """
 
@@ -17,10 +17,10 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from marl import registry
-from marl.config import build_config, parse_sets
+from marl.core import registry
+from marl.core.config import build_config, parse_sets
 from marl.options import channel_option, protocol_option, seed_option, set_option
-from marl.errors import ConcordError, closest, unknown
+from marl.core.errors import ConcordError, closest, unknown
 
 __all__ = ["app", "main"]
 

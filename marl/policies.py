@@ -31,51 +31,15 @@ import torch
 from torch import nn
 from torch.distributions import Categorical, Normal
 
+from marl.core.protocol import CommsOutput, layer_init
+
 __all__ = [
-    "CommsOutput",
     "GroupLinear",
     "MLP",
     "ActionSpec",
     "ActorCritic",
-    "straight_through",
-    "layer_init",
     "log_prob_entropy",
 ]
-
-
-@dataclass
-class CommsOutput:
-    """What a learned protocol returns for one batch of steps.
-
-    ``h``: the receivers' new hidden states ``[B, N, H]``; ``bytes_sent``: bytes each agent put on
-    the channel this step ``[B, N]``; for protocols with a discrete speak/stay-silent choice
-    (IC3Net), ``gate`` holds the sampled choices ``[B, N]`` with their ``logprob`` and ``entropy``,
-    which the algorithm adds to the action's (the gate is part of the agent's action).
-    """
-
-    h: torch.Tensor
-    bytes_sent: torch.Tensor
-    gate: torch.Tensor | None = None
-    logprob: torch.Tensor | None = None
-    entropy: torch.Tensor | None = None
-
-
-def straight_through(quantise: Callable[[torch.Tensor], torch.Tensor] | None, x: torch.Tensor) -> torch.Tensor:
-    """Apply the channel's quantiser in the forward pass, identity in the backward pass.
-
-    Rounding has zero gradient almost everywhere; the straight-through estimator (Bengio et al.
-    2013) lets the protocol learn through the quantiser while evaluation sees the same values.
-    """
-    if quantise is None:
-        return x
-    return x + (quantise(x.detach()) - x).detach()
-
-
-def layer_init(weight: torch.Tensor, bias: torch.Tensor | None, std: float) -> None:
-    """Orthogonal weights with gain ``std`` and zero bias (Huang et al. 2022, detail 2)."""
-    nn.init.orthogonal_(weight, std)
-    if bias is not None:
-        nn.init.zeros_(bias)
 
 
 class GroupLinear(nn.Module):

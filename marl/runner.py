@@ -20,10 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from marl import registry
-from marl.config import build_config
-from marl.controllers import Controller
-from marl.errors import ConfigError
+from marl.core import registry
+from marl.core.config import build_config
+from marl.core.controller import Controller
+from marl.core.errors import ConfigError
+from marl.core.seeding import episode_seed
 from marl.results.records import (
     RecordWriter,
     Row,
@@ -40,16 +41,8 @@ __all__ = [
     "run_episode",
     "build_controller",
     "default_out_dir",
-    "episode_seed",
     "method_label",
 ]
-
-
-def episode_seed(seed: int, episode: int) -> int:
-    """The env seed of episode ``episode`` of a run seeded ``seed`` (31-bit, for SUMO too)."""
-    if episode == 0:
-        return seed
-    return int(np.random.SeedSequence([seed, episode]).generate_state(1)[0] >> 1)
 
 
 def method_label(name: str, overrides: Mapping[str, Any]) -> str:

@@ -45,10 +45,11 @@ from typing import Any
 
 import numpy as np
 
-from marl import registry
-from marl.config import build_config, to_dict
-from marl.controllers import Controller
-from marl.errors import CheckpointError, ConcordError, ConfigError
+from marl.core import registry
+from marl.core.config import build_config, to_dict
+from marl.core.controller import Controller
+from marl.core.protocol import make_quantiser
+from marl.core.errors import CheckpointError, ConcordError, ConfigError
 from marl.results.io import atomic_write, atomic_write_json
 from marl.results.records import Row, RecordWriter, environment_info, new_run_id, now_iso
 
@@ -351,23 +352,6 @@ class Communication:
             totals["bytes_per_agent_step"] = self.bytes_module / (self.channel.n * max(self.steps, 1))
             return totals
         return {}
-
-
-def make_quantiser(bits: int) -> Callable[[Any], Any] | None:
-    """Torch twin of :func:`comms.channel.quantise`: uniform min-max per message (last axis)."""
-    if bits >= 32:
-        return None
-    torch = _torch()
-    levels = float(2**bits - 1)
-
-    def quantise(x: Any) -> Any:
-        lo = x.amin(dim=-1, keepdim=True)
-        hi = x.amax(dim=-1, keepdim=True)
-        span = hi - lo
-        step = torch.where(span > 0, span / levels, torch.ones_like(span))
-        return lo + torch.round((x - lo) / step) * step
-
-    return quantise
 
 
 # --------------------------------------------------------------------------------------------

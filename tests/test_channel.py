@@ -21,7 +21,7 @@ from comms.channel import (
     quantisation_bound,
     quantise,
 )
-from marl.errors import ConfigError, UnknownNameError
+from marl.core.errors import ConfigError, UnknownNameError
 
 
 def agents(n: int) -> list[str]:

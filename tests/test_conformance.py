@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from pettingzoo.test import parallel_api_test
 
-from marl import registry
+from marl.core import registry
 from marl.cli import main
 from marl.results.records import COLUMNS, read_records
 

@@ -20,7 +20,7 @@ from comms.consensus import (
     robust_consensus,
     trimmed_mean,
 )
-from marl.errors import ConfigError
+from marl.core.errors import ConfigError
 
 
 def named(g: nx.Graph) -> tuple[list[str], nx.Graph]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from marl import registry
+from marl.core import registry
 from marl.runner import build_controller, run_episode
 
 #: The scenario each domain's controllers run on (test presets: short episodes).

@@ -9,10 +9,10 @@ from typing import Literal
 
 import pytest
 
-from marl import registry
+from marl.core import registry
 from marl.cli import main
-from marl.config import build_config, describe_config, parse_sets
-from marl.errors import ConfigError, UnknownNameError, unknown
+from marl.core.config import build_config, describe_config, parse_sets
+from marl.core.errors import ConfigError, UnknownNameError, unknown
 from marl.results.io import atomic_write_text
 from marl.results.records import COLUMNS, RecordWriter, Row, read_records
 
@@ -189,7 +189,7 @@ def test_writer_refuses_to_pool_runs_with_other_settings(tmp_path) -> None:
 
 
 def test_episode_seeds_of_different_run_seeds_never_overlap() -> None:
-    from marl.runner import episode_seed
+    from marl.core.seeding import episode_seed
 
     seeds = [episode_seed(s, e) for s in range(20) for e in range(5)]
     assert len(set(seeds)) == len(seeds)

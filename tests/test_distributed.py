@@ -21,7 +21,7 @@ from marl.distributed.buckets import make_buckets
 from marl.distributed.compress import PowerSGD, TopK
 from marl.distributed.launch import LAUNCHED_ENV, mpiexec_command, under_launcher
 from marl.distributed.sync import metropolis_weights
-from marl.errors import ConcordError
+from marl.core.errors import ConcordError
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable

@@ -14,8 +14,8 @@ import networkx as nx
 import numpy as np
 import pytest
 
-from marl import registry
-from marl.errors import ConfigError
+from marl.core import registry
+from marl.core.errors import ConfigError
 from marl.runner import build_controller, run_episode
 from scenarios.grid.controllers import volt_var_curve
 from scenarios.grid.env import SUMMER_DAYS, GridConfig, barrier, days_of

@@ -11,8 +11,7 @@ from comms.channel import quantise as channel_quantise
 from comms.protocols.commnet import CommNet
 from comms.protocols.ic3net import IC3NetGate
 from comms.protocols.tarmac import TarMAC
-from marl.policies import straight_through
-from marl.train import make_quantiser
+from marl.core.protocol import make_quantiser, straight_through
 
 H, N = 8, 4
 PROTOCOLS = [CommNet, TarMAC, IC3NetGate]

@@ -8,8 +8,8 @@ import pytest
 
 from comms.channel import Channel, ChannelSpec
 from comms.runtime import build_comms
-from marl import registry
-from marl.errors import ConfigError, UnknownNameError
+from marl.core import registry
+from marl.core.errors import ConfigError, UnknownNameError
 
 IDS = [f"a{i}" for i in range(6)]
 RING = nx.cycle_graph(IDS)

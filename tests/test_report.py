@@ -179,7 +179,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys):
 
 
 def test_goals_come_from_the_registry():
-    from marl import registry
+    from marl.core import registry
     from marl.results.aggregate import scenario_goals
 
     sid = next(iter(registry.scenarios()), None)

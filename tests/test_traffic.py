@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from marl import registry
-from marl.errors import ConcordError, ConfigError, SimulatorError
+from marl.core import registry
+from marl.core.errors import ConcordError, ConfigError, SimulatorError
 from marl.runner import build_controller, run_episode
 from scenarios.traffic.controllers import phase_pressure
 from scenarios.traffic.env import TrafficSignalEnv, parse_tripinfo, sumo_command
@@ -325,7 +325,7 @@ def test_bench_rejects_other_domains() -> None:
     from click.testing import CliRunner
 
     from marl.bench.traffic import command
-    from marl.errors import UnknownNameError
+    from marl.core.errors import UnknownNameError
 
     result = CliRunner().invoke(command, ["grid/ieee33"])
     assert isinstance(result.exception, UnknownNameError)

@@ -28,8 +28,8 @@ from marl.train import (
     train,
     _check_team,
 )
-from marl import registry
-from marl.errors import ConcordError
+from marl.core import registry
+from marl.core.errors import ConcordError
 
 SCENARIO = "traffic/single-intersection"
 # One rollout = one episode (320 s / 5 s decisions = 64 steps): a resumed run then sees exactly

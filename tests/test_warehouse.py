@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from marl.errors import ConfigError, SimulatorError
-from marl.registry import make_scenario
+from marl.core.errors import ConfigError, SimulatorError
+from marl.core.registry import make_scenario
 from marl.runner import build_controller, run_episode
 from scenarios.warehouse.env import WarehouseConfig, WarehouseEnv, resolve_moves
 from scenarios.warehouse.layout import MAPS_DIR, build_layout, generate_warehouse, parse_map
@@ -341,7 +341,7 @@ def test_bench_command_runs_without_pogema(tmp_path: Path):
 
 
 def test_registered_presets_derive_agents_and_description_from_n_robots():
-    from marl import registry
+    from marl.core import registry
 
     specs = registry.scenarios("warehouse")
     assert set(specs) == {"warehouse/small", "warehouse/medium", "warehouse/large"}
@@ -356,7 +356,7 @@ def test_bench_rejects_other_domains():
     from click.testing import CliRunner
 
     from marl.bench.warehouse import command
-    from marl.errors import UnknownNameError
+    from marl.core.errors import UnknownNameError
 
     result = CliRunner().invoke(command, ["traffic/grid4x4"])
     assert isinstance(result.exception, UnknownNameError)

@@ -6,7 +6,7 @@ learned ones (torch modules that read the channel's delivery mask) are used by `
 
 from __future__ import annotations
 
-from marl.registry import ProtocolSpec, register_protocol
+from marl.core.registry import ProtocolSpec, register_protocol
 
 __all__: list[str] = []
 

@@ -24,7 +24,7 @@ from torch import nn
 from torch.distributions import Categorical
 
 from comms.protocols.learned import LearnedProtocol
-from marl.policies import CommsOutput, layer_init, straight_through
+from marl.core.protocol import CommsOutput, layer_init, straight_through
 
 __all__ = ["IC3NetGate"]
 

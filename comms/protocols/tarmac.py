@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from comms.protocols.learned import LearnedProtocol
-from marl.policies import CommsOutput, layer_init, straight_through
+from marl.core.protocol import CommsOutput, layer_init, straight_through
 
 __all__ = ["TarMAC"]
 

@@ -1,6 +1,6 @@
 """Learning algorithms, one readable file each; registered here without importing torch."""
 
-from marl.registry import AlgorithmSpec, register_algorithm
+from marl.core.registry import AlgorithmSpec, register_algorithm
 
 register_algorithm(
     AlgorithmSpec(

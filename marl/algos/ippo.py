@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from marl.errors import ConfigError
+from marl.core.errors import ConfigError
 from marl.policies import ActorCritic, log_prob_entropy
 
 __all__ = ["IPPOConfig", "IPPO", "Batch", "compute_gae", "ppo_update", "RunningMeanStd", "RewardScaler"]

@@ -38,7 +38,7 @@ def command(ranks: int, max_mb: float, repeat: int) -> None:
     from rich.table import Table
 
     from marl.distributed.launch import run_under_mpiexec
-    from marl.errors import ConfigError
+    from marl.core.errors import ConfigError
 
     if ranks < 2:
         raise ConfigError(f"bad value for --ranks: {ranks}; the benchmark needs >= 2 ranks")

@@ -87,7 +87,7 @@ def consensus_rounds(
 
     from comms.channel import Channel, ChannelSpec
     from comms.consensus import HeartbeatDetector, average_consensus, push_sum
-    from marl.errors import ConfigError
+    from marl.core.errors import ConfigError
 
     g = make_graph(kind, n, seed)
     ch = Channel([f"a{i}" for i in range(n)], ChannelSpec(drop=drop, crash=crashes, seed=seed), g)

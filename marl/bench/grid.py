@@ -60,8 +60,8 @@ def command(scenario: str, steps: int, ref_steps: int, rounds: int, seed: int, o
     from rich.table import Table
 
     from marl.bench.common import require_domain
-    from marl.errors import ConfigError
-    from marl.registry import make_scenario
+    from marl.core.errors import ConfigError
+    from marl.core.registry import make_scenario
     from marl.results.io import atomic_write_json
 
     if steps < 1 or ref_steps < 1 or rounds < 1:

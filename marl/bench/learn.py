@@ -37,7 +37,7 @@ def env_steps_per_second(scenario: str, overrides: dict[str, str], controller: s
     """Env steps/s of ``controller`` through ``marl run``'s episode loop (resets included)."""
     import numpy as np
 
-    from marl import registry
+    from marl.core import registry
     from marl.runner import build_controller, run_episode
 
     env = registry.make_scenario(scenario, overrides, test=test)
@@ -57,7 +57,7 @@ def env_steps_per_second(scenario: str, overrides: dict[str, str], controller: s
 def measure_speed(scenario: str, overrides: dict[str, str], algo: str, protocol: str, steps: int,
                   algo_overrides: dict[str, str], seed: int, out: Path, test: bool = False) -> dict[str, Any]:
     """Training steps/s vs the env's own steps/s (random controller), same process, sandwiched."""
-    from marl import registry
+    from marl.core import registry
     from marl.train import TrainRequest, train
 
     domain = registry.scenario_spec(scenario).domain
@@ -90,7 +90,7 @@ def measure_quality(scenario: str, overrides: dict[str, str], algo: str, protoco
     """Train ``algo`` with each protocol, run each baseline, all scored on the same seeds."""
     import numpy as np
 
-    from marl import registry
+    from marl.core import registry
     from marl.runner import RunRequest, run
     from marl.train import TrainRequest, train
 
@@ -179,9 +179,9 @@ def command(scenario: str, algo: str, steps: int, protocols: str, baselines: str
     from rich.console import Console
     from rich.markdown import Markdown
 
-    from marl import registry
-    from marl.config import parse_sets
-    from marl.errors import ConfigError
+    from marl.core import registry
+    from marl.core.config import parse_sets
+    from marl.core.errors import ConfigError
     from marl.results.io import atomic_write_json, atomic_write_text
     from marl.train import algorithm_config
 

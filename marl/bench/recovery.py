@@ -33,7 +33,7 @@ def command(ranks: int, updates: int, kill_at: int, checkpoint: bool) -> None:
     from rich.table import Table
 
     from marl.distributed.launch import run_under_mpiexec, ulfm_problem
-    from marl.errors import ConfigError
+    from marl.core.errors import ConfigError
 
     if ranks < 3:
         raise ConfigError(f"bad value for --ranks: {ranks}; allowed: >= 3 (two survivors to compare)")

@@ -60,7 +60,7 @@ def command(scenario: str, rank_list: str, steps_per_rank: int, compress_steps: 
 
     from marl.cli import app
     from marl.distributed import DistConfig
-    from marl.errors import ConfigError
+    from marl.core.errors import ConfigError
 
     if "train" not in app.commands:
         raise ConfigError("'marl bench scaling' needs 'marl train', which is not in this build")

@@ -49,7 +49,7 @@ def time_env(scenario: str, overrides: dict[str, Any], actions: str = "program")
     ``actions="program"`` runs the net's own programme (traffic identical to ``time_raw``);
     ``"random"`` lets every light pick a random allowed phase each decision (seeded).
     """
-    from marl import registry
+    from marl.core import registry
     from scenarios.traffic import env as _env_module  # noqa: F401  imports are not timed
     from scenarios.traffic.nets import import_sumo
 
@@ -87,7 +87,7 @@ def time_raw(scenario: str, overrides: dict[str, Any], actions: str = "program")
     import tempfile
     from pathlib import Path
 
-    from marl import registry
+    from marl.core import registry
     from scenarios.traffic.env import parse_tripinfo, sumo_command
     from scenarios.traffic.nets import import_sumo, read_net, resolve_path
 
@@ -148,7 +148,7 @@ def time_sumo_rl(scenario: str, overrides: dict[str, Any], actions: str = "progr
 
     ``actions="program"`` uses ``fixed_ts=True`` (the net's programme); ``"random"`` random phases.
     """
-    from marl import registry
+    from marl.core import registry
     from scenarios.traffic.nets import resolve_path, sumo_home
 
     cfg = registry.scenario_config(scenario, overrides)
@@ -235,9 +235,9 @@ def command(scenario: str, horizon: int | None, repeat: int, skip_sumo_rl: bool,
     from rich.console import Console
     from rich.table import Table
 
-    from marl import registry
+    from marl.core import registry
     from marl.bench.common import require_domain
-    from marl.errors import ConfigError
+    from marl.core.errors import ConfigError
 
     if repeat < 1:
         raise ConfigError(f"bad --repeat {repeat}; expected an integer >= 1")

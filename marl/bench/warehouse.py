@@ -166,8 +166,8 @@ def command(
     from rich.table import Table
 
     from marl.bench.common import require_domain
-    from marl.errors import ConfigError
-    from marl.registry import make_scenario
+    from marl.core.errors import ConfigError
+    from marl.core.registry import make_scenario
     from marl.results.io import atomic_write_json
     from marl.runner import build_controller
 

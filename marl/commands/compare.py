@@ -74,8 +74,8 @@ def command(
     into OUT; then 'marl report OUT' makes the tables and figures."""
     from rich.console import Console
 
-    from marl.config import parse_sets
-    from marl.errors import ConfigError
+    from marl.core.config import parse_sets
+    from marl.core.errors import ConfigError
     from marl.results.compare import merge_cells, plan_grid, write_plan
 
     # emoji=False: user values such as a cell key or error text with ":x:" must print verbatim.

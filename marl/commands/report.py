@@ -40,7 +40,7 @@ def command(
     quiet: bool,
 ) -> None:
     """Aggregate DIRECTORY (from 'marl compare' or 'marl run') over seeds into tables and figures."""
-    from marl.errors import ConfigError, unknown
+    from marl.core.errors import ConfigError, unknown
 
     chosen = [f.strip() for f in formats.split(",") if f.strip()]
     for name in chosen:
@@ -73,7 +73,7 @@ def build_report(
     reps: int = 2000,
 ) -> tuple[str, list[Path]]:
     """Build the report of ``directory``; returns (Markdown text, files written)."""
-    from marl.errors import ConcordError
+    from marl.core.errors import ConcordError
     from marl.results import aggregate, plots, stats, tables
     from marl.results.io import atomic_write_text
 

@@ -72,10 +72,10 @@ def command(
     evaluation (same records as 'marl run')."""
     from rich.console import Console
 
-    from marl import registry
-    from marl.config import describe_config, parse_sets
+    from marl.core import registry
+    from marl.core.config import describe_config, parse_sets
     from marl.distributed.config import DistConfig
-    from marl.errors import ConfigError
+    from marl.core.errors import ConfigError
     from marl.train import TrainRequest, algorithm_class, algorithm_config, check_ranks
 
     console = Console()

@@ -2,7 +2,7 @@
 
 :class:`DistConfig` is the single source of the options' types, defaults and help. It validates
 itself on construction, so a bad ``--sync`` or ``--compress`` fails at once with a one-line
-:class:`~marl.errors.ConcordError`, before any simulator or MPI launcher starts. Checks that need
+:class:`~marl.core.errors.ConcordError`, before any simulator or MPI launcher starts. Checks that need
 the MPI library (is ULFM available?) live in :mod:`marl.distributed.launch`.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from marl.errors import ConfigError, unknown
+from marl.core.errors import ConfigError, unknown
 
 __all__ = [
     "DistConfig",

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from marl.distributed.config import DistConfig
-from marl.errors import ConfigError, SimulatorError
+from marl.core.errors import ConfigError, SimulatorError
 
 __all__ = [
     "launch_if_needed",

@@ -361,7 +361,7 @@ class GossipSync(GradientSync):
                 # graph, or the user's graph after a shrink removed a rank): a ring of ranks.
                 g = nx.cycle_graph(n) if n > 2 else nx.path_graph(n)
             if not nx.is_connected(g):
-                from marl.errors import ConfigError
+                from marl.core.errors import ConfigError
 
                 raise ConfigError(f"bad gossip topology: a graph over {n} ranks that is not connected")
             self.graph, self._graph_size = g, n

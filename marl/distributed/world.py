@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from marl.distributed.config import DistConfig
-from marl.errors import ConfigError
+from marl.core.errors import ConfigError
 
 __all__ = ["World", "LocalWorld", "MPIWorld", "RankFailure", "RanksDivergedError", "init_world"]
 
@@ -319,7 +319,7 @@ class MPIWorld(World):
         if exc is not None and not (isinstance(exc, SystemExit) and not exc.code):
             # This rank is failing while peers may sit in a collective: a barrier or MPI_Finalize
             # would hang the job. Say why on one line, then take the whole job down.
-            from marl.errors import ConcordError
+            from marl.core.errors import ConcordError
 
             code = exc.exit_code if isinstance(exc, ConcordError) else 1
             print(f"marl: error on rank {self.original_rank}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from marl.errors import ConcordError, unknown
+from marl.core.errors import ConcordError, unknown
 from marl.results import stats
 from marl.results.records import COLUMNS, MANIFEST_DIR, RECORDS_FILE
 
@@ -181,7 +181,7 @@ class Goals:
 
 def scenario_goals(scenario: str) -> Goals:
     """kpi_goals and main_kpi of the scenario's class, via the registry (no simulator is built)."""
-    from marl import registry
+    from marl.core import registry
 
     try:
         spec = registry.scenario_spec(scenario)

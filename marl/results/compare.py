@@ -49,8 +49,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from marl import registry
-from marl.errors import ConcordError, ConfigError
+from marl.core import registry
+from marl.core.errors import ConcordError, ConfigError
 from marl.results.io import atomic_write_json, atomic_write_text
 
 __all__ = [

@@ -33,7 +33,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from marl.errors import ConcordError
+from marl.core.errors import ConcordError
 from marl.results.io import atomic_write_json, atomic_write_text
 
 __all__ = [

@@ -15,7 +15,7 @@ by the feeder's wind parks); lv-rural at 4: 66% (0.90; at 2: 0%); ieee33 at 2: 7
 
 from __future__ import annotations
 
-from marl.registry import ControllerSpec, ScenarioSpec, register_controller, register_scenario
+from marl.core.registry import ControllerSpec, ScenarioSpec, register_controller, register_scenario
 
 __all__: list[str] = []
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from marl.controllers import Controller
+from marl.core.controller import Controller
 
 __all__ = ["NoControl", "VoltVar", "OptimalDispatch", "volt_var_curve", "voltage_sensitivities"]
 

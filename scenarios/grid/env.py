@@ -78,7 +78,7 @@ import networkx as nx
 import numpy as np
 from gymnasium import spaces
 
-from marl.errors import ConfigError
+from marl.core.errors import ConfigError
 from scenarios.base import Scenario
 from scenarios.grid.feeder import STEPS_PER_DAY, Feeder, PandapowerFlow, PowerFlow, load_feeder
 

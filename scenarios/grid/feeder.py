@@ -257,7 +257,7 @@ def _feeder(
 @functools.lru_cache(maxsize=None)
 def load_feeder(name: str) -> Feeder:
     """The named feeder (see :data:`FEEDERS`), loaded once per process."""
-    from marl.errors import unknown
+    from marl.core.errors import unknown
 
     if name not in FEEDERS:
         raise unknown("feeder", name, FEEDERS)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from marl.registry import ControllerSpec, ScenarioSpec, register_controller, register_scenario
+from marl.core.registry import ControllerSpec, ScenarioSpec, register_controller, register_scenario
 
 __all__: list[str] = []
 

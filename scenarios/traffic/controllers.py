@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from marl.controllers import Controller
+from marl.core.controller import Controller
 
 __all__ = [
     "phase_pressure",

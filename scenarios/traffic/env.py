@@ -47,7 +47,7 @@ steps); there is no termination.
 **Arguments.** See :class:`Config` (``marl run traffic/grid4x4 --set end=600``).
 
 **One simulation per process.** libsumo holds a single simulation per process: a second env whose
-simulation is live in the same process raises :class:`~marl.errors.SimulatorError`; close the
+simulation is live in the same process raises :class:`~marl.core.errors.SimulatorError`; close the
 first env (or use subprocesses / ``use_libsumo=false``).
 
 **Controller API** (what baselines may read; see ``controllers.py``): ``env.signals[agent]`` is a
@@ -80,7 +80,7 @@ import networkx as nx
 import numpy as np
 from gymnasium import spaces
 
-from marl.errors import ConcordError, ConfigError, SimulatorError, unknown
+from marl.core.errors import ConcordError, ConfigError, SimulatorError, unknown
 from scenarios.base import Scenario
 from scenarios.traffic.nets import (
     Signal,

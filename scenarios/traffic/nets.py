@@ -2,7 +2,7 @@
 
 * :func:`sumo_home` / :func:`import_sumo` — find SUMO from the ``eclipse-sumo`` wheel and import
   ``libsumo`` or ``traci``; a missing or broken SUMO becomes a one-line
-  :class:`~marl.errors.SimulatorError` that says how to install it.
+  :class:`~marl.core.errors.SimulatorError` that says how to install it.
 * :func:`resolve_path` — net and route files are given as paths, absolute or relative to
   sumo-rl's ``nets`` directory (``RESCO/grid4x4/grid4x4.net.xml``). sumo-rl is located without
   importing it (its import needs ``SUMO_HOME`` and pulls in PettingZoo wrappers we do not use).
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from marl.errors import ConfigError, SimulatorError
+from marl.core.errors import ConfigError, SimulatorError
 
 __all__ = [
     "Signal",

@@ -6,7 +6,7 @@ loader (:mod:`scenarios.warehouse.layout`) and controllers
 own MovingAI ``.map`` with ``--set map_file=PATH``.
 """
 
-from marl.registry import ControllerSpec, ScenarioSpec, register_controller, register_scenario
+from marl.core.registry import ControllerSpec, ScenarioSpec, register_controller, register_scenario
 
 __all__: list[str] = []
 

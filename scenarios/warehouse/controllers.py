@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from marl.controllers import Controller
-from marl.errors import ConfigError
+from marl.core.controller import Controller
+from marl.core.errors import ConfigError
 
 __all__ = ["RandomController", "GreedyController", "GreedyConfig", "PrioritizedController", "PrioritizedConfig"]
 

@@ -80,7 +80,7 @@ import networkx as nx
 import numpy as np
 from gymnasium import spaces
 
-from marl.errors import ConfigError, SimulatorError
+from marl.core.errors import ConfigError, SimulatorError
 from scenarios.base import Scenario
 from scenarios.warehouse.layout import UNREACHABLE, Layout, layout_from_file, resolve_map_path
 

@@ -25,7 +25,7 @@ Movement is 4-connected (the "octile" header is kept for compatibility; diagonal
 not used). Only the largest 4-connected component of free cells is used for robots, access
 cells and stations, so every task is reachable.
 
-A malformed file raises :class:`~marl.errors.ConfigError` naming the file, line and column.
+A malformed file raises :class:`~marl.core.errors.ConfigError` naming the file, line and column.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from marl.errors import ConfigError, closest
+from marl.core.errors import ConfigError, closest
 
 __all__ = [
     "FREE_CHARS",

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from marl.errors import ConcordError
+from marl.core.errors import ConcordError
 from marl.distributed import DistConfig, RankFailure, init_world, make_sync
 
 

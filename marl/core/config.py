@@ -21,7 +21,7 @@ import typing
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
-from marl.errors import ConfigError, unknown
+from marl.core.errors import ConfigError, unknown
 
 __all__ = ["parse_sets", "build_config", "coerce", "describe_config", "config_help", "to_dict"]
 
@@ -118,7 +118,7 @@ def _to_int(value: Any) -> int:
 def build_config(cls: type[C], *layers: Mapping[str, Any] | None, what: str = "option") -> C:
     """Instantiate dataclass ``cls`` from ``layers`` of overrides (later layers win).
 
-    Unknown keys raise :class:`~marl.errors.UnknownNameError` with the closest field name; values
+    Unknown keys raise :class:`~marl.core.errors.UnknownNameError` with the closest field name; values
     are coerced to the field's type. The dataclass's ``__post_init__`` may validate ranges.
     """
     if not dataclasses.is_dataclass(cls):

@@ -21,8 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from marl.config import build_config
-from marl.errors import unknown
+from marl.core.config import build_config
+from marl.core.errors import unknown
 
 __all__ = [
     "ScenarioSpec",
