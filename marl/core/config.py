@@ -9,7 +9,7 @@ the help text. This module turns user input into those dataclasses:
   the field types and rejects unknown keys with the closest match;
 * :func:`describe_config` renders a config for ``--show-config`` style output.
 
-YAML is used only for presets and always through ``yaml.safe_load`` (never here).
+Presets are plain Python mappings registered beside each scenario (``ScenarioSpec.kwargs``).
 """
 
 from __future__ import annotations

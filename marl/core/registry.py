@@ -58,7 +58,7 @@ PLUGIN_MODULES: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class ScenarioSpec:
-    """A named, versioned scenario: an env class plus preset values for its config dataclass."""
+    """A named scenario: an env class plus preset values for its config dataclass."""
 
     id: str  #: "domain/name", e.g. "traffic/grid4x4"
     entry_point: str  #: "module:Class"; the class has a ``Config`` dataclass and takes it in __init__
@@ -68,7 +68,6 @@ class ScenarioSpec:
     kwargs: Mapping[str, Any] = field(default_factory=dict)  #: preset config values
     test_kwargs: Mapping[str, Any] = field(default_factory=dict)  #: extra values for short test runs
     default_controller: str = "random"
-    version: int = 0
 
     @property
     def domain(self) -> str:
