@@ -4,7 +4,7 @@ One collective per bucket instead of one per tensor amortises the per-call laten
 dominates small messages (Horovod's "tensor fusion"; Sergeev & Del Balso 2018; PyTorch DDP
 buckets, Li et al. VLDB 2020). Buckets are always fp32: bf16/fp16 gradients are cast on the way
 in and back on the way out, because mpi4py sends bf16 as raw bytes and a SUM over raw bytes is
-garbage (DESIGN.md §4).
+garbage (docs/ARCHITECTURE.md, "Dependency facts").
 
 After a sync, each fp32 parameter's ``.grad`` *is* a view into its bucket, so when the training
 loop zeroes gradients in place (``zero_grad(set_to_none=False)``) the next backward accumulates
