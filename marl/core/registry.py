@@ -26,6 +26,7 @@ from marl.core.errors import unknown
 
 __all__ = [
     "ScenarioSpec",
+    "TrainingPreset",
     "ControllerSpec",
     "ProtocolSpec",
     "AlgorithmSpec",
@@ -57,6 +58,22 @@ PLUGIN_MODULES: tuple[str, ...] = (
 
 
 @dataclass(frozen=True)
+class TrainingPreset:
+    """What ``marl train SCENARIO`` uses when the user gives no options: the settings that worked
+    best for that scenario in a sweep a user can rerun (the scenario's registration says which).
+
+    Every field is a default only: ``--algo``, ``--protocol``, ``--steps`` and ``--algo-set`` given on
+    the command line win, key by key for ``algo_set``.
+    """
+
+    algo: str = "ippo"
+    protocol: str = "none"
+    steps: int = 20_000  #: total environment steps over all ranks
+    algo_set: Mapping[str, Any] = field(default_factory=dict)  #: --algo-set values
+    note: str = ""  #: where the preset comes from (the sweep command and its result)
+
+
+@dataclass(frozen=True)
 class ScenarioSpec:
     """A named scenario: an env class plus preset values for its config dataclass."""
 
@@ -68,6 +85,7 @@ class ScenarioSpec:
     kwargs: Mapping[str, Any] = field(default_factory=dict)  #: preset config values
     test_kwargs: Mapping[str, Any] = field(default_factory=dict)  #: extra values for short test runs
     default_controller: str = "random"
+    training: TrainingPreset = field(default_factory=TrainingPreset)  #: defaults of ``marl train``
 
     @property
     def domain(self) -> str:
