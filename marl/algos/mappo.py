@@ -7,7 +7,7 @@ is trained on ``env.state()``, the scenario's global state, concatenated with th
 id (the paper's "agent-specific global state", Sec. 4, simplified to state + id). The critic is
 only used in training, so execution stays decentralised.
 
-The loss and update are exactly IPPO's (:func:`marl.algos.ippo.ppo_update`); what differs is the
+The loss and update are exactly IPPO's (:func:`marl.algos.ppo.ppo_update`); what differs is the
 critic input and the defaults the paper recommends:
 
 * value normalisation (Sec. 4 "value normalization": the critic learns normalised returns with a
@@ -21,9 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from marl.algos.ippo import IPPOConfig, ppo_update
+from marl.algos.ippo import IPPOConfig
+from marl.algos.ppo import ppo_update
 
-__all__ = ["MAPPOConfig", "MAPPO"]
+__all__ = ["MAPPO", "MAPPOConfig"]
 
 
 @dataclass
