@@ -14,22 +14,21 @@ import pytest
 import torch
 
 from marl.cli import main
-from marl.train import (
+from marl.core import registry
+from marl.core.errors import ConcordError
+from marl.training import (
+    PolicyController,
     TrainRequest,
     algorithm_class,
     algorithm_config,
-    build_model,
-    Communication,
-    evaluate,
     load_checkpoint,
     policy_controller,
-    PolicyController,
-    TeamLayout,
     train,
-    _check_team,
 )
-from marl.core import registry
-from marl.core.errors import ConcordError
+from marl.training.communication import Communication
+from marl.training.evaluation import evaluate
+from marl.training.layout import TeamLayout, check_team
+from marl.training.model import build_model
 
 SCENARIO = "traffic/single-intersection"
 # One rollout = one episode (320 s / 5 s decisions = 64 steps): a resumed run then sees exactly
@@ -80,7 +79,7 @@ def _untrained_return(scenario: str, overrides: dict, seeds: list[int]) -> float
     env = registry.make_scenario(scenario, overrides)
     try:
         layout = TeamLayout.of(env, scenario, need_state=False)
-        comm = Communication("none", "", layout.agents, layout.obs_dim, 0)
+        comm = Communication("none", None, layout.agents, layout.obs_dim, 0)
         torch.manual_seed(0)
         model = build_model(algorithm_class("ippo"), algorithm_config("ippo"), layout, comm)
         # Stochastic: the untrained policy acts roughly at random (its argmax would be a fixed
@@ -177,9 +176,9 @@ def test_team_change_is_rejected():
 
     layout = TeamLayout(agents=["a", "b"], obs_sizes=[2, 2], kind="discrete", action_sizes=[2, 2])
     with pytest.raises(ConcordError, match="changed its team mid-episode"):
-        _check_team(Stub(), layout, "x/y")
+        check_team(Stub(), layout, "x/y")
     Stub.agents = []  # the episode ended for everyone: fine
-    _check_team(Stub(), layout, "x/y")
+    check_team(Stub(), layout, "x/y")
 
 
 def test_show_config_lists_typed_defaults(capsys):

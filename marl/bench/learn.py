@@ -12,8 +12,9 @@ a trained policy, so the ratio alone can exceed 1.
 
 **Quality.** IPPO is trained once per protocol in ``--protocols`` (default none, neighbours,
 commnet, tarmac) for ``--steps`` environment steps each, then evaluated (deterministic policy) on
-``--eval-episodes`` episodes with seeds ``seed .. seed+E-1``; the baselines in ``--baselines``
-(fixed-time, max-pressure) run on the same seeds in the same command. RESCO (Ault & Sharon 2021)
+the episodes of ``marl run --seed SEED --episodes E`` (``E = --eval-episodes``,
+:mod:`marl.core.seeding`); the baselines in ``--baselines`` (fixed-time, max-pressure) run on the
+same episodes in the same command. RESCO (Ault & Sharon 2021)
 trains 100 one-hour episodes (36,000 decisions at 10 s); the budget here is whatever ``--steps``
 says, printed in the table, so read the comparison in that light.
 
@@ -29,7 +30,7 @@ from typing import Any
 
 import click
 
-__all__ = ["command", "env_steps_per_second", "measure_speed", "measure_quality"]
+__all__ = ["command", "env_steps_per_second", "measure_quality", "measure_speed"]
 
 
 def env_steps_per_second(scenario: str, overrides: dict[str, str], controller: str, steps: int,
@@ -38,7 +39,9 @@ def env_steps_per_second(scenario: str, overrides: dict[str, str], controller: s
     import numpy as np
 
     from marl.core import registry
-    from marl.runner import build_controller, run_episode
+    from marl.core.seeding import episode_seed
+    from marl.episodes import run_episode
+    from marl.runner import build_controller
 
     env = registry.make_scenario(scenario, overrides, test=test)
     try:
@@ -46,7 +49,7 @@ def env_steps_per_second(scenario: str, overrides: dict[str, str], controller: s
         done, episode = 0, 0
         start = time.perf_counter()
         while done < steps:
-            kpis = run_episode(env, ctrl, None, seed=seed + episode)
+            kpis = run_episode(env, ctrl, None, seed=episode_seed(seed, episode))
             done += int(kpis["env_steps"])
             episode += 1
         return done / (time.perf_counter() - start) if done else float(np.nan)
@@ -58,7 +61,7 @@ def measure_speed(scenario: str, overrides: dict[str, str], algo: str, protocol:
                   algo_overrides: dict[str, str], seed: int, out: Path, test: bool = False) -> dict[str, Any]:
     """Training steps/s vs the env's own steps/s (random controller), same process, sandwiched."""
     from marl.core import registry
-    from marl.train import TrainRequest, train
+    from marl.training import TrainRequest, train
 
     domain = registry.scenario_spec(scenario).domain
     names = {n for (_, n) in registry.controllers(domain)}
@@ -92,7 +95,7 @@ def measure_quality(scenario: str, overrides: dict[str, str], algo: str, protoco
 
     from marl.core import registry
     from marl.runner import RunRequest, run
-    from marl.train import TrainRequest, train
+    from marl.training import TrainRequest, train
 
     kpi = getattr(registry.load(registry.scenario_spec(scenario).entry_point), "main_kpi", "") or "return"
     rows: list[dict[str, Any]] = []
@@ -183,7 +186,7 @@ def command(scenario: str, algo: str, steps: int, protocols: str, baselines: str
     from marl.core.config import parse_sets
     from marl.core.errors import ConfigError
     from marl.results.io import atomic_write_json, atomic_write_text
-    from marl.train import algorithm_config
+    from marl.training import algorithm_config
 
     console, err = Console(), Console(stderr=True)
     overrides, algo_overrides = parse_sets(set_), parse_sets(algo_set)

@@ -15,28 +15,31 @@ The trained policy is evaluated by ``marl run SCENARIO --policy <out dir or chec
 
 from __future__ import annotations
 
+import shlex
 import sys
 
 import click
 
 from marl.options import channel_option, protocol_option, seed_option, set_option
+from marl.training.request import request_default
 
 __all__ = ["command"]
 
 
 @click.command("train", context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("scenario")
-@click.option("--algo", default="ippo", help="Learning algorithm (see 'marl list algorithms').")
+@click.option("--algo", default=request_default("algo"), help="Learning algorithm (see 'marl list algorithms').")
 @protocol_option
 @channel_option
-@click.option("--steps", type=int, default=20_000, help="Environment steps to train for (total over ranks).")
+@click.option("--steps", type=int, default=request_default("steps"), help="Environment steps to train for (total over ranks).")
 @seed_option
 @click.option("--out", default=None, help="Results directory; default results/train-<scenario>-<algo>-<time>.")
 @click.option("--resume", default=None, help="Continue from a checkpoint (training output dir, checkpoints dir or .pt).")
 @set_option
 @click.option("--algo-set", "algo_set", multiple=True, metavar="KEY=VALUE",
               help="Override an algorithm hyper-parameter (repeatable); see --show-config.")
-@click.option("--eval-episodes", type=int, default=3, help="Final evaluation episodes (seeds SEED..SEED+n-1, as marl run).")
+@click.option("--eval-episodes", type=int, default=request_default("eval_episodes"),
+              help="Final evaluation episodes (the episodes of 'marl run --seed SEED --episodes n').")
 @click.option("--show-config", is_flag=True, help="Print the algorithm, scenario and distributed config and exit.")
 @click.option("--test", "test_preset", is_flag=True, hidden=True, help="Use the scenario's short test presets.")
 @click.option("--ranks", type=int, default=1, help="MPI ranks; > 1 relaunches under the venv's mpiexec.")
@@ -75,28 +78,20 @@ def command(
     from marl.core import registry
     from marl.core.config import describe_config, parse_sets
     from marl.distributed.config import DistConfig
-    from marl.core.errors import ConfigError
-    from marl.train import TrainRequest, algorithm_class, algorithm_config, check_ranks
+    from marl.training import TrainRequest, algorithm_config, prepare, train
 
     console = Console()
     dist_cfg = DistConfig(ranks=ranks, sync=sync, compress=compress, bucket_mb=bucket_mb, overlap=overlap,
                           fault_tolerance=fault_tolerance, inject_failure=inject_failure)
     overrides, algo_overrides = parse_sets(set_), parse_sets(algo_set)
-    # Validate every name and value before a simulator or MPI launcher starts.
-    algorithm_class(algo)
-    config = algorithm_config(algo, algo_overrides)
-    spec = registry.protocol_spec(protocol)
-    if channel and protocol == "none":
-        raise ConfigError(f"--channel '{channel}' needs a --protocol (allowed: "
-                          + ", ".join(sorted(n for n in registry.protocols() if n != "none")) + ")")
-    if spec.learned and not hasattr(config, "comm_rounds"):
-        raise ConfigError(f"algorithm {algo} cannot use learned protocol {protocol}")
-    if channel:
-        from comms.channel import parse_channel
-
-        parse_channel(channel)
-    scenario_cfg = registry.scenario_config(scenario, overrides, test=test_preset)
+    request = TrainRequest(
+        scenario=scenario, algo=algo, protocol=protocol, channel=channel, steps=steps, seed=seed,
+        out=out, overrides=overrides, algo_overrides=algo_overrides, eval_episodes=eval_episodes,
+        resume=resume, test=test_preset, dist=dist_cfg,
+    )
     if show_config:
+        config = algorithm_config(algo, algo_overrides)
+        scenario_cfg = registry.scenario_config(scenario, overrides, test=test_preset)
         console.print(f"[bold]algorithm {algo}[/bold]  (--algo-set key=value)", highlight=False)
         console.print(describe_config(config), markup=False, highlight=False)
         console.print(f"\n[bold]scenario {scenario}[/bold]  (--set key=value)", highlight=False)
@@ -104,29 +99,17 @@ def command(
         console.print("\n[bold]distributed[/bold]", highlight=False)
         console.print(describe_config(dist_cfg), markup=False, highlight=False)
         return
-    if resume is not None:
-        from marl.train import load_checkpoint
-
-        load_checkpoint(resume)  # fail fast on a missing or corrupt checkpoint
-    check_ranks(config, ranks)
+    # Every name and value, the --resume checkpoint and --out are checked here, before an MPI
+    # launcher, a simulator or any output starts.
+    plan = prepare(request)
     if ranks > 1:
-        try:
-            from marl.distributed import launch_if_needed
-        except ImportError:
-            raise ConfigError(f"--ranks {ranks} needs marl.distributed, which is not available in this build") from None
+        from marl.distributed import launch_if_needed
+
         launch_if_needed(dist_cfg, sys.argv)
-
-    request = TrainRequest(
-        scenario=scenario, algo=algo, protocol=protocol, channel=channel, steps=steps, seed=seed,
-        out=out, overrides=overrides, algo_overrides=algo_overrides, eval_episodes=eval_episodes,
-        resume=resume, test=test_preset, dist=dist_cfg,
-    )
     if _launcher_rank() != 0:  # under mpiexec only rank 0 draws progress and prints results
-        from marl.train import train
-
-        train(request)
+        train(plan)
         return
-    result = _train_with_progress(request, Console(stderr=True))
+    result = _train_with_progress(plan, Console(stderr=True))
     _summary(console, request, result)
 
 
@@ -141,11 +124,19 @@ def _launcher_rank() -> int:
     return 0
 
 
-def _train_with_progress(request: object, err_console: object) -> object:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+def _train_with_progress(plan: object, err_console: object) -> object:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    from marl.train import train
+    from marl.training import train
 
+    request = plan.request
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -175,7 +166,7 @@ def _train_with_progress(request: object, err_console: object) -> object:
                 fields["kpi"] = f"eval return {info.get('eval_return', float('nan')):.3f} {kpi}"
             progress.update(task, completed=min(info["env_steps"], request.steps), total=request.steps, **fields)
 
-        return train(request, on_progress=on_progress)
+        return train(plan, on_progress=on_progress)
 
 
 def _summary(console: object, request: object, result: object) -> None:
@@ -192,4 +183,5 @@ def _summary(console: object, request: object, result: object) -> None:
     console.print(f"records: {result.out_dir / 'records.csv'}  (run {result.run_id})")
     if result.checkpoint is not None:
         console.print(f"checkpoint: {result.checkpoint}")
-        console.print(f"evaluate: marl run {request.scenario} --policy {result.out_dir}")
+        console.print(f"evaluate: marl run {shlex.quote(request.scenario)} --policy {shlex.quote(str(result.out_dir))}",
+                      markup=False, highlight=False, soft_wrap=True)  # copy-pastable: never wrapped

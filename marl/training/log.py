@@ -1,0 +1,171 @@
+"""What a training run writes besides checkpoints: records rows, the manifest, progress callbacks.
+
+Rows use ``marl run``'s columns: ``method`` is the algorithm and ``protocol`` the protocol. Per
+update ``u`` (in the ``episode`` column): ``train_<loss metric>``, ``train_env_steps``,
+``train_steps_per_second``, ``train_env_time_fraction``, ``train_return`` and ``train_<main kpi>``
+(means over the training episodes that ended during the update), ``rank_failure``, and after a
+periodic evaluation ``eval_<kpi>``. The final evaluation writes one row per KPI per episode
+(``episode`` = evaluation episode), exactly like ``marl run``. Only rank 0 writes.
+
+On ``--resume`` into the directory of the run that wrote the checkpoint, that run's rows past
+the checkpoint's update (and its final evaluation, which the resumed run replaces) are dropped
+atomically first (:func:`drop_superseded_rows`), so the curve never holds two values for one
+update and the directory never holds two final evaluations of one run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from marl.results.io import atomic_write_text
+from marl.results.records import (
+    COLUMNS,
+    RECORDS_FILE,
+    RecordWriter,
+    Row,
+    _locked,
+    environment_info,
+    now_iso,
+)
+from marl.training.layout import TeamLayout
+from marl.training.request import TrainPlan
+
+__all__ = ["TrainLog", "drop_superseded_rows", "is_curve_metric"]
+
+
+def is_curve_metric(metric: str) -> bool:
+    """Rows logged per update (the ``episode`` column is an update number)."""
+    return metric.startswith(("train_", "eval_")) or metric == "rank_failure"
+
+
+def drop_superseded_rows(out_dir: Path, run_id: str, after_update: int) -> int:
+    """Remove run ``run_id``'s curve rows of updates ``> after_update`` and its final-evaluation
+    rows from ``out_dir/records.csv`` (atomically, under the records lock); returns how many."""
+    path = out_dir / RECORDS_FILE
+    if not path.exists():
+        return 0
+    with _locked(out_dir / ".records.lock"):
+        with path.open(newline="") as fh:
+            lines = [line for line in csv.reader(fh) if line]
+        header, rows = lines[0], lines[1:]
+        run, episode, metric = (COLUMNS.index(c) for c in ("run_id", "episode", "metric"))
+        keep = [r for r in rows if r[run] != run_id
+                or (is_curve_metric(r[metric]) and int(r[episode]) <= after_update)]
+        if len(keep) != len(rows):
+            buf = io.StringIO()
+            csv.writer(buf, lineterminator="\n").writerows([header, *keep])
+            atomic_write_text(path, buf.getvalue())
+    return len(rows) - len(keep)
+
+
+def checkpoint_run_id(out_dir: Path, resumed: dict[str, Any]) -> str | None:
+    """The run that wrote ``resumed``: stored in it, or (older checkpoints) the run whose manifest
+    names it as its last checkpoint."""
+    if resumed.get("run_id"):
+        return str(resumed["run_id"])
+    target = Path(resumed["path"]).resolve()
+    for manifest in sorted((out_dir / "manifests").glob("*.json")):
+        try:
+            last = json.loads(manifest.read_text()).get("last_checkpoint")
+        except (OSError, ValueError):
+            continue
+        if last and Path(last).resolve() == target:
+            return manifest.stem
+    return None
+
+
+class TrainLog:
+    """Records rows, manifest and progress of one training run (writes only on rank 0)."""
+
+    def __init__(self, plan: TrainPlan, run_id: str, is_root: bool, world_size: int, env: Any,
+                 layout: TeamLayout, update: int, env_steps: int,
+                 on_progress: Callable[[dict[str, Any]], None] | None) -> None:
+        request = plan.request
+        self.request, self.run_id, self.on_progress = request, run_id, on_progress if is_root else None
+        self.main_kpi: str = getattr(env, "main_kpi", "") or ""
+        self.writer = RecordWriter(plan.out_dir) if is_root else None
+        self.manifest: dict[str, Any] = {
+            "run_id": run_id,
+            "command": "train",
+            "request": {**asdict(request), "dist": asdict(request.dist) if request.dist is not None else None},
+            "method": plan.method,
+            "algo_config": asdict(plan.config),
+            "scenario_config": asdict(env.config) if hasattr(env, "config") else None,
+            "layout": layout.to_meta(),
+            "resumed_from": None if plan.resumed is None else plan.resumed["path"],
+            "start_time": now_iso(),
+            "end_time": None,
+            "updates_completed": update,
+            "env_steps": env_steps,
+            "events": [],
+            **environment_info(world_size),
+        }
+        if self.writer is not None:
+            if plan.resumed is not None:
+                dead = checkpoint_run_id(plan.out_dir, plan.resumed)
+                if dead is not None:
+                    drop_superseded_rows(plan.out_dir, dead, int(plan.resumed["update"]))
+            self.writer.write_manifest(run_id, self.manifest)
+
+    def row(self, episode: int, metric: str, value: float) -> Row:
+        r = self.request
+        return Row(self.run_id, r.scenario, r.algo, r.protocol, r.channel, r.seed, episode, metric, float(value))
+
+    def _append(self, rows: Iterable[Row]) -> None:
+        if self.writer is not None:
+            self.writer.append(rows)
+
+    def update_rows(self, update: int, metrics: dict[str, float], env_steps: int, sps: float,
+                    env_fraction: float, finished: list[tuple[float, dict[str, float]]],
+                    events: list[dict[str, Any]], last_return: float) -> None:
+        """One update's curve rows; ``finished`` = (return, kpis) of training episodes that ended
+        during it, ``last_return`` the return of the newest finished episode (for progress)."""
+        rows = [self.row(update, f"train_{k}", v) for k, v in metrics.items()]
+        rows += [self.row(update, "train_env_steps", env_steps), self.row(update, "train_steps_per_second", sps),
+                 self.row(update, "train_env_time_fraction", env_fraction)]
+        if finished:
+            rows.append(self.row(update, "train_return", np.mean([p[0] for p in finished])))
+            values = [p[1][self.main_kpi] for p in finished if self.main_kpi in p[1]]
+            if self.main_kpi and values:
+                rows.append(self.row(update, f"train_{self.main_kpi}", np.mean(values)))
+        for event in events[len(self.manifest["events"]):]:  # new distributed events only
+            rows.append(self.row(update, "rank_failure", float(event.get("rank", -1))))
+            self.manifest["events"].append(event)
+        self._append(rows)
+        kpis = finished[-1][1] if finished else {}
+        self.progress(phase="train", update=update, env_steps=env_steps, steps_per_second=sps,
+                      episode_return=last_return, kpi_value=kpis.get(self.main_kpi, float("nan")))
+
+    def eval_rows(self, update: int, results: list[dict[str, float]], env_steps: int) -> None:
+        """Means of a periodic evaluation's KPIs as ``eval_<kpi>`` rows of ``update``."""
+        if results:
+            self._append(self.row(update, f"eval_{k}", float(np.mean([r[k] for r in results]))) for k in results[0])
+            self._eval_progress(update, env_steps, results)
+
+    def final_rows(self, update: int, results: list[dict[str, float]], env_steps: int) -> None:
+        """The final evaluation, one row per KPI per episode (as ``marl run`` writes)."""
+        self._append(self.row(e, metric, value) for e, kpis in enumerate(results) for metric, value in kpis.items())
+        if results:
+            self._eval_progress(update, env_steps, results)
+
+    def _eval_progress(self, update: int, env_steps: int, results: list[dict[str, float]]) -> None:
+        self.progress(phase="eval", update=update, env_steps=env_steps,
+                      eval_return=float(np.mean([k["return"] for k in results])),
+                      kpi_value=float(np.mean([k.get(self.main_kpi, np.nan) for k in results])))
+
+    def progress(self, **info: Any) -> None:
+        if self.on_progress is not None:
+            self.on_progress({"total_steps": self.request.steps, "kpi": self.main_kpi, **info})
+
+    def save_manifest(self, **fields: Any) -> None:
+        self.manifest.update(end_time=now_iso(), **fields)
+        if self.writer is not None:
+            self.writer.write_manifest(self.run_id, self.manifest)

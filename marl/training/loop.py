@@ -1,0 +1,274 @@
+"""The on-policy training loop (IPPO, MAPPO): rollout -> advantage -> update -> sync -> log -> checkpoint.
+
+One process runs one scenario instance (libsumo allows one simulation per process); with
+``--ranks N`` each MPI rank runs its own instance and gradients are averaged across ranks by
+:mod:`marl.distributed` (one rank: its one-rank world and no-op sync). Per update, on every rank::
+
+    obs ──▶ actor (encoder ─▶ comms(h, channel mask) ─▶ head) ──▶ actions ──▶ env.step
+    ... num_steps ... ──▶ GAE ──▶ PPO epochs (backward ─▶ sync_grads ─▶ clip ─▶ Adam step)
+    ──▶ records rows ──▶ periodic evaluation / checkpoint when due
+
+Communication in training is what evaluation sees (:mod:`marl.training.communication`).
+``--steps`` counts environment steps over all ranks (one step = every agent acts once). Seeds come
+from :mod:`marl.core.seeding`: training episodes from their own stream, the final evaluation on
+``marl run``'s episodes. ``--resume`` restores parameters, optimiser, normalisers, torch RNG,
+counters and the episode in progress, so a resumed one-rank run is bit-exact.
+
+The pieces (layout, communication, model, buffer, checkpoint, evaluation, log) do not depend on
+PPO: an off-policy algorithm can bring its own loop module and reuse them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from marl.algos.ppo import RewardScaler, RunningMeanStd, compute_gae
+from marl.core import registry
+from marl.core.errors import CheckpointError
+from marl.core.seeding import rank_seed
+from marl.policies import ActorCritic
+from marl.results.records import new_run_id
+from marl.training.buffer import RolloutBuffer
+from marl.training.checkpoint import CHECKPOINT_DIR, checkpoint_meta, save_checkpoint
+from marl.training.communication import Communication
+from marl.training.evaluation import evaluate, final_seeds, periodic_seeds
+from marl.training.layout import TeamLayout
+from marl.training.log import TrainLog
+from marl.training.model import act, build_model, critic_input_size
+from marl.training.policy import PolicyController
+from marl.training.request import (
+    TrainPlan,
+    TrainRequest,
+    TrainResult,
+    check_ranks,
+    prepare,
+)
+from marl.training.rollout import TrainingEpisode
+
+__all__ = ["train"]
+
+
+def train(request: TrainRequest | TrainPlan,
+          on_progress: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+    """Train ``request.algo`` on ``request.scenario``; write records, checkpoints and a manifest.
+
+    ``request`` may already be validated (:func:`~marl.training.request.prepare`, as the CLI does
+    before printing anything). ``on_progress(info)`` is called after every update and evaluation
+    with ``env_steps``, ``total_steps``, ``update``, ``steps_per_second``, ``episode_return``,
+    ``kpi`` (name), ``kpi_value`` and ``phase`` ("train" | "eval").
+    """
+    # ---- setup
+    from marl.distributed import DistConfig, RankFailure, init_world, make_sync
+
+    plan = request if isinstance(request, TrainPlan) else prepare(request)
+    req, config, algo_cls = plan.request, plan.config, plan.algo_cls
+    torch.set_num_threads(config.torch_threads)
+    env = registry.make_scenario(req.scenario, req.overrides, test=req.test)
+    world = None
+    try:
+        # Some scenarios know their state size and topology only after a reset.
+        env.reset(seed=req.seed)
+        layout = TeamLayout.of(env, req.scenario, need_state=algo_cls.centralised_critic)
+        dist_cfg = req.dist if req.dist is not None else DistConfig()
+        world = init_world(dist_cfg)
+        # prescaled: the loss is multiplied by sync.grad_scale, so the allreduce needs no averaging pass.
+        sync = make_sync(world, dist_cfg, env.topology, prescaled=True)
+        check_ranks(config, world.size)
+        torch.manual_seed(req.seed)  # identical initial weights on every rank
+        comm = Communication(req.protocol, plan.channel_spec, layout.agents, layout.obs_dim,
+                             rank_seed(req.seed, world.rank), mode=config.comm_mode, hidden_size=config.hidden_size)
+        model = build_model(algo_cls, config, layout, comm)
+        # Adam eps 1e-5 (Huang et al. 2022, detail 3).
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=1e-5, foreach=True)
+        scaler = RewardScaler(layout.n, config.gamma) if config.norm_reward else None
+        value_rms = RunningMeanStd() if config.norm_value else None
+        episode = TrainingEpisode(env, layout, comm, req.scenario, req.seed, world.rank, algo_cls.centralised_critic)
+        update, env_steps, eval_due = _restore(plan.resumed, model, optimizer, scaler, value_rms, episode, world.rank)
+        world.broadcast_state(model, optimizer)
+        world.check_identical(model)
+        if world.rank > 0:
+            torch.manual_seed(rank_seed(req.seed, world.rank))  # different action sampling per rank
+        run_id = new_run_id()
+        log = TrainLog(plan, run_id, world.is_root, world.size, env, layout, update, env_steps, on_progress)
+        policy = PolicyController(model, layout, comm, plan.method, deterministic=config.deterministic_eval)
+        buf = RolloutBuffer(config.num_steps, layout.n, layout.obs_dim + comm.message_size,
+                            critic_input_size(algo_cls, layout, comm), layout.action_dim,
+                            layout.kind == "discrete", comm.learned)
+        returns: list[float] = []  # of every finished training episode
+        finished: list[tuple[float, dict[str, float]]] = []  # (return, kpis) during this update
+        busy = env_seconds = 0.0  # rollout + update time, and the part of it inside the env
+        local_steps, last_ckpt, start = 0, None, time.perf_counter()
+
+        while env_steps < req.steps:
+            # ---- rollout
+            world.maybe_inject_failure(update)
+            tick = time.perf_counter()
+            if config.anneal_lr:  # linear decay to 0 over the run (detail 4), also after --resume
+                optimizer.param_groups[0]["lr"] = config.learning_rate * max(0.0, 1.0 - env_steps / req.steps)
+            model.eval()
+            for t in range(config.num_steps):
+                obs, delivered, amask, critic_in = episode.inputs()
+                action, logprob, cout, value = act(model, obs, delivered, amask, False, critic_in)
+                if cout is not None:
+                    comm.count_bytes(cout.bytes_sent)
+                gate = None if cout is None or cout.gate is None else cout.gate[0].numpy()
+                buf.store(t, obs, critic_in, delivered, amask, action.numpy(), logprob.numpy(),
+                          _denormalise(value.numpy(), value_rms), gate)
+                t_env = time.perf_counter()
+                out = episode.step(model.clip_action(action).numpy())
+                env_seconds += time.perf_counter() - t_env
+                local_steps += 1
+                boot = 0.0 if out.final_critic_in is None else \
+                    config.gamma * _value(model, out.final_critic_in, value_rms) * out.truncated
+                buf.record(t, out.reward, out.ended, boot)
+                if out.ended:
+                    returns.append(float(episode.episode_return.mean()))
+                    finished.append((returns[-1], episode.kpis()))
+                    if eval_due and world.is_root and req.periodic_eval_episodes > 0:
+                        busy += time.perf_counter() - tick  # evaluation time is not training time
+                        log.eval_rows(update, evaluate(env, policy, periodic_seeds(req.seed, update, req.periodic_eval_episodes)), env_steps)
+                        tick = time.perf_counter()
+                    eval_due = False
+                    t_env = time.perf_counter()
+                    episode.start()
+                    env_seconds += time.perf_counter() - t_env
+
+            # ---- advantage: GAE on scaled rewards; the truncation bootstrap is already in critic units
+            last_value = _value(model, episode.critic_after(buf.obs[-1]), value_rms)
+            rewards = (scaler.scale_rollout(buf.raw, buf.end) if scaler is not None else buf.raw) + buf.boot
+            adv, ret = compute_gae(rewards, buf.values, buf.end, last_value, config.gamma, config.gae_lambda)
+            values, targets = buf.values, ret
+            if value_rms is not None:
+                value_rms.update(ret)
+                values, targets = value_rms.normalise(buf.values), value_rms.normalise(ret)
+            batch = buf.batch(values, adv, targets)
+
+            # ---- update and sync: a peer's death (ULFM) makes the survivors shrink, re-broadcast
+            # the lowest survivor's parameters and redo the update with the new world's scale
+            model.train()
+            metrics = _with_recovery(world, model, optimizer, RankFailure, _update,
+                                     algo_cls, model, optimizer, batch, config, sync, world)
+            update += 1
+            env_steps += config.num_steps * world.size
+            busy += time.perf_counter() - tick
+
+            # ---- log
+            log.update_rows(update, metrics, env_steps, local_steps / busy, env_seconds / busy, finished,
+                            world.events, returns[-1] if returns else float("nan"))
+            finished = []
+            done = env_steps >= req.steps
+            # due evaluations run at the next episode end (a rollout may end none)
+            eval_due = eval_due or bool(config.eval_every and update % config.eval_every == 0 and not done)
+
+            # ---- checkpoint (every rank agrees on the update first; a peer may die here too)
+            if update % config.checkpoint_every == 0 or done:
+                agreed = _with_recovery(world, model, optimizer, RankFailure, world.agree, update)
+                if world.is_root:
+                    state = _state(plan, layout, run_id, model, optimizer, scaler, value_rms, episode,
+                                   update, agreed, env_steps, world.size, eval_due)
+                    last_ckpt = save_checkpoint(plan.out_dir / CHECKPOINT_DIR, update, state, config.keep_checkpoints)
+                    log.save_manifest(updates_completed=update, env_steps=env_steps,
+                                      last_checkpoint=str(last_ckpt), agreed_update=int(agreed))
+
+        # ---- final evaluation on marl run's episodes
+        train_seconds = time.perf_counter() - start
+        final: list[dict[str, float]] = []
+        if world.is_root and req.eval_episodes > 0:
+            final = evaluate(env, policy, final_seeds(req.seed, req.eval_episodes))
+            log.final_rows(update, final, env_steps)
+        sps = local_steps / busy if busy > 0 else 0.0
+        fraction = env_seconds / busy if busy > 0 else float("nan")
+        final_kpis = {k: float(np.mean([f[k] for f in final])) for k in (final[0] if final else {})}
+        log.save_manifest(updates_completed=update, env_steps=env_steps, train_seconds=train_seconds,
+                          steps_per_second=sps, final_kpis=final_kpis,
+                          env_time_fraction=None if np.isnan(fraction) else fraction)
+        return TrainResult(
+            run_id=run_id, out_dir=plan.out_dir, method=plan.method, checkpoint=last_ckpt, updates=update,
+            env_steps=env_steps, seconds=train_seconds, steps_per_second=sps, final_kpis=final_kpis,
+            env_fraction=fraction, train_returns=returns, events=list(world.events),
+        )
+    finally:
+        env.close()
+        if world is not None:
+            world.close()
+
+
+def _denormalise(v: np.ndarray, value_rms: RunningMeanStd | None) -> np.ndarray:
+    """Critic output in reward units (the critic learns normalised returns when value_rms is set)."""
+    v = v.astype(np.float64)
+    return value_rms.denormalise(v) if value_rms is not None else v
+
+
+def _value(model: ActorCritic, critic_in: np.ndarray, value_rms: RunningMeanStd | None) -> np.ndarray:
+    """V(s) [N] in reward units for one step's critic input [N, C]."""
+    with torch.inference_mode():
+        return _denormalise(model.value(torch.from_numpy(critic_in)[None])[0].numpy(), value_rms)
+
+
+def _with_recovery(world: Any, model: ActorCritic, optimizer: torch.optim.Optimizer,
+                   failure: type[Exception], collective: Callable[..., Any], *args: Any) -> Any:
+    """``collective(*args)``; after a rank failure, recover the world and call it again."""
+    while True:
+        try:
+            return collective(*args)
+        except failure:
+            world.recover(model, optimizer)
+
+
+def _update(algo_cls: Any, model: ActorCritic, optimizer: torch.optim.Optimizer, batch: Any, config: Any,
+            sync: Any, world: Any) -> dict[str, float]:
+    """The algorithm's update on this rank's batch, gradients synced; metrics averaged over ranks.
+    The loss scale is read per call: a recovery may have shrunk the world."""
+    metrics = algo_cls.update(model, optimizer, batch, config, sync_grads=sync, grad_scale=sync.grad_scale)
+    return world.mean_metrics(metrics)
+
+
+def _state(plan: TrainPlan, layout: TeamLayout, run_id: str, model: ActorCritic, optimizer: torch.optim.Optimizer,
+           scaler: RewardScaler | None, value_rms: RunningMeanStd | None, episode: TrainingEpisode,
+           update: int, agreed: int, env_steps: int, world_size: int, eval_due: bool) -> dict[str, Any]:
+    """Everything a checkpoint holds (see :mod:`marl.training.checkpoint` for the format)."""
+    state: dict[str, Any] = {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "update": update,
+        "agreed_update": int(agreed), "env_steps": env_steps, "episodes": episode.episodes_done,
+        "world_size": world_size, "torch_rng": torch.get_rng_state(), "run_id": run_id,
+        "episode": episode.state_dict(), "eval_due": eval_due,
+        "meta": json.dumps(checkpoint_meta(plan.request, plan.config, layout)),
+    }
+    if scaler is not None:
+        state["reward_scaler"] = scaler.state_dict()
+    if value_rms is not None:
+        state["value_norm"] = value_rms.state_dict()
+    return state
+
+
+def _restore(resumed: dict[str, Any] | None, model: ActorCritic, optimizer: torch.optim.Optimizer,
+             scaler: RewardScaler | None, value_rms: RunningMeanStd | None, episode: TrainingEpisode,
+             rank: int) -> tuple[int, int, bool]:
+    """Load a checkpoint into the fresh learner and episode stream (or start the first episode);
+    returns (update, env_steps, evaluation due)."""
+    if resumed is None:
+        episode.start()
+        return 0, 0, False
+    try:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"checkpoint {resumed['path']} does not fit: {str(exc).splitlines()[0]}") from None
+    if scaler is not None and "reward_scaler" in resumed:
+        scaler.load_state_dict(resumed["reward_scaler"])
+    if value_rms is not None and "value_norm" in resumed:
+        value_rms.load_state_dict(resumed["value_norm"])
+    if rank == 0 and "torch_rng" in resumed:
+        torch.set_rng_state(resumed["torch_rng"])
+    episode.episodes_done = int(resumed["episodes"])
+    if rank == 0 and "episode" in resumed:
+        episode.load_state_dict(resumed["episode"])  # replay the episode that was running
+    else:
+        episode.start()  # checkpoints written before episodes were saved: a fresh episode
+    return int(resumed["update"]), int(resumed["env_steps"]), bool(resumed.get("eval_due", False))

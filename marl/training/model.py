@@ -1,0 +1,81 @@
+"""The team's network, built from a layout, and one batched forward for acting.
+
+:func:`build_model` plugs a learned protocol (if any) between the actor's encoder and its head;
+:func:`act` is the single forward pass used by training rollouts, evaluation and
+``marl run --policy`` alike.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch.distributions import Categorical
+
+from marl.core import registry
+from marl.core.protocol import make_quantiser
+from marl.policies import ActionSpec, ActorCritic, log_prob_entropy
+from marl.training.communication import Communication
+from marl.training.layout import TeamLayout
+
+__all__ = ["act", "build_model", "critic_input_size"]
+
+
+def critic_input_size(algo_cls: Any, layout: TeamLayout, comm: Communication) -> int:
+    """The critic's input: the global state (centralised critic) or the actor's own input."""
+    return layout.state_size if algo_cls.centralised_critic else layout.obs_dim + comm.message_size
+
+
+def build_model(algo_cls: Any, config: Any, layout: TeamLayout, comm: Communication) -> ActorCritic:
+    """The ActorCritic for this team, with the learned protocol plugged between encoder and head."""
+    comms_module = None
+    if comm.learned:
+        cls = registry.load(registry.protocol_spec(comm.protocol).entry_point)
+        bits = comm.bits
+        comms_module = cls(
+            hidden_size=config.hidden_size,
+            rounds=config.comm_rounds,
+            quantise=make_quantiser(bits),
+            bytes_per_value=bits / 8.0,
+        )
+        # Channel byte model per message = header + scale + payload (comms.channel.message_bytes).
+        comm.payload_size = int(getattr(comms_module, "key_size", 0) + getattr(comms_module, "value_size", 0)) \
+            or config.hidden_size
+    action = ActionSpec(kind=layout.kind, size=layout.action_dim, low=tuple(layout.low), high=tuple(layout.high))
+    return ActorCritic(
+        n_agents=layout.n,
+        obs_dim=layout.obs_dim + comm.message_size,
+        critic_dim=critic_input_size(algo_cls, layout, comm),
+        action=action,
+        hidden=config.hidden_size,
+        shared=config.shared_parameters,
+        agent_id=config.agent_id,
+        comms=comms_module,
+    )
+
+
+def act(model: ActorCritic, obs: np.ndarray, delivered: np.ndarray | None, amask: np.ndarray | None,
+        deterministic: bool, critic_in: np.ndarray | None = None) -> tuple[Any, Any, Any, Any]:
+    """One batched no-grad forward for the whole team: (action [N..], logprob [N], comms output,
+    value [N] or None). The value is computed in the same pass when ``critic_in`` is given."""
+    with torch.inference_mode():
+        dist, cout = model.actor(
+            torch.from_numpy(obs)[None],
+            None if delivered is None else torch.from_numpy(delivered)[None],
+            None if amask is None else torch.from_numpy(amask)[None],
+            deterministic_gate=deterministic,
+        )
+        if isinstance(dist, Categorical):
+            # Straight from the logits: cheaper than Categorical.sample/log_prob per step.
+            logp_all = dist.logits  # normalised log-probabilities
+            action = logp_all.argmax(-1) if deterministic else torch.multinomial(
+                logp_all.reshape(-1, logp_all.shape[-1]).exp(), 1).reshape(logp_all.shape[:-1])
+            logprob = logp_all.gather(-1, action.unsqueeze(-1)).squeeze(-1)
+        else:
+            action = dist.mean if deterministic else dist.sample()
+            logprob, _ = log_prob_entropy(dist, action)
+        if cout is not None and cout.logprob is not None:
+            logprob = logprob + cout.logprob
+        value = None if critic_in is None else model.value(torch.from_numpy(critic_in)[None])[0]
+    return action[0], logprob[0], cout, value
