@@ -8,10 +8,19 @@ Episode 0 of a run with seed ``s`` is reset with seed ``s`` itself; episode ``e 
 derived from ``(s, e)`` by :func:`episode_seed`, so the episodes of seed 0 never repeat those of
 seed 1 (seeds must be independent samples for the confidence intervals of ``marl report``). The
 manifest lists every seed used, so a run is reproducible from it alone.
+
+Running the same command again into the same ``--out`` resumes it: episodes already recorded by
+an earlier run of the same request are not played again (their rows stay, written once), and a
+directory whose rows for this scenario, method, protocol, channel and seed came from a different
+request (another policy, another command) is refused, so no (seed, episode, metric) is ever
+recorded twice. The episode loop itself is :func:`marl.episodes.run_episode`.
 """
 
 from __future__ import annotations
 
+import csv
+import dataclasses
+import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -23,9 +32,12 @@ import numpy as np
 from marl.core import registry
 from marl.core.config import build_config
 from marl.core.controller import Controller
-from marl.core.errors import ConfigError
-from marl.core.seeding import episode_seed
+from marl.core.errors import ConcordError, ConfigError
+from marl.core.seeding import episode_seeds
+from marl.episodes import run_episode
 from marl.results.records import (
+    MANIFEST_DIR,
+    RECORDS_FILE,
     RecordWriter,
     Row,
     check_out_dir,
@@ -37,11 +49,11 @@ from marl.results.records import (
 __all__ = [
     "RunRequest",
     "RunResult",
-    "run",
-    "run_episode",
     "build_controller",
     "default_out_dir",
     "method_label",
+    "run",
+    "run_episode",  # re-exported from marl.episodes, where the loop lives
 ]
 
 
@@ -74,6 +86,16 @@ class RunRequest:
             raise ConfigError(f"bad --episodes {self.episodes}; expected an integer >= 1")
         if self.seed < 0:
             raise ConfigError(f"bad --seed {self.seed}; expected an integer >= 0")
+        if self.policy is not None and (self.controller is not None or self.controller_overrides):
+            given = f"--controller {self.controller}" if self.controller is not None else "--controller-set"
+            raise ConfigError(f"bad {given} with --policy {self.policy}: the trained policy acts; "
+                              "allowed: either --policy or --controller")
+        #: The parsed channel (None: perfect), checked once here; the runner reuses it.
+        self.channel_spec: Any = None
+        if self.channel:
+            from comms.channel import parse_channel
+
+            self.channel_spec = parse_channel(self.channel)
 
 
 @dataclass
@@ -109,15 +131,52 @@ def _build_comms(request: RunRequest, env: Any, payload_size: int) -> Any:
     if request.protocol == "none" and not request.channel:
         return None
     registry.protocol_spec(request.protocol)  # unknown names fail before any simulator starts
+    from comms.channel import ChannelSpec
     from comms.runtime import build_comms
 
+    spec = request.channel_spec or ChannelSpec()
+    if not spec.seed_given:  # the run's seed drives the channel unless the spec names one
+        spec = dataclasses.replace(spec, seed=int(request.seed))
     return build_comms(
         protocol=request.protocol,
-        channel=request.channel,
+        channel=spec,
         agents=list(env.possible_agents),
         payload_size=payload_size,
         seed=request.seed,
     )
+
+
+def recorded_episodes(out_dir: Path, request: RunRequest, method: str, channel: str) -> dict[int, dict[str, float]]:
+    """KPIs of the episodes of this request already in ``out_dir`` (by episode number).
+
+    Rows with this run's key (scenario, method, protocol, channel, seed) written by a run with a
+    different request would be pooled with ours: ConcordError, choose another ``--out``.
+    """
+    path = out_dir / RECORDS_FILE
+    if not path.exists():
+        return {}
+    key = [request.scenario, method, request.protocol, channel, str(request.seed)]
+    with path.open(newline="") as fh:
+        rows = [r for r in csv.DictReader(fh)
+                if [r["scenario"], r["method"], r["protocol"], r["channel"], r["seed"]] == key]
+    mine = {k: v for k, v in asdict(request).items() if k not in ("episodes", "out")}
+    episodes: dict[int, dict[str, float]] = {}
+    for run_id in dict.fromkeys(r["run_id"] for r in rows):
+        try:
+            theirs = json.loads((out_dir / MANIFEST_DIR / f"{run_id}.json").read_text())
+        except (OSError, ValueError):
+            theirs = {}
+        request_then = {k: v for k, v in (theirs.get("request") or {}).items() if k not in ("episodes", "out")}
+        if theirs.get("command") != "run" or request_then != mine:
+            raise ConcordError(
+                f"bad --out {out_dir}: it already holds seed {request.seed} of {method} on {request.scenario} "
+                f"from another request (run {run_id}, {theirs.get('command', 'unknown')}); "
+                "allowed: the same command again (resumes) or another --out"
+            )
+        for r in rows:
+            if r["run_id"] == run_id:
+                episodes.setdefault(int(r["episode"]), {})[r["metric"]] = float(r["value"])
+    return episodes
 
 
 def run(
@@ -130,15 +189,13 @@ def run(
     spec = registry.scenario_spec(request.scenario)
     out_dir = Path(request.out) if request.out else default_out_dir(request.scenario)
     check_out_dir(out_dir)
-    channel = _canonical_channel(request.channel)
+    channel = request.channel_spec.canonical() if request.channel_spec is not None else ""
     env = registry.make_scenario(request.scenario, request.overrides, test=request.test)
     try:
         if request.policy is not None:
-            from marl.train import policy_controller
+            from marl.training import policy_controller
 
-            controller = policy_controller(
-                request.policy, env, request.scenario, channel=request.channel or None
-            )
+            controller = policy_controller(request.policy, env, request.scenario, channel=request.channel_spec)
             method = controller.method_name
         else:
             name = request.controller or spec.default_controller
@@ -147,7 +204,8 @@ def run(
         comms = _build_comms(request, env, controller.payload_size)
 
         run_id = new_run_id()
-        seeds = [episode_seed(request.seed, e) for e in range(request.episodes)]
+        seeds = episode_seeds(request.seed, request.episodes)
+        done = recorded_episodes(out_dir, request, method, channel)
         scenario_config = asdict(env.config) if hasattr(env, "config") else None
         manifest: dict[str, Any] = {
             "run_id": run_id,
@@ -167,6 +225,11 @@ def run(
         writer: RecordWriter | None = None
         results: list[dict[str, float]] = []
         for episode, seed in enumerate(seeds):
+            if episode in done:  # recorded by an earlier run of this command: not again
+                results.append(done[episode])
+                if on_episode is not None:
+                    on_episode(episode, done[episode])
+                continue
             kpis = run_episode(env, controller, comms, seed=seed, on_step=on_step)
             results.append(kpis)
             if writer is None:
@@ -178,6 +241,7 @@ def run(
                 for metric, value in kpis.items()
             )
             manifest["episodes_completed"] = episode + 1
+            manifest["episodes_resumed"] = sorted(e for e in done if e < request.episodes)
             manifest["end_time"] = now_iso()
             writer.write_manifest(run_id, manifest)
             if on_episode is not None:
@@ -185,54 +249,3 @@ def run(
         return RunResult(run_id=run_id, out_dir=out_dir, method=method, episodes=results)
     finally:
         env.close()
-
-
-def _canonical_channel(spec: str) -> str:
-    """One spelling per channel setting (sorted keys, defaults dropped) so reports group right."""
-    if not spec:
-        return ""
-    from comms.channel import parse_channel
-
-    return parse_channel(spec).canonical()
-
-
-def run_episode(
-    env: Any,
-    controller: Controller,
-    comms: Any = None,
-    *,
-    seed: int,
-    on_step: Callable[[int], None] | None = None,
-) -> dict[str, float]:
-    """One episode; returns the scenario's KPIs plus ``return`` and, with comms, channel stats.
-
-    ``return`` is the undiscounted episode reward summed over steps, averaged over agents.
-    """
-    observations, _ = env.reset(seed=seed)
-    controller.reset(env, seed)
-    if comms is not None:
-        comms.reset(env.topology)
-    reward_sum: dict[str, float] = {a: 0.0 for a in env.possible_agents}
-    steps = 0
-    while env.agents:
-        messages = None
-        if comms is not None:
-            messages = comms.exchange(controller.payload(observations, env), env.topology)
-        actions = controller.act(observations, env, messages)
-        observations, rewards, _, _, _ = env.step(actions)
-        for agent, reward in rewards.items():
-            reward_sum[agent] += float(reward)
-        steps += 1
-        if on_step is not None:
-            on_step(steps)
-    kpis = {k: float(v) for k, v in env.episode_kpis().items()}
-    kpis["return"] = float(np.mean(list(reward_sum.values()))) if reward_sum else 0.0
-    kpis["env_steps"] = float(steps)
-    if comms is not None:
-        kpis.update({k: float(v) for k, v in comms.stats().items()})
-    # Trained policies with learned protocols count their own bytes (a gate that stays silent
-    # sends nothing); they report them here.
-    episode_stats = getattr(controller, "episode_stats", None)
-    if episode_stats is not None:
-        kpis.update({k: float(v) for k, v in episode_stats().items()})
-    return kpis
