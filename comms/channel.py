@@ -53,7 +53,7 @@ from typing import Any
 import networkx as nx
 import numpy as np
 
-from marl.core.errors import ConfigError, unknown
+from marl.core.errors import ConfigError, show, unknown
 
 __all__ = [
     "ChannelSpec",
@@ -75,6 +75,22 @@ __all__ = [
 HEADER_BYTES = 8  #: sender id (2) + receiver id (2) + step (4)
 SCALE_BYTES = 8  #: float32 offset + float32 step of the uniform quantiser (bits < 32 only)
 ALLOWED_BITS = (32, 16, 8, 1)
+#: Longest delay a spec may ask for, in steps: longer than any episode Concord runs (a traffic
+#: hour at 1 s steps is 3600), so a larger value can only be a typo such as ``delay=1e9``.
+MAX_DELAY = 10_000
+#: What each channel key accepts, as every message about a bad value says it.
+ALLOWED = {
+    "drop": "a probability in [0, 1]",
+    "delay": f"an integer 0..{MAX_DELAY} (steps)",
+    "bits": "one of " + ", ".join(map(str, ALLOWED_BITS)),
+    "budget": "an integer >= 0 (bytes per agent per step) or none",
+    "crash": "a count >= 0 or agent ids joined by + (crash=tls_1+tls_4)",
+    "seed": "an integer >= 0",
+}
+
+
+def _bad(key: str, value: object) -> ConfigError:
+    return ConfigError(f"bad channel {key}={show(value)}; allowed: {ALLOWED[key]}")
 
 
 @dataclass(frozen=True)
@@ -96,19 +112,24 @@ class ChannelSpec:
     seed_given: bool = field(default=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.crash, (list, set, frozenset)):
-            object.__setattr__(self, "crash", tuple(self.crash))
-        if not (isinstance(self.drop, (int, float)) and 0.0 <= float(self.drop) <= 1.0):
-            raise ConfigError(f"bad channel drop={self.drop}; allowed: a probability in [0, 1]")
-        if not isinstance(self.delay, (int, np.integer)) or self.delay < 0:
-            raise ConfigError(f"bad channel delay={self.delay}; allowed: an integer >= 0 (steps)")
+        if isinstance(self.crash, (list, tuple, set, frozenset)):
+            # Crashed ids are a set: one order, no repeats, and no ids at all is no crash.
+            ids = tuple(sorted(dict.fromkeys(str(i) for i in self.crash)))
+            object.__setattr__(self, "crash", ids if ids else 0)
+        if isinstance(self.drop, bool) or not (
+            isinstance(self.drop, (int, float)) and 0.0 <= float(self.drop) <= 1.0
+        ):
+            raise _bad("drop", self.drop)
+        if not _is_int(self.delay) or not 0 <= self.delay <= MAX_DELAY:
+            raise _bad("delay", self.delay)
         if self.bits not in ALLOWED_BITS:
-            allowed = ", ".join(map(str, ALLOWED_BITS))
-            raise ConfigError(f"bad channel bits={self.bits}; allowed: {allowed}")
-        if self.budget is not None and self.budget < 0:
-            raise ConfigError(f"bad channel budget={self.budget}; allowed: an integer >= 0 (bytes/step)")
+            raise _bad("bits", self.bits)
+        if self.budget is not None and (not _is_int(self.budget) or self.budget < 0):
+            raise _bad("budget", self.budget)
         if isinstance(self.crash, int) and self.crash < 0:
-            raise ConfigError(f"bad channel crash={self.crash}; allowed: a count >= 0 or ids a+b")
+            raise _bad("crash", self.crash)
+        if not _is_int(self.seed) or self.seed < 0:
+            raise _bad("seed", self.seed)
 
     def canonical(self) -> str:
         """The one spelling of this setting: ``key=value`` pairs in sorted key order, only values
@@ -141,6 +162,10 @@ class ChannelSpec:
 _INT_KEYS = {"delay", "bits", "budget", "seed"}
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def parse_channel(spec: str) -> ChannelSpec:
     """Parse ``"drop=0.1,delay=1,bits=8,budget=256,crash=3"``; ``""`` is a perfect channel.
 
@@ -154,11 +179,11 @@ def parse_channel(spec: str) -> ChannelSpec:
         key, sep, text = part.partition("=")
         key, text = key.strip(), text.strip()
         if not sep or not key:
-            raise ConfigError(f"bad channel item '{part}'; expected key=value, e.g. drop=0.1,delay=1")
+            raise ConfigError(f"bad channel item {show(part)}; expected key=value, e.g. drop=0.1,delay=1")
         if key not in allowed:
             raise unknown("channel key", key, allowed)
         if key in values:
-            raise ConfigError(f"bad channel '{spec}': key '{key}' given twice; allowed: each key once")
+            raise ConfigError(f"bad channel {show(spec)}: key '{key}' given twice; allowed: each key once")
         try:
             if key == "drop":
                 values[key] = float(text)
@@ -169,7 +194,7 @@ def parse_channel(spec: str) -> ChannelSpec:
             elif key == "crash":
                 values[key] = int(text) if text.isdigit() else tuple(t for t in text.split("+") if t)
         except ValueError:
-            raise ConfigError(f"bad channel {key}={text!r}; expected a number") from None
+            raise _bad(key, text) from None
     return ChannelSpec(**values, seed_given="seed" in values)
 
 

@@ -21,7 +21,7 @@ from comms.protocols.base import Protocol
 from marl.core import registry
 from marl.core.errors import ConfigError
 
-__all__ = ["CommsRuntime", "build_comms", "validate_comms"]
+__all__ = ["CommsRuntime", "build_comms", "validate_comms", "validate_protocol"]
 
 
 class CommsRuntime:
@@ -90,9 +90,8 @@ class CommsRuntime:
         return totals
 
 
-def validate_comms(protocol: str, channel: str) -> None:
-    """Check a protocol name and channel spec before any simulator starts (agent ids in
-    ``crash=`` are checked later, when the agents are known)."""
+def validate_protocol(protocol: str) -> None:
+    """Check that ``protocol`` names a rule-based protocol (learned ones need ``marl train``)."""
     spec = registry.protocol_spec(protocol)
     if spec.learned:
         raise ConfigError(
@@ -100,18 +99,26 @@ def validate_comms(protocol: str, channel: str) -> None:
             + ", ".join(sorted(n for n, s in registry.protocols().items() if not s.learned))
             + ")"
         )
+
+
+def validate_comms(protocol: str, channel: str) -> None:
+    """Check a protocol name and channel spec before any simulator starts (agent ids in
+    ``crash=`` are checked later, when the agents are known)."""
+    validate_protocol(protocol)
     parse_channel(channel)
 
 
 def build_comms(
     protocol: str, channel: str | ChannelSpec, agents: list[str], payload_size: int, seed: int
 ) -> CommsRuntime:
-    """Build the runtime for a rule-based ``protocol`` over the ``channel`` spec string.
+    """Build the runtime for a rule-based ``protocol`` over ``channel``.
 
-    The channel's randomness is seeded from ``seed`` unless the spec names its own ``seed=``
-    (``seed=0`` included; a canonical spec keeps a given seed, see ChannelSpec.canonical).
+    ``channel`` is a parsed :class:`ChannelSpec` (the CLI parses the user's text once, at the
+    edge) or, for callers that hold only text, a spec string parsed here. The channel's
+    randomness is seeded from ``seed`` unless the spec names its own ``seed=`` (``seed=0``
+    included; a canonical spec keeps a given seed, see ChannelSpec.canonical).
     """
-    validate_comms(protocol, "" if isinstance(channel, ChannelSpec) else channel)
+    validate_protocol(protocol)
     spec = registry.protocol_spec(protocol)
     if isinstance(channel, ChannelSpec):
         channel_spec = channel

@@ -19,8 +19,8 @@ from rich.table import Table
 
 from marl.core import registry
 from marl.core.config import build_config, parse_sets
-from marl.options import channel_option, protocol_option, seed_option, set_option
-from marl.core.errors import ConcordError, closest, unknown
+from marl.core.errors import ConcordError, closest, one_line, unknown
+from marl.options import channel_option, out_option, protocol_option, seed_option, set_option
 
 __all__ = ["app", "main"]
 
@@ -108,7 +108,7 @@ def list_command(kind: str) -> None:
 @click.option("--controller", default=None, help="Controller (see 'marl list controllers'); default: the scenario's.")
 @click.option("--episodes", type=int, default=1, help="Number of episodes.")
 @seed_option
-@click.option("--out", default=None, help="Results directory; default results/<scenario>-<time>.")
+@out_option("Results directory; default results/<scenario>-<time>.")
 @set_option
 @click.option(
     "--controller-set",
@@ -138,29 +138,35 @@ def run_command(
 
     from marl.runner import RunRequest, run
 
+    # Validate every name and value before a simulator starts, so errors come at once. The
+    # channel spec is parsed here, once; what goes on is its canonical spelling.
+    spec = registry.scenario_spec(scenario)
+    controller_overrides = parse_sets(controller_set, "--controller-set")
+    if policy is None:
+        name = controller or spec.default_controller
+        controller_cls = registry.load(registry.controller_spec(spec.domain, name).entry_point)
+        build_config(controller_cls.Config, controller_overrides, what="--controller-set key",
+                     owner=f"controller {name}")
+    overrides = parse_sets(set_)
+    registry.scenario_config(scenario, overrides)
+    if protocol != "none" or channel:
+        from comms.channel import parse_channel
+        from comms.runtime import validate_protocol
+
+        validate_protocol(protocol)
+        channel = parse_channel(channel).canonical()
     request = RunRequest(
         scenario=scenario,
         controller=controller,
         episodes=episodes,
         seed=seed,
         out=out,
-        overrides=parse_sets(set_),
-        controller_overrides=parse_sets(controller_set),
+        overrides=overrides,
+        controller_overrides=controller_overrides,
         protocol=protocol,
         channel=channel,
         policy=policy,
     )
-    # Validate names before a simulator starts, so errors come at once.
-    spec = registry.scenario_spec(scenario)
-    if policy is None:
-        name = controller or spec.default_controller
-        controller_cls = registry.load(registry.controller_spec(spec.domain, name).entry_point)
-        build_config(controller_cls.Config, request.controller_overrides, what="--controller-set key")
-    registry.scenario_config(scenario, request.overrides)
-    if protocol != "none" or channel:
-        from comms.runtime import validate_comms
-
-        validate_comms(protocol, channel)
 
     progress = Progress(
         TextColumn("[bold]{task.description}"),
@@ -224,9 +230,7 @@ def _usage_hint(exc: click.UsageError) -> str:
         hint = closest(exc.option_name, allowed)
         did = f"; did you mean '{hint}'?" if hint else ""
         return f"unknown option '{exc.option_name}'{did} allowed: {', '.join(allowed)}"
-    if isinstance(exc, click.BadParameter):
-        return exc.format_message().replace("\n", " ")
-    return exc.format_message().replace("\n", " ")
+    return exc.format_message()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,10 +245,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except click.UsageError as exc:
         where = exc.ctx.command_path if exc.ctx is not None else "marl"
-        err.print(f"{where}: error: {_usage_hint(exc)}", markup=False)
+        # one_line: click echoes the user's text; a newline or escape in it must not reach the terminal raw.
+        err.print(f"{where}: error: {one_line(_usage_hint(exc))}", markup=False)
         return 2
     except ConcordError as exc:
-        err.print(f"marl: error: {exc}", markup=False)
+        err.print(f"marl: error: {one_line(str(exc))}", markup=False)
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code

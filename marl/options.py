@@ -6,9 +6,23 @@ CLI that mounts those same modules (``python -m marl.cli`` would otherwise impor
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 import click
 
-__all__ = ["set_option", "protocol_option", "channel_option", "channels_option", "seed_option", "CHANNEL_HELP"]
+__all__ = [
+    "set_option",
+    "protocol_option",
+    "channel_option",
+    "channels_option",
+    "seed_option",
+    "out_option",
+    "check_out_value",
+    "CHANNEL_HELP",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 # One definition each, so names and help never drift apart between commands.
 set_option = click.option(
@@ -33,3 +47,18 @@ channels_option = click.option(
     help=CHANNEL_HELP + " Repeatable: one setting each (--channel drop=0 --channel drop=0.3); default: perfect.",
 )
 seed_option = click.option("--seed", type=int, default=0, help="Seed (episode e of a run uses seed+e).")
+
+
+def check_out_value(ctx: click.Context | None, param: click.Parameter | None, value: str | None) -> str | None:
+    """Click callback of ``--out``: an empty or blank path is refused (it used to fall back to
+    the default directory silently); None (option not given) passes through."""
+    from marl.core.errors import ConfigError
+
+    if value is not None and not value.strip():
+        raise ConfigError(f"bad --out {value!r}; expected a directory path, e.g. --out results/NAME")
+    return value
+
+
+def out_option(help_text: str, *, required: bool = False) -> Callable[[F], F]:
+    """``--out DIR`` with the empty-path check; ``help_text`` says what the default is."""
+    return click.option("--out", default=None, required=required, callback=check_out_value, help=help_text)

@@ -175,9 +175,15 @@ def test_parse_channel_good_and_bad():
     for bad, needle in [
         ("drop=1.5", "[0, 1]"),
         ("drop=-0.1", "[0, 1]"),
-        ("delay=-1", ">= 0"),
+        ("delay=-1", "delay='-1'; allowed: an integer 0..10000"),
         ("bits=4", "32, 16, 8, 1"),
-        ("delay=x", "number"),
+        # Not "expected a number": 1.5 and 1e9 are numbers; say which integers are allowed.
+        ("delay=x", "delay='x'; allowed: an integer 0..10000 (steps)"),
+        ("delay=1.5", "delay='1.5'; allowed: an integer 0..10000 (steps)"),
+        ("delay=1e9", "delay='1e9'; allowed: an integer 0..10000 (steps)"),
+        ("delay=10001", "allowed: an integer 0..10000"),
+        ("seed=-1", "seed='-1'; allowed: an integer >= 0"),
+        ("budget=1.5", "budget='1.5'; allowed: an integer >= 0"),
     ]:
         with pytest.raises(ConfigError, match=re_escape(needle)):
             parse_channel(bad)

@@ -129,7 +129,7 @@ def test_record_writer_refuses_foreign_csv(tmp_path) -> None:
         (["run", "nosuch/:x:y"], "unknown scenario 'nosuch/:x:y'"),
         (
             ["run", "warehouse/small", "--controller", "greedy", "--controller-set", "patiense=0"],
-            "unknown --controller-set key for GreedyConfig 'patiense'; did you mean 'patience'?",
+            "unknown --controller-set key for controller greedy 'patiense'; did you mean 'patience'?",
         ),
         (["run", "traffic/grid4x4", "--controller", "volt-var"], "unknown controller for traffic"),
     ],

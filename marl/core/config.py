@@ -16,26 +16,43 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
-from marl.core.errors import ConfigError, unknown
+from marl.core.errors import ConfigError, show, unknown
 
-__all__ = ["parse_sets", "build_config", "coerce", "describe_config", "config_help", "to_dict"]
+__all__ = [
+    "parse_sets",
+    "build_config",
+    "coerce",
+    "describe_config",
+    "config_help",
+    "to_dict",
+    "check_local_processes",
+    "PROCESSES_PER_CORE",
+    "PROCESS_MEMORY_BYTES",
+]
 
 C = TypeVar("C")
 
 
-def parse_sets(pairs: Iterable[str]) -> dict[str, str]:
-    """Split ``["a=1", "b=x"]`` into ``{"a": "1", "b": "x"}``; a pair without '=' is an error."""
+def parse_sets(pairs: Iterable[str], option: str = "--set") -> dict[str, str]:
+    """Split ``["a=1", "b=x"]`` into ``{"a": "1", "b": "x"}``.
+
+    A pair without '=' or with an empty key is an error, and so is a key given twice
+    (``a=1 a=2`` would otherwise silently keep the last). ``option`` names the flag in messages.
+    """
     out: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ConfigError(f"bad --set value '{pair}'; expected key=value, e.g. --set horizon=600")
+            raise ConfigError(f"bad {option} value {show(pair)}; expected key=value, e.g. {option} horizon=600")
+        if key in out:
+            raise ConfigError(f"bad {option} {show(key)}: given twice; allowed: each key once")
         out[key] = value.strip()
     return out
 
@@ -63,11 +80,11 @@ def coerce(name: str, value: Any, annotation: Any) -> Any:
                 return coerce(name, value, arg)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"bad value for {name}: {value!r}")
+        raise ConfigError(errors[0] if errors else f"bad value for {name}: {show(value)}")
     if origin is typing.Literal:
         allowed = [str(a) for a in args]
         if str(value) not in allowed:
-            raise ConfigError(f"bad value for {name}: '{value}'; allowed: {', '.join(allowed)}")
+            raise ConfigError(f"bad value for {name}: {show(value)}; allowed: {', '.join(allowed)}")
         return args[allowed.index(str(value))]
     if origin in (tuple, list):
         items = value.split(",") if isinstance(value, str) else list(value)
@@ -83,16 +100,16 @@ def coerce(name: str, value: Any, annotation: Any) -> Any:
             return True
         if text in _FALSE:
             return False
-        raise ConfigError(f"bad value for {name}: '{value}'; expected true or false")
+        raise ConfigError(f"bad value for {name}: {show(value)}; expected true or false")
     if annotation in (int, float):
         if isinstance(value, bool):
-            raise ConfigError(f"bad value for {name}: '{value}'; expected {_KIND[annotation]}")
+            raise ConfigError(f"bad value for {name}: {show(value)}; expected {_KIND[annotation]}")
         try:
             number = annotation(value) if annotation is float else _to_int(value)
         except (TypeError, ValueError, OverflowError):
-            raise ConfigError(f"bad value for {name}: '{value}'; expected {_KIND[annotation]}") from None
+            raise ConfigError(f"bad value for {name}: {show(value)}; expected {_KIND[annotation]}") from None
         if not math.isfinite(number):
-            raise ConfigError(f"bad value for {name}: '{value}'; expected a finite number")
+            raise ConfigError(f"bad value for {name}: {show(value)}; expected a finite number")
         return number
     if annotation is str:
         return str(value)
@@ -115,11 +132,15 @@ def _to_int(value: Any) -> int:
     return int(text)
 
 
-def build_config(cls: type[C], *layers: Mapping[str, Any] | None, what: str = "option") -> C:
+def build_config(
+    cls: type[C], *layers: Mapping[str, Any] | None, what: str = "option", owner: str | None = None
+) -> C:
     """Instantiate dataclass ``cls`` from ``layers`` of overrides (later layers win).
 
     Unknown keys raise :class:`~marl.core.errors.UnknownNameError` with the closest field name; values
     are coerced to the field's type. The dataclass's ``__post_init__`` may validate ranges.
+    ``owner`` is how messages name what is configured (``"controller 'random'"``); default: the
+    class name.
     """
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
@@ -129,7 +150,11 @@ def build_config(cls: type[C], *layers: Mapping[str, Any] | None, what: str = "o
     for layer in layers:
         for key, value in (layer or {}).items():
             if key not in fields:
-                raise unknown(f"{what} for {cls.__name__}", key, fields)
+                if not fields:  # say so plainly instead of listing "(none)"
+                    raise ConfigError(
+                        f"bad {what} {show(key)}: {owner or cls.__name__} takes no parameters"
+                    )
+                raise unknown(f"{what} for {owner or cls.__name__}", key, fields)
             merged[key] = coerce(key, value, hints[key])
     try:
         return cls(**merged)
@@ -170,3 +195,53 @@ def describe_config(config: Any) -> str:
         comment = f"  # {helps[key]}" if helps.get(key) else ""
         lines.append(f"{key} = {value!r}{comment}")
     return "\n".join(lines)
+
+
+#: Processes per core one machine may be asked to run (``--ranks``, ``--jobs``): beyond this a
+#: 2-core machine only queues work, and every process holds its own simulator and libraries.
+PROCESSES_PER_CORE = 4
+#: Memory one Concord process needs at least (Python, numpy/torch, a simulator), in bytes: the
+#: bound that still holds with ``--oversubscribe``.
+PROCESS_MEMORY_BYTES = 300 * 2**20
+
+
+def _available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_local_processes(
+    option: str, count: int, *, oversubscribe: bool = False, cores: int | None = None,
+    memory: int | None = None,
+) -> None:
+    """Refuse to start ``count`` processes on this machine when it cannot hold them.
+
+    Without ``oversubscribe`` the limit is :data:`PROCESSES_PER_CORE` per core; with it, what
+    the available memory holds at :data:`PROCESS_MEMORY_BYTES` each. ``cores`` and ``memory``
+    (bytes) default to this machine's. Raises a ConfigError naming ``option`` and the limit.
+    """
+    cores = cores if cores is not None else (os.cpu_count() or 1)
+    if not oversubscribe:
+        limit = PROCESSES_PER_CORE * cores
+        if count > limit:
+            raise ConfigError(
+                f"bad {option} {count}; allowed: 1..{limit} on this machine ({cores} cores x "
+                f"{PROCESSES_PER_CORE}); add --oversubscribe to go beyond, up to what memory holds"
+            )
+        return
+    memory = memory if memory is not None else _available_memory()
+    if memory is None:
+        return
+    limit = max(1, memory // PROCESS_MEMORY_BYTES)
+    if count > limit:
+        raise ConfigError(
+            f"bad {option} {count}; allowed: 1..{limit} even with --oversubscribe "
+            f"({memory / 2**30:.1f} GiB available, {PROCESS_MEMORY_BYTES // 2**20} MiB per process)"
+        )

@@ -19,6 +19,8 @@ __all__ = [
     "CheckpointError",
     "closest",
     "unknown",
+    "show",
+    "one_line",
 ]
 
 
@@ -47,6 +49,44 @@ class CheckpointError(ConcordError, RuntimeError):
     """A checkpoint that is missing, corrupt, or does not fit the model."""
 
 
+def _escape(text: str) -> str:
+    """``text`` with every non-printable character (controls, NUL, ESC, a BOM, line breaks)
+    written as a Python escape, so what a terminal shows is exactly what the input held."""
+    out = []
+    for ch in text:
+        if ch.isprintable():
+            out.append(ch)
+        elif ch in "\n\r\t":
+            out.append({"\n": "\\n", "\r": "\\r", "\t": "\\t"}[ch])
+        elif ord(ch) < 0x100:
+            out.append(f"\\x{ord(ch):02x}")
+        elif ord(ch) < 0x10000:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(f"\\U{ord(ch):08x}")
+    return "".join(out)
+
+
+def show(value: object) -> str:
+    """A user-supplied value as it goes into an error message: in single quotes, control
+    characters escaped repr-style (``'a\\x00b'``), never a raw NUL, escape sequence or newline.
+
+    Every ConcordError message that echoes user input passes the input through here.
+
+    >>> show("grid\x1b[31m")
+    "'grid\\\\x1b[31m'"
+    """
+    return "'" + _escape(str(value)) + "'"
+
+
+def one_line(message: str) -> str:
+    """``message`` made safe to print as one terminal line: control characters escaped.
+
+    The CLI's last line of defence for messages that did not use :func:`show`.
+    """
+    return _escape(message)
+
+
 def closest(name: str, allowed: Iterable[str]) -> str | None:
     """The allowed value most similar to ``name``, or None when nothing is close."""
     matches = difflib.get_close_matches(name, list(allowed), n=1, cutoff=0.5)
@@ -58,9 +98,11 @@ def unknown(kind: str, name: str, allowed: Iterable[str]) -> UnknownNameError:
 
     >>> str(unknown("scenario", "traffic/grid4", ["traffic/grid4x4"]))
     "unknown scenario 'traffic/grid4'; did you mean 'traffic/grid4x4'? allowed: traffic/grid4x4"
+    >>> str(unknown("scenario", "nodomain", ["a/b"]))
+    "unknown scenario 'nodomain'; allowed: a/b"
     """
     allowed = sorted(allowed)
     hint = closest(name, allowed)
-    did_you_mean = f"; did you mean '{hint}'?" if hint else ""
+    did_you_mean = f"; did you mean {show(hint)}?" if hint else ";"
     listing = ", ".join(allowed) if allowed else "(none)"
-    return UnknownNameError(f"unknown {kind} '{name}'{did_you_mean} allowed: {listing}")
+    return UnknownNameError(f"unknown {kind} {show(name)}{did_you_mean} allowed: {listing}")
