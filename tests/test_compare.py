@@ -15,10 +15,16 @@ from pathlib import Path
 import pytest
 
 from marl.cli import main
-from marl.results.compare import cell_key, plan_grid
+from comms.channel import parse_channel
+from marl.compare import cell_key, plan_grid
 
 SCENARIO = "warehouse/small"
 SHORT = ["--set", "horizon=30"]
+
+
+def _specs(*texts: str) -> list:
+    """Channel specs as the CLI hands them to plan_grid: parsed once, at the edge."""
+    return [parse_channel(t) for t in texts]
 
 
 def _rows(out: Path) -> list[tuple[str, ...]]:
@@ -41,11 +47,11 @@ def _assert_complete(out: Path, cells: int, metrics_per_episode: int | None = No
 
 def test_plan_grid_runs_non_talking_controllers_once():
     plan = plan_grid(SCENARIO, methods=["greedy"], protocols=["none", "neighbours"],
-                     channels=["", "drop=0.3"], seeds=2)
+                     channels=_specs("", "drop=0.3"), seeds=2)
     assert [(c.protocol, c.channel, c.seed) for c in plan.cells] == [("none", "", 0), ("none", "", 1)]
     assert len(plan.skipped) == 3 and all("does not read messages" in s.reason for s in plan.skipped)
     talking = plan_grid("traffic/grid4x4", methods=["max-pressure-coordinated"],
-                        protocols=["none", "neighbours"], channels=["drop=0", "drop=0.3"], seeds=3)
+                        protocols=["none", "neighbours"], channels=_specs("drop=0", "drop=0.3"), seeds=3)
     # drop=0 is the perfect channel (""). Protocol none sends nothing: once per seed on the perfect
     # channel; neighbours on both channel settings.
     assert sorted({(c.protocol, c.channel) for c in talking.cells}) == [
@@ -54,7 +60,7 @@ def test_plan_grid_runs_non_talking_controllers_once():
     assert [(s.protocol, s.channel) for s in talking.skipped] == [("none", "drop=0.3")]
     # One setting, however it is spelled: canonical spec in cells, keys and the channel column.
     spelled = plan_grid("traffic/grid4x4", methods=["max-pressure-coordinated"], protocols=["neighbours"],
-                        channels=["drop=0.3,bits=8", "bits=8,drop=0.3", "bits=8, drop=0.30,delay=0"], seeds=1)
+                        channels=_specs("drop=0.3,bits=8", "bits=8,drop=0.3", "bits=8, drop=0.30,delay=0"), seeds=1)
     assert [(c.channel, c.key) for c in spelled.cells] == [
         ("bits=8,drop=0.3", "max-pressure-coordinated__neighbours__bits=8_drop=0.3__seed0")]
     assert cell_key("a", "none", "drop=0.3,delay=1", 2) == "a__none__drop=0.3_delay=1__seed2"
@@ -200,7 +206,7 @@ def test_cells_spread_over_mpi_ranks(tmp_path):
 @pytest.mark.slow
 def test_algo_cells_train_and_report(tmp_path):
     """--algo: each cell trains (marl.train) and its final evaluation lands in the table."""
-    pytest.importorskip("marl.train", reason="training not built")
+    pytest.importorskip("marl.training", reason="training not built")
     out = tmp_path / "grid"
     assert main(["compare", "traffic/single-intersection", "--algo", "ippo", "--steps", "64",
                  "--seeds", "1", "--set", "end=150", "--jobs", "1", "--out", str(out)]) == 0

@@ -10,8 +10,11 @@ Examples::
 
 Every cell runs in its own process and writes its own directory, so the command is resumable:
 run it again and only unfinished cells run. A failed cell is recorded (cells/<key>/error.txt,
-failures.json) and the others go on; the exit code is then 1. See marl/results/compare.py for the
-directory layout and for how non-talking controllers are handled.
+failures.json) and the others go on; the exit code is then 1. Bad input — a name, a value, a map
+or route file the scenario cannot load, an --out that cannot be written, more --jobs or --ranks
+than the machine holds — is refused with exit code 2 before any cell starts. See
+marl/results/cells.py for the directory layout and marl/compare.py for how non-talking
+controllers are handled.
 """
 
 from __future__ import annotations
@@ -23,12 +26,12 @@ from typing import TYPE_CHECKING
 
 import click
 
-from marl.options import channels_option, set_option
+from marl.options import channels_option, out_option, set_option
 
 if TYPE_CHECKING:  # only for annotations: keep `marl --help` free of these imports
     from rich.console import Console
 
-    from marl.results.compare import Cell, GridPlan
+    from marl.compare import Cell, GridPlan
 
 __all__ = ["command"]
 
@@ -52,8 +55,10 @@ def _split(text: str | None) -> list[str]:
 @click.option("--episodes", type=int, default=1, help="Evaluation episodes per cell.")
 @click.option("--jobs", type=int, default=None, help="Parallel processes; default: number of CPUs.")
 @click.option("--ranks", type=int, default=1, help="Spread cells over N MPI ranks (relaunches under mpiexec).")
+@click.option("--oversubscribe", is_flag=True,
+              help="Allow more --ranks/--jobs than 4 per core (up to what memory holds).")
 @set_option
-@click.option("--out", required=True, help="Results directory, e.g. results/NAME (rerun to resume).")
+@out_option("Results directory, e.g. results/NAME (rerun to resume).", required=True)
 @click.option("--inject-failure", default="", hidden=True, help="Regex: cells whose key matches fail (tests).")
 def command(
     scenario: str,
@@ -66,6 +71,7 @@ def command(
     episodes: int,
     jobs: int | None,
     ranks: int,
+    oversubscribe: bool,
     set_: tuple[str, ...],
     out: str,
     inject_failure: str,
@@ -74,40 +80,55 @@ def command(
     into OUT; then 'marl report OUT' makes the tables and figures."""
     from rich.console import Console
 
-    from marl.core.config import parse_sets
+    from comms.channel import parse_channel
+    from marl.compare import plan_grid, preflight, write_plan
+    from marl.core.config import check_local_processes, parse_sets
     from marl.core.errors import ConfigError
-    from marl.results.compare import merge_cells, plan_grid, write_plan
+    from marl.results.cells import collect_cells, merge_cells, stale_cells
+    from marl.results.records import check_out_dir, make_out_dir
 
     # emoji=False: user values such as a cell key or error text with ":x:" must print verbatim.
     err = Console(stderr=True, highlight=False, emoji=False)
+    # Every check below runs before any cell, simulator or MPI launcher starts (exit code 2).
     if (controllers is None) == (algo is None):
         raise ConfigError("give exactly one of --controllers a,b or --algo NAME")
     if algo is not None and (steps is None or steps < 1):
         raise ConfigError(f"bad --steps {steps}; --algo needs --steps N with N >= 1")
     if jobs is not None and jobs < 1:
         raise ConfigError(f"bad --jobs {jobs}; expected an integer >= 1")
+    if jobs is not None:
+        check_local_processes("--jobs", jobs, oversubscribe=oversubscribe)
     if ranks < 1:
         raise ConfigError(f"bad --ranks {ranks}; expected an integer >= 1")
+    launched = any(v in os.environ for v in _LAUNCHER_MARKERS)
+    if not launched:  # the launcher checks again; this way no preflight simulator starts first
+        check_local_processes("--ranks", ranks, oversubscribe=oversubscribe)
+    check_out_dir(out)
+    overrides = parse_sets(set_)
+    channel_specs = [parse_channel(text) for text in channels]  # parsed once, here; trusted inside
     plan = plan_grid(
         scenario,
         methods=_split(controllers) if controllers is not None else [algo or ""],
         kind="controller" if controllers is not None else "algo",
         protocols=_split(protocols) or ["none"],
-        channels=list(channels) or [""],  # plan_grid dedupes by canonical spelling
+        channels=channel_specs,  # plan_grid dedupes by canonical spelling
         seeds=seeds,
         episodes=episodes,
-        overrides=parse_sets(set_),
+        overrides=overrides,
         steps=steps,
     )
+    if not launched:  # under MPI the command that launched us has checked already
+        preflight(scenario, overrides, channel_specs)
+    make_out_dir(out)
 
     world = None
     # Cheap check first: marl.distributed imports torch, which a plain compare does not need.
-    if ranks > 1 or any(v in os.environ for v in _LAUNCHER_MARKERS):
+    if ranks > 1 or launched:
         try:
             from marl.distributed import DistConfig, init_world, launch_if_needed
         except ImportError as exc:
             raise ConfigError(f"--ranks needs marl.distributed, which is not available: {exc}") from None
-        dist = DistConfig(ranks=ranks)
+        dist = DistConfig(ranks=ranks, oversubscribe=oversubscribe)
         launch_if_needed(dist, sys.argv)  # execs mpiexec and exits when not yet under a launcher
         world = init_world(dist)
     rank, size = (world.rank, world.size) if world is not None else (0, 1)
@@ -129,8 +150,6 @@ def command(
         if rank != 0:
             return 0
     finished, rows = merge_cells(out)
-    from marl.results.compare import collect_cells, stale_cells
-
     _, failed = collect_cells(out)  # failures of this plan's cells only (not stale directories)
     stale = stale_cells(out)
     if stale:
@@ -163,7 +182,7 @@ def _run_with_progress(
     """Run ``cells`` with a rich progress bar; returns (cells run now, cells already done)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from marl.results.compare import CellOutcome, run_grid
+    from marl.compare import CellOutcome, run_grid
 
     counts = {"done": 0, "skipped": 0, "failed": 0}
     running: dict[str, tuple[int, float]] = {}  # key -> (env steps, fraction done)

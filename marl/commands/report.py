@@ -95,6 +95,18 @@ def build_report(
         goals[scenario].goal(metric)  # records a note for metrics without a known goal
 
     notes: list[str] = []
+    nonfinite = aggregate.nonfinite_seeds(frame, chosen)
+    if nonfinite:
+        shown = "; ".join(nonfinite[:10]) + (f"; and {len(nonfinite) - 10} more" if len(nonfinite) > 10 else "")
+        notes.append(
+            f"{len(nonfinite)} seed value(s) are not finite (nan or inf) and were left out, so those "
+            f"rows rest on fewer seeds (n_seeds counts only the finite ones): {shown}"
+        )
+    if results.dropped_repeats:
+        notes.append(
+            f"{results.dropped_repeats} training-log row(s) were logged twice (a run resumed from a "
+            "checkpoint repeats the updates after it); the later run's rows were kept"
+        )
     few = summary[summary["n_seeds"] < 2]
     if not few.empty:
         notes.append(

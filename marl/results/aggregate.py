@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from marl.core.errors import ConcordError, unknown
+from marl.core.errors import ConcordError, show, unknown
 from marl.results import stats
-from marl.results.records import COLUMNS, MANIFEST_DIR, RECORDS_FILE
+from marl.results.cells import CELLS_DIR, collect_cells, read_plan, stale_cells
+from marl.results.records import MANIFEST_DIR, RECORDS_FILE, SOURCE, load_records
 
 __all__ = [
     "Results",
@@ -52,6 +53,8 @@ __all__ = [
     "GROUP",
     "NO_PROTOCOL",
     "BASELINE_CONTEXT",
+    "KEY",
+    "nonfinite_seeds",
 ]
 
 #: Channel statistics that runs with a protocol record; shown beside every KPI, not as KPIs.
@@ -76,6 +79,8 @@ NO_PROTOCOL = "none"
 BASELINE_CONTEXT = f"({NO_PROTOCOL}: perfect-channel baseline)"
 #: The columns a report groups by.
 GROUP: tuple[str, ...] = ("scenario", "method", "protocol", "channel")
+#: What identifies one measurement: a row of records.csv must be the only one with its KEY.
+KEY: tuple[str, ...] = (*GROUP, "seed", "episode", "metric")
 
 
 @dataclass
@@ -89,18 +94,8 @@ class Results:
     failures: dict[str, str] = field(default_factory=dict)
     #: cell directories of an earlier compare into the same directory, not in grid.json: ignored
     stale: list[str] = field(default_factory=list)
-
-
-def _read_csv(path: Path) -> pd.DataFrame:
-    try:
-        frame = pd.read_csv(path, dtype={"channel": str, "protocol": str, "method": str}, keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        raise ConcordError(f"{path} is empty; run 'marl compare' or 'marl run' into it first") from None
-    if tuple(frame.columns) != COLUMNS:
-        raise ConcordError(
-            f"{path} has columns {list(frame.columns)}; expected {list(COLUMNS)} (mixed or foreign schema)"
-        )
-    return frame
+    #: training-log rows a resumed run logged again: the earlier run's copies were dropped
+    dropped_repeats: int = 0
 
 
 def load_results(directory: str | Path) -> Results:
@@ -109,21 +104,24 @@ def load_results(directory: str | Path) -> Results:
     Cell directories of an earlier compare into the same directory are not read; their keys are
     in ``Results.stale``.
 
-    Raises ConcordError for a missing or empty directory, a foreign schema, or non-numeric values.
+    Raises a one-line ConcordError for a missing directory, a file given instead of one, an
+    unreadable or malformed records file (naming file and line), a foreign schema, or a
+    measurement recorded twice (:func:`_refuse_duplicates`).
     """
-    from marl.results.compare import CELLS_DIR, GRID_FILE, collect_cells, stale_cells
-
     root = Path(directory)
+    if root.is_file():
+        hint = f"; did you mean {show(str(root.parent))}?" if root.name == RECORDS_FILE else ""
+        raise ConcordError(f"{show(str(root))} is a file; marl report takes the results directory{hint}")
     if not root.is_dir():
-        raise ConcordError(f"results directory '{root}' does not exist")
-    plan = json.loads((root / GRID_FILE).read_text()) if (root / GRID_FILE).exists() else None
+        raise ConcordError(f"results directory {show(str(root))} does not exist")
+    plan = read_plan(root)
     failures: dict[str, str] = {}
     manifest_dirs: list[Path] = []
     stale: list[str] = []
     if (root / CELLS_DIR).is_dir():
         done, failures = collect_cells(root)  # the cells of grid.json only
         stale = stale_cells(root)
-        frames = [_read_csv(d / RECORDS_FILE) for d in done if (d / RECORDS_FILE).exists()]
+        frames = [load_records(d / RECORDS_FILE) for d in done if (d / RECORDS_FILE).exists()]
         manifest_dirs = [d / MANIFEST_DIR for d in done]
         if not frames:
             raise ConcordError(
@@ -132,31 +130,59 @@ def load_results(directory: str | Path) -> Results:
         frame = pd.concat(frames, ignore_index=True)
     else:
         if not (root / RECORDS_FILE).exists():
-            raise ConcordError(f"no {RECORDS_FILE} in '{root}'; run 'marl compare' or 'marl run' into it first")
-        frame = _read_csv(root / RECORDS_FILE)
+            raise ConcordError(f"no {RECORDS_FILE} in {show(str(root))}; run 'marl compare' or 'marl run' into it first")
+        frame = load_records(root / RECORDS_FILE)
         manifest_dirs = [root / MANIFEST_DIR]
     if frame.empty:
         raise ConcordError(f"{root} holds no result rows yet")
-    numeric = pd.to_numeric(frame["value"], errors="coerce")
-    bad = frame.loc[numeric.isna() & (frame["value"].astype(str) != "nan"), "value"]
-    if len(bad):
-        raise ConcordError(f"{root}: non-numeric value {bad.iloc[0]!r} in the value column")
-    frame["value"] = numeric
-    for column in ("seed", "episode"):
-        ints = pd.to_numeric(frame[column], errors="coerce")
-        if ints.isna().any():
-            raise ConcordError(f"{root}: non-integer {column} {frame.loc[ints.isna(), column].iloc[0]!r}")
-        frame[column] = ints.astype(int)
-    for column in ("scenario", "method", "protocol", "channel", "metric"):
-        frame[column] = frame[column].astype(str)
+    frame, repeats = _refuse_duplicates(frame)
+    frame = frame.drop(columns=[SOURCE])
     manifests = []
     for mdir in manifest_dirs:
         for path in sorted(mdir.glob("*.json")):
             try:
-                manifests.append(json.loads(path.read_text()))
-            except json.JSONDecodeError:
-                raise ConcordError(f"{path} is not valid JSON") from None
-    return Results(root, frame, manifests, plan, failures, stale)
+                manifests.append(json.loads(path.read_text(encoding="utf-8")))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                raise ConcordError(f"{show(str(path))} is not a readable JSON file") from None
+    return Results(root, frame, manifests, plan, failures, stale, repeats)
+
+
+def _refuse_duplicates(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """No measurement may count twice: two rows with one (scenario, method, protocol, channel,
+    seed, episode, metric) are refused with both places named — which copy is right is the
+    user's call (typically the same seed run twice into one directory).
+
+    Training-log rows (``train_*``/``eval_*``, the update number in the episode column) are the
+    one exception: a run resumed from a checkpoint logs again the updates after that
+    checkpoint, so the later run's rows are kept and the earlier copies dropped (the report's
+    notes say how many). Returns (frame, rows dropped).
+    """
+    training = frame["metric"].str.startswith(TRAINING_PREFIXES)
+    dup = frame.duplicated(list(KEY), keep=False) & ~training
+    if dup.any():
+        first = frame[dup].iloc[0]
+        same = frame[dup & (frame[list(KEY)] == first[list(KEY)]).all(axis=1)]
+        where = " and ".join(f"{src} (run {run})" for src, run in zip(same[SOURCE][:2], same["run_id"][:2]))
+        what = ", ".join(f"{k}={show(first[k])}" for k in KEY)
+        raise ConcordError(
+            f"{int(dup.sum())} rows measure the same thing twice, e.g. {what} at {where}; "
+            "a seed must be counted once: remove one run's rows or report those runs from separate directories"
+        )
+    repeated = frame.duplicated(list(KEY), keep="last") & training
+    return frame[~repeated].reset_index(drop=True), int(repeated.sum())
+
+
+def nonfinite_seeds(frame: pd.DataFrame, metrics: Sequence[str]) -> list[str]:
+    """Seeds left out of the statistics because their value of a reported metric is not finite
+    (nan, inf: a KPI undefined for that episode, or a broken run), one description each, e.g.
+    ``"traffic/grid4x4 max-pressure none perfect seed 2: delay=inf"``. The report lists them in
+    its notes; :func:`summarize` counts only the finite seeds in ``n_seeds``."""
+    seeds = per_seed(frame[frame["metric"].isin(list(metrics))])
+    bad = seeds[~np.isfinite(seeds["value"].to_numpy(dtype=float))]
+    return [
+        f"{r.scenario} {r.method} {r.protocol} {channel_label(r.channel)} seed {r.seed}: {r.metric}={r.value}"
+        for r in bad.itertuples(index=False)
+    ]
 
 
 @dataclass
@@ -215,10 +241,16 @@ def select_metrics(frame: pd.DataFrame, requested: Sequence[str], main_kpis: Ite
 
 
 def per_seed(frame: pd.DataFrame) -> pd.DataFrame:
-    """Mean over episodes for each (scenario, method, protocol, channel, seed, metric)."""
-    return (
-        frame.groupby([*GROUP, "seed", "metric"], sort=False, dropna=False)["value"].mean().reset_index()
-    )
+    """Mean over episodes for each (scenario, method, protocol, channel, seed, metric).
+
+    A NaN episode makes its seed's mean NaN (pandas would skip it and average the rest, so one
+    seed would silently rest on fewer episodes than the others); :func:`nonfinite_seeds` names it.
+    """
+    keys = [*GROUP, "seed", "metric"]
+    grouped = frame.assign(_nan=frame["value"].isna()).groupby(keys, sort=False, dropna=False)
+    means = grouped["value"].mean()
+    means[grouped["_nan"].any()] = np.nan
+    return means.reset_index()
 
 
 def drop_rate(channel: str) -> float:
@@ -229,6 +261,8 @@ def drop_rate(channel: str) -> float:
         return float(parse_channel(channel).drop) if channel else 0.0
     except (ImportError, AttributeError):
         pass
+    except ConcordError:  # a channel column no parser accepts: sort it last, do not fail the report
+        return float("nan")
     match = re.search(r"(?:^|,)\s*drop\s*=\s*([0-9.eE+-]+)", channel)
     return float(match.group(1)) if match else 0.0
 

@@ -4,6 +4,9 @@ Everything Concord writes (records, manifests, checkpoints, tables) goes through
 the content is written to a temporary file in the same directory, flushed and fsynced, then
 renamed over the target, which POSIX makes atomic. An interrupted run leaves either the old or the
 new file, never a torn one.
+
+A file that cannot be written (read-only directory, a file where a directory should be, full
+disk) is a one-line :class:`~marl.core.errors.ConcordError` naming the path, not a traceback.
 """
 
 from __future__ import annotations
@@ -15,14 +18,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from marl.core.errors import ConcordError, one_line
+
 __all__ = ["atomic_write", "atomic_write_text", "atomic_write_bytes", "atomic_write_json"]
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
     """Call ``write(fileobj)`` on a temporary file, then rename it to ``path``."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise _cannot_write(target, exc) from None
     try:
         # mkstemp creates 0600; give the file the permissions a plain open() would have.
         os.chmod(tmp, 0o666 & ~_umask())
@@ -31,13 +39,20 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError):  # e.g. a full disk, or a directory where the file should go
+            raise _cannot_write(target, exc) from None
         raise
     return target
+
+
+def _cannot_write(target: Path, exc: OSError) -> ConcordError:
+    where = f" ({one_line(str(exc.filename))})" if exc.filename and str(exc.filename) != str(target) else ""
+    return ConcordError(f"cannot write {one_line(str(target))}: {exc.strerror or exc}{where}")
 
 
 def _umask() -> int:

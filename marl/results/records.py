@@ -33,7 +33,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from marl.core.errors import ConcordError
+from marl.core.errors import ConcordError, one_line, show
 from marl.results.io import atomic_write_json, atomic_write_text
 
 __all__ = [
@@ -43,6 +43,9 @@ __all__ = [
     "RecordWriter",
     "check_out_dir",
     "read_records",
+    "read_rows",
+    "load_records",
+    "make_out_dir",
     "new_run_id",
     "environment_info",
     "now_iso",
@@ -98,25 +101,16 @@ class RecordWriter:
     def __init__(self, out_dir: str | os.PathLike[str]) -> None:
         self.out_dir = Path(out_dir)
         self.path = self.out_dir / RECORDS_FILE
-        check_out_dir(self.out_dir)
-        try:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConcordError(f"cannot create results directory {self.out_dir}: {exc.strerror}") from None
+        make_out_dir(self.out_dir)
         self._read()  # fail early on a foreign records.csv
 
     def _read(self) -> list[list[str]]:
         if not self.path.exists():
             return []
-        with self.path.open(newline="") as fh:
-            reader = csv.reader(fh)
-            header = next(reader, None)
-            if header is not None and tuple(header) != COLUMNS:
-                raise ConcordError(
-                    f"{self.path} has columns {header}; expected {list(COLUMNS)} "
-                    "(choose another --out directory)"
-                )
-            return [line for line in reader if line]
+        try:
+            return [fields for _, fields in read_rows(self.path)]
+        except ConcordError as exc:
+            raise ConcordError(f"{exc} (choose another --out directory)") from None
 
     def append(self, rows: Iterable[Row]) -> None:
         """Add ``rows`` to the file (under the directory lock) and replace it atomically."""
@@ -169,13 +163,38 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def check_out_dir(out_dir: str | os.PathLike[str]) -> None:
-    """A one-line error now, rather than a traceback later, when ``out_dir`` cannot be used."""
+    """A one-line error now, rather than a traceback later, when ``out_dir`` cannot be used.
+
+    Checks only what can be seen without creating anything; :func:`make_out_dir` also creates.
+    """
+    if str(out_dir).strip() == "":
+        raise ConcordError("bad --out ''; expected a directory path, e.g. --out results/NAME")
     path = Path(out_dir)
     if path.exists() and not path.is_dir():
-        raise ConcordError(f"bad --out {path}: it exists and is not a directory")
+        raise ConcordError(f"bad --out {show(str(path))}: it exists and is not a directory")
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ConcordError(f"bad --out {show(str(path))}: {show(str(blocker))} is a file, not a directory")
     parent = next((p for p in [path, *path.parents] if p.exists()), Path("."))
     if not os.access(parent, os.W_OK):
-        raise ConcordError(f"bad --out {path}: {parent} is not writable")
+        raise ConcordError(f"bad --out {show(str(path))}: {show(str(parent))} is not writable")
+
+
+def make_out_dir(out_dir: str | os.PathLike[str]) -> Path:
+    """Create ``out_dir`` (and parents) and prove a file can be written in it; else a one-line
+    ConcordError naming the path. ``os.access`` alone is not enough: root passes it on a
+    read-only mount, and some file systems refuse writes whatever the mode bits say."""
+    import tempfile
+
+    check_out_dir(out_dir)
+    path = Path(out_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise ConcordError(f"bad --out {show(str(path))}: cannot write there ({exc.strerror})") from None
+    return path
 
 
 def _fmt(value: Any) -> str:
@@ -184,19 +203,109 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def read_records(directory: str | os.PathLike[str]) -> Any:
-    """Load ``records.csv`` of a results directory as a pandas DataFrame, checking its schema."""
+def read_rows(path: str | os.PathLike[str]) -> list[tuple[int, list[str]]]:
+    """The data rows of a records file as ``(line number, fields)``, header checked.
+
+    Every way a file can be unreadable — a directory, not UTF-8, a NUL byte, an unterminated
+    quote, a line with other than ``len(COLUMNS)`` fields — is a one-line ConcordError naming the
+    file and the line. A UTF-8 byte-order mark (spreadsheet exports) is ignored; blank lines too.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ConcordError(f"{show(str(path))} is a directory, not a records file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConcordError(f"cannot read {show(str(path))}: {exc.strerror}") from None
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConcordError(
+            f"{one_line(str(path))}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); "
+            "a records file is the CSV that marl run and marl compare write"
+        ) from None
+    if "\x00" in text:
+        line = text[: text.index("\x00")].count("\n") + 1
+        raise ConcordError(f"{one_line(str(path))}:{line}: NUL byte; a records file is plain CSV text")
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    rows: list[tuple[int, list[str]]] = []
+    header: list[str] | None = None
+    while True:
+        start = reader.line_num + 1  # where the next record begins
+        try:
+            fields = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            what = ("unterminated quote: the quoted field that starts here never ends"
+                    if "end of data" in str(exc) or "EOF" in str(exc) else f"malformed CSV ({exc})")
+            raise ConcordError(f"{one_line(str(path))}:{start}: {what}") from None
+        if not fields:
+            continue
+        if header is None:
+            header = fields
+            if tuple(header) != COLUMNS:
+                shown = ", ".join(show(h) for h in header[:12])
+                raise ConcordError(
+                    f"{one_line(str(path))}:{start}: columns {shown}; expected {', '.join(COLUMNS)} "
+                    "(a foreign or mixed schema)"
+                )
+            continue
+        if len(fields) != len(COLUMNS):
+            raise ConcordError(
+                f"{one_line(str(path))}:{start}: {len(fields)} fields, expected {len(COLUMNS)} "
+                f"({','.join(COLUMNS)})"
+            )
+        rows.append((start, fields))
+    if header is None:
+        raise ConcordError(f"{show(str(path))} is empty; run 'marl compare' or 'marl run' into it first")
+    return rows
+
+
+#: Extra column of :func:`load_records`: ``file:line`` of each row, for error messages.
+SOURCE = "source"
+
+
+def load_records(path: str | os.PathLike[str]) -> Any:
+    """One records file as a pandas DataFrame: :data:`COLUMNS` typed (seed and episode int,
+    value float; ``nan``/``inf`` are kept as floats) plus :data:`SOURCE` (``file:line``).
+
+    A value that is not a number, or a seed or episode that is not an integer, is a one-line
+    ConcordError naming the file and the line.
+    """
     import pandas as pd
 
+    rows = read_rows(path)
+    lines = [line for line, _ in rows]
+    frame = pd.DataFrame([fields for _, fields in rows], columns=list(COLUMNS), dtype=object)
+    for column, kind, convert in (("value", "a number", float), ("seed", "an integer", int),
+                                  ("episode", "an integer", int)):
+        values = []
+        for line, text in zip(lines, frame[column]):
+            try:
+                values.append(convert(text))
+            except (TypeError, ValueError):
+                raise ConcordError(
+                    f"{one_line(str(path))}:{line}: {column} {show(text)} is not {kind}"
+                ) from None
+        frame[column] = pd.Series(values, dtype=float if convert is float else "int64")
+    for column in ("run_id", "scenario", "method", "protocol", "channel", "metric"):
+        frame[column] = frame[column].astype(str)
+    frame[SOURCE] = [f"{path}:{line}" for line in lines]
+    return frame
+
+
+def read_records(directory: str | os.PathLike[str]) -> Any:
+    """Load ``records.csv`` of a results directory as a pandas DataFrame with :data:`COLUMNS`."""
     path = Path(directory) / RECORDS_FILE
     if not path.exists():
-        raise ConcordError(f"no {RECORDS_FILE} in {directory}; run 'marl run' or 'marl compare' first")
-    frame = pd.read_csv(path, dtype={"channel": str, "protocol": str}, keep_default_na=False)
-    if tuple(frame.columns) != COLUMNS:
-        raise ConcordError(f"{path} has columns {list(frame.columns)}; expected {list(COLUMNS)}")
+        raise ConcordError(f"no {RECORDS_FILE} in {show(str(directory))}; run 'marl run' or 'marl compare' first")
+    frame = load_records(path).drop(columns=[SOURCE])
     if frame.empty:
         raise ConcordError(f"{path} holds no rows yet")
-    frame["value"] = pd.to_numeric(frame["value"], errors="coerce")
     return frame
 
 

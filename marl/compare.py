@@ -1,21 +1,8 @@
 """The grid runner behind ``marl compare``: every (method × protocol × channel × seed) cell.
 
-A comparison lives in one directory::
-
-    results/NAME/
-      grid.json                 the plan: scenario, methods, protocols, channels, seeds, --set,
-                                and the cells skipped with their reason
-      cells/<key>/cell.json     one cell's settings (checked on resume: a changed setting is an error)
-      cells/<key>/records.csv   that cell's rows (the usual long format, marl.results.records)
-      cells/<key>/manifests/    that cell's run manifest(s)
-      cells/<key>/done.json     written atomically LAST: the cell is complete
-      cells/<key>/error.txt     the traceback of a failed cell (no done.json)
-      records.csv, manifests/   the merged view of every finished cell (what ``marl report`` reads)
-      failures.json             failed cells and their one-line errors
-
-Only the cells listed in grid.json make up the comparison: a later compare with other settings
-into the same directory leaves the earlier cells on disk, but the merged view and ``marl report``
-ignore them (the command and the report's notes name them; see :func:`stale_cells`).
+The directory layout of a comparison, and the merged view ``marl report`` reads, are described
+in :mod:`marl.results.cells`, which reads and writes that data; this module plans the grid and
+runs its cells.
 
 Resuming is the same command again: finished cells (done.json present) are skipped; an unfinished
 cell's directory is wiped and the cell runs from scratch, so rows are never duplicated. The merged
@@ -47,11 +34,16 @@ import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from marl.core import registry
 from marl.core.errors import ConcordError, ConfigError
+from marl.results.cells import CELL_FILE, CELLS_DIR, DONE_FILE, ERROR_FILE, GRID_FILE
 from marl.results.io import atomic_write_json, atomic_write_text
+from marl.results.records import RECORDS_FILE
+
+if TYPE_CHECKING:  # annotations only: the CLI parses channel specs, this module trusts them
+    from comms.channel import ChannelSpec
 
 __all__ = [
     "Cell",
@@ -62,23 +54,17 @@ __all__ = [
     "cell_key",
     "execute_cell",
     "run_grid",
-    "merge_cells",
-    "collect_cells",
     "write_plan",
-    "canonical_channel",
-    "plan_keys",
-    "stale_cells",
-    "CELLS_DIR",
-    "DONE_FILE",
-    "ERROR_FILE",
+    "preflight",
+    "MAX_SEEDS",
+    "MAX_CELLS",
 ]
 
-CELLS_DIR = "cells"
-DONE_FILE = "done.json"
-ERROR_FILE = "error.txt"
-CELL_FILE = "cell.json"
-GRID_FILE = "grid.json"
-FAILURES_FILE = "failures.json"
+
+#: Most seeds per setting: more than any confidence interval needs (IQM CIs start at 5).
+MAX_SEEDS = 1000
+#: Most cells in one comparison: a directory each, and every one a simulator run.
+MAX_CELLS = 10_000
 
 
 @dataclass(frozen=True)
@@ -148,22 +134,13 @@ def cell_key(method: str, protocol: str, channel: str, seed: int) -> str:
     return f"{_slug(method)}__{_slug(protocol)}__{_slug(channel) or 'perfect'}__seed{seed}"
 
 
-def canonical_channel(spec: str) -> str:
-    """Validate a channel spec and return its one spelling (``ChannelSpec.canonical``): sorted
-    keys, defaults dropped, ``""`` for a perfect channel — so ``drop=0`` is the perfect channel
-    and ``bits=8,drop=0.3`` / ``drop=0.3,bits=8`` are one cell, one key and one report row."""
-    from comms.channel import parse_channel
-
-    return parse_channel(spec).canonical()
-
-
 def plan_grid(
     scenario: str,
     *,
     methods: Sequence[str],
     kind: Literal["controller", "algo"] = "controller",
     protocols: Sequence[str] = ("none",),
-    channels: Sequence[str] = ("",),
+    channels: Sequence[ChannelSpec] = (),
     seeds: int | Sequence[int] = 3,
     episodes: int = 1,
     overrides: Mapping[str, str] | None = None,
@@ -172,15 +149,22 @@ def plan_grid(
     """Validate every name up front (before any simulator starts) and list the cells.
 
     ``seeds`` is a count (seeds 0..K-1) or an explicit list. Order: method, protocol, channel,
-    seed — so with several jobs the first results to appear cover every method. Channel specs
-    are replaced by their canonical spelling (:func:`canonical_channel`) and deduplicated.
+    seed — so with several jobs the first results to appear cover every method.
+
+    ``channels`` are parsed specs (``comms.channel.parse_channel`` at the CLI); cells, keys and
+    the records' channel column use their canonical spelling (``ChannelSpec.canonical``: sorted
+    keys, defaults dropped, ``""`` for a perfect channel), so ``drop=0`` is the perfect channel
+    and ``bits=8,drop=0.3`` / ``drop=0.3,bits=8`` are one cell, one key and one report row.
+    No channels means the perfect channel alone.
     """
     spec = registry.scenario_spec(scenario)
     if not methods:
         raise ConfigError("no methods to compare; give --controllers a,b or --algo NAME")
+    if isinstance(seeds, int) and not 1 <= seeds <= MAX_SEEDS:
+        raise ConfigError(f"bad --seeds {seeds}; allowed: 1..{MAX_SEEDS}")
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     if not seed_list or min(seed_list) < 0:
-        raise ConfigError(f"bad --seeds {seeds!r}; expected an integer >= 1")
+        raise ConfigError(f"bad --seeds {seeds!r}; expected seeds >= 0")
     if episodes < 1:
         raise ConfigError(f"bad --episodes {episodes}; expected an integer >= 1")
     for name in protocols:
@@ -193,7 +177,7 @@ def plan_grid(
                     + ", ".join(allowed)
                 )
     # Canonical spellings, deduplicated: what cells, keys and the records' channel column use.
-    channels = list(dict.fromkeys(canonical_channel(text) for text in channels)) or [""]
+    channel_texts = list(dict.fromkeys(spec.canonical() for spec in channels)) or [""]
     registry.scenario_config(scenario, overrides)  # bad --set keys fail now, with closest match
     sorted_overrides = tuple(sorted((overrides or {}).items()))
 
@@ -208,7 +192,7 @@ def plan_grid(
     cells: list[Cell] = []
     skipped: list[Skipped] = []
     for method in dict.fromkeys(methods):
-        combos = [(p, c) for p in dict.fromkeys(protocols) for c in dict.fromkeys(channels)]
+        combos = [(p, c) for p in dict.fromkeys(protocols) for c in dict.fromkeys(channel_texts)]
         if not talks[method]:
             # Protocol and channel cannot change a controller that never reads messages: one run
             # per seed as the no-communication baseline; the rest are skipped with the reason.
@@ -222,7 +206,7 @@ def plan_grid(
         elif "none" in protocols:
             # Protocol none sends nothing, so the channel cannot change the result either: one run
             # per seed on a perfect channel is the no-communication baseline of this method.
-            for c in dict.fromkeys(channels):
+            for c in dict.fromkeys(channel_texts):
                 if c != "":
                     skipped.append(
                         Skipped(method, "none", c, "protocol none sends nothing; the channel cannot "
@@ -236,10 +220,54 @@ def plan_grid(
                     Cell(scenario, method, kind, protocol, channel, seed, episodes,
                          sorted_overrides, steps)
                 )
+    if len(cells) > MAX_CELLS:
+        raise ConfigError(
+            f"the grid has {len(cells)} cells; allowed: at most {MAX_CELLS} in one compare "
+            "(fewer seeds, methods, protocols or channel settings)"
+        )
     keys = [c.key for c in cells]
     if len(set(keys)) != len(keys):
         raise ConfigError("two cells map to the same directory; check for duplicate channel specs")
     return GridPlan(scenario, cells, skipped)
+
+
+def _preflight_child(scenario: str, overrides: dict[str, str], channels: list[ChannelSpec]) -> None:
+    """Build the scenario, reset it once and check crash ids against its agents (child process)."""
+    env = registry.make_scenario(scenario, overrides)
+    try:
+        env.reset(seed=0)
+        agents = list(env.possible_agents)
+        if any(isinstance(spec.crash, tuple) for spec in channels):
+            from comms.channel import Channel
+
+            for spec in channels:
+                Channel(agents, spec)  # unknown crash ids raise a ConcordError naming them
+    finally:
+        env.close()
+
+
+def preflight(scenario: str, overrides: Mapping[str, str], channels: Sequence[ChannelSpec] = ()) -> None:
+    """Check the scenario's inputs (map, net and route files, ``--set`` values, crash ids) once,
+    before any cell starts, as ``marl run`` does: a bad input is then one ConcordError (exit 2)
+    instead of the same failure in every cell.
+
+    Runs in a fresh spawned process, like a cell: libsumo holds one simulation per process, and
+    a huge or broken input must not grow the parent that will run the grid.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    from marl.core.errors import SimulatorError
+
+    try:
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            pool.submit(_preflight_child, scenario, dict(overrides), list(channels)).result()
+    except BrokenProcessPool:
+        raise SimulatorError(
+            f"{scenario} died while starting (killed, or out of memory) before any cell ran; "
+            "check its --set values"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,7 +337,7 @@ def _run_algo_cell(cell: Cell, cell_dir: Path) -> None:
     import dataclasses
 
     try:
-        from marl.train import TrainRequest, train
+        from marl.training import TrainRequest, train
     except ModuleNotFoundError as exc:
         raise ConcordError(f"training is not available ({exc}); compare controllers instead") from None
     wanted = {
@@ -376,7 +404,10 @@ def _check_resume(out: Path, plan: GridPlan) -> None:
     for cell in plan.cells:
         path = out / CELLS_DIR / cell.key / CELL_FILE
         if (out / CELLS_DIR / cell.key / DONE_FILE).exists() and path.exists():
-            old = json.loads(path.read_text())
+            try:
+                old = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                raise ConfigError(f"{path} is not readable JSON; delete that cell directory to rerun it") from None
             if old != cell.to_json():
                 diff = sorted(k for k in old.keys() | cell.to_json().keys()
                               if old.get(k) != cell.to_json().get(k))
@@ -465,96 +496,10 @@ def run_grid(
 def write_plan(plan: GridPlan, out_dir: str | os.PathLike[str], *, world_size: int = 1) -> None:
     """Check a resumed directory against the plan, then record the plan in grid.json."""
     out = Path(out_dir)
-    if (out / "records.csv").exists() and not (out / GRID_FILE).exists():
+    if (out / RECORDS_FILE).exists() and not (out / GRID_FILE).exists():
         raise ConfigError(
-            f"{out} holds results of another command (records.csv without {GRID_FILE}); "
+            f"{out} holds results of another command ({RECORDS_FILE} without {GRID_FILE}); "
             "choose another --out directory for the comparison"
         )
     _check_resume(out, plan)
     atomic_write_json(out / GRID_FILE, {**plan.to_json(), "world_size": world_size})
-
-
-def plan_keys(out_dir: str | os.PathLike[str]) -> list[str] | None:
-    """The cell keys of the comparison recorded in ``grid.json`` (None without a grid.json)."""
-    path = Path(out_dir) / GRID_FILE
-    if not path.exists():
-        return None
-    try:
-        keys = json.loads(path.read_text()).get("cells")
-    except json.JSONDecodeError:
-        raise ConcordError(f"{path} is not valid JSON") from None
-    return None if keys is None else [str(k) for k in keys]
-
-
-def _cell_dirs(out_dir: str | os.PathLike[str]) -> list[Path]:
-    root = Path(out_dir) / CELLS_DIR
-    return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-
-
-def stale_cells(out_dir: str | os.PathLike[str]) -> list[str]:
-    """Cell directories left from an earlier compare into the same ``--out`` (keys not in
-    grid.json): ignored by :func:`merge_cells` and by ``marl report``, never deleted."""
-    keys = plan_keys(out_dir)
-    if keys is None:
-        return []
-    wanted = set(keys)
-    return [d.name for d in _cell_dirs(out_dir) if d.name not in wanted]
-
-
-def collect_cells(out_dir: str | os.PathLike[str]) -> tuple[list[Path], dict[str, str]]:
-    """Finished cell directories (sorted by key) and failed ones as {key: last error line}.
-
-    With a grid.json only the cells of that plan count: directories of an earlier, different
-    compare into the same directory (:func:`stale_cells`) are left out.
-    """
-    done: list[Path] = []
-    failed: dict[str, str] = {}
-    keys = plan_keys(out_dir)
-    wanted = None if keys is None else set(keys)
-    for cell_dir in _cell_dirs(out_dir):
-        if wanted is not None and cell_dir.name not in wanted:
-            continue
-        if (cell_dir / DONE_FILE).exists():
-            done.append(cell_dir)
-        elif (cell_dir / ERROR_FILE).exists():
-            lines = [ln for ln in (cell_dir / ERROR_FILE).read_text().splitlines() if ln.strip()]
-            failed[cell_dir.name] = lines[-1] if lines else "unknown error"
-    return done, failed
-
-
-def merge_cells(out_dir: str | os.PathLike[str]) -> tuple[int, int]:
-    """Rebuild ``records.csv``, ``manifests/`` and ``failures.json`` from the plan's cells.
-
-    Returns (finished cells, rows). Only finished cells of the plan in grid.json contribute,
-    each exactly once; stale cells of an earlier compare (:func:`stale_cells`) and their
-    manifests are left out of the merged view.
-    """
-    from marl.results.records import COLUMNS, MANIFEST_DIR, RECORDS_FILE
-
-    out = Path(out_dir)
-    done, failed = collect_cells(out)
-    header = ",".join(COLUMNS)
-    lines: list[str] = []
-    manifests: set[str] = set()
-    for cell_dir in done:
-        path = cell_dir / RECORDS_FILE
-        if not path.exists():
-            continue
-        text = path.read_text().splitlines()
-        if not text:
-            continue
-        if text[0] != header:
-            raise ConcordError(f"{path} has columns {text[0]!r}; expected {header!r}")
-        lines.extend(ln for ln in text[1:] if ln)
-        for manifest in sorted((cell_dir / MANIFEST_DIR).glob("*.json")):
-            manifests.add(manifest.name)
-            target = out / MANIFEST_DIR / manifest.name
-            if not target.exists():
-                atomic_write_text(target, manifest.read_text())
-    for old in (out / MANIFEST_DIR).glob("*.json") if (out / MANIFEST_DIR).is_dir() else ():
-        if old.name not in manifests:  # a manifest of a stale cell or a rerun attempt
-            old.unlink()
-    if lines or (out / RECORDS_FILE).exists():  # never leave rows of an earlier compare behind
-        atomic_write_text(out / RECORDS_FILE, "\n".join([header, *lines]) + "\n")
-    atomic_write_json(out / FAILURES_FILE, failed)
-    return len(done), len(lines)
