@@ -102,6 +102,11 @@ class DistConfig:
     inject_failure: str = field(
         default="", metadata={"help": "Hidden, for tests and demos: 'R:U' kills rank R at update U."}
     )
+    oversubscribe: bool = field(
+        default=False,
+        metadata={"help": "Allow more than 4 ranks per core (up to what memory holds); "
+                  "passes --oversubscribe to mpiexec."},
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.ranks, bool) or not isinstance(self.ranks, int) or self.ranks < 1:

@@ -8,7 +8,10 @@ job that is already there. With one rank nothing happens and mpi4py is never imp
 
 Flags we add, and why (facts measured on this machine, DESIGN.md §4):
 
-* ``--oversubscribe`` when ranks exceed cores (Open MPI refuses otherwise);
+* ``--oversubscribe`` when ranks exceed cores (Open MPI refuses otherwise) or when the user asks
+  for it. Before that, the rank count is capped (:func:`marl.core.config.check_local_processes`:
+  4 per core, or what memory holds with an explicit ``--oversubscribe``): an unchecked
+  ``--ranks 100000`` once filled a 24 GB machine before anything could stop it;
 * ``OMPI_ALLOW_RUN_AS_ROOT[_CONFIRM]=1`` when running as root (containers);
 * ``--bind-to none --mca mpi_yield_when_idle 1``: on a node shared with other work (or with the
   ranks' own simulators) pinned, spinning ranks lose throughput; see :func:`mpiexec_flags`;
@@ -16,18 +19,30 @@ Flags we add, and why (facts measured on this machine, DESIGN.md §4):
 * ``$CONCORD_MPIEXEC_FLAGS``: extra site flags, appended last;
 * ``--with-ft ulfm --mca btl tcp,self`` for ``fault_tolerance=ulfm``: ULFM needs the launcher's
   fault-tolerance mode; the shared-memory transport does not survive a dead peer.
+
+Two things travel to the ranks in their environment:
+
+* ``CONCORD_LAUNCHER_PID``: the ranks are children of ``mpiexec`` (which keeps our pid across
+  ``execve``); each rank asks the kernel to SIGKILL it when that parent dies
+  (:func:`die_with_launcher`), so a launcher killed by the OOM killer or ``kill -9`` leaves no
+  orphaned ranks behind;
+* ``TTY_COMPATIBLE=0`` when our stdout or stderr is not a terminal: Open MPI hands ranks a
+  pseudo-terminal, so rich would otherwise write colour codes into a redirected file.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shlex
 import shutil
+import signal
 import sys
 from pathlib import Path
 
-from marl.distributed.config import DistConfig
+from marl.core.config import check_local_processes
 from marl.core.errors import ConfigError, SimulatorError
+from marl.distributed.config import DistConfig
 
 __all__ = [
     "launch_if_needed",
@@ -37,12 +52,17 @@ __all__ = [
     "mpiexec_flags",
     "ulfm_problem",
     "run_under_mpiexec",
+    "die_with_launcher",
 ]
 
 #: Set by us in the environment of every rank we launch (guards against relaunch loops).
 LAUNCHED_ENV = "CONCORD_MPI_LAUNCHED"
 #: Extra mpiexec flags from the user's environment, e.g. CONCORD_MPIEXEC_FLAGS="--bind-to core".
 EXTRA_FLAGS_ENV = "CONCORD_MPIEXEC_FLAGS"
+#: Pid of the mpiexec we exec into (the ranks' parent); see :func:`die_with_launcher`.
+LAUNCHER_PID_ENV = "CONCORD_LAUNCHER_PID"
+#: prctl option: signal this process when its parent dies (linux/prctl.h).
+_PR_SET_PDEATHSIG = 1
 
 
 def under_launcher(environ: dict[str, str] | None = None) -> bool:
@@ -111,8 +131,10 @@ def mpiexec_flags(cfg: DistConfig, cores: int | None = None, *, shared_node: boo
     steals CPU from its own peer's simulator. Microbenchmarks of MPI latency pass False.
     """
     cores = cores if cores is not None else (os.cpu_count() or 1)
+    # Before anything starts: every rank is a full process with its own simulator.
+    check_local_processes("--ranks", cfg.ranks, oversubscribe=cfg.oversubscribe, cores=cores)
     cmd = [str(mpiexec_path()), "-n", str(cfg.ranks)]
-    if cfg.ranks > cores:
+    if cfg.ranks > cores or cfg.oversubscribe:
         # Open MPI refuses more ranks than cores without it; it also makes idle ranks yield
         # the CPU while polling (mpi_yield_when_idle), which is what an oversubscribed node needs.
         cmd.append("--oversubscribe")
@@ -123,7 +145,7 @@ def mpiexec_flags(cfg: DistConfig, cores: int | None = None, *, shared_node: boo
     # Keep MPI traffic on loopback. (PRRTE's own out-of-band channel rejects
     # oob_tcp_if_include=lo on Open MPI 5; it already binds to 127.0.0.1 for a local job.)
     cmd += ["--mca", "btl_tcp_if_include", "lo"]
-    cmd += ["-x", LAUNCHED_ENV]
+    cmd += ["-x", LAUNCHED_ENV, "-x", LAUNCHER_PID_ENV]
     # Site-specific extra flags (e.g. "--bind-to core" on a dedicated node), appended last.
     cmd += shlex.split(os.environ.get(EXTRA_FLAGS_ENV, ""))
     return cmd
@@ -157,7 +179,10 @@ def launch_if_needed(cfg: DistConfig, argv: list[str]) -> None:
     """
     if not isinstance(cfg, DistConfig):
         raise TypeError(f"launch_if_needed expects a DistConfig, got {type(cfg).__name__}")
-    if under_launcher() or cfg.ranks == 1:
+    if under_launcher():
+        die_with_launcher()
+        return
+    if cfg.ranks == 1:
         return
     if cfg.fault_tolerance == "ulfm":
         problem = ulfm_problem()
@@ -167,11 +192,7 @@ def launch_if_needed(cfg: DistConfig, argv: list[str]) -> None:
                 "use --fault-tolerance checkpoint"
             )
     cmd = mpiexec_command(cfg, argv)
-    env = dict(os.environ)
-    env[LAUNCHED_ENV] = "1"
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    env = _rank_environment()
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(cmd[0], cmd, env)
@@ -188,9 +209,47 @@ def run_under_mpiexec(
     # --oversubscribe only when needed: with it Open MPI yields the CPU while polling, which on
     # a loaded machine made a 100 KB Allreduce ~1000x slower (95 ms vs 0.075 ms, 2 ranks, 2 cores).
     cmd = mpiexec_flags(cfg, shared_node=shared_node)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_COMM_WORLD", "PMIX_", "PMI_"))}
+    env = {k: v for k, v in _rank_environment().items() if not k.startswith(("OMPI_COMM_WORLD", "PMIX_", "PMI_"))}
+    env.pop(LAUNCHER_PID_ENV)  # mpiexec is our child here, not us: it gets a pid of its own
+    return subprocess.run(cmd + argv, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _rank_environment() -> dict[str, str]:
+    """Our environment plus what mpiexec and the ranks need (see the module docstring)."""
+    env = dict(os.environ)
     env[LAUNCHED_ENV] = "1"
+    env[LAUNCHER_PID_ENV] = str(os.getpid())  # execve keeps the pid: this becomes mpiexec's
+    if not (_isatty(sys.stdout) and _isatty(sys.stderr)):
+        env.setdefault("TTY_COMPATIBLE", "0")  # rich: no colour or live display through the pty
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-    return subprocess.run(cmd + argv, capture_output=True, text=True, timeout=timeout, env=env)
+    return env
+
+
+def _isatty(stream: object) -> bool:
+    try:
+        return bool(stream.isatty())  # type: ignore[attr-defined]
+    except (AttributeError, ValueError):  # no stream, or a closed one
+        return False
+
+
+def die_with_launcher() -> None:
+    """In a rank we launched: have the kernel SIGKILL this process when its parent, our
+    ``mpiexec``, dies — so a launcher killed by the OOM killer cannot leave orphaned ranks.
+
+    Linux only (``prctl(PR_SET_PDEATHSIG)``); elsewhere, or in a rank someone else launched
+    (no ``CONCORD_LAUNCHER_PID``), nothing happens. If the launcher died before this call the
+    rank has been re-parented already, and exits at once. The variable is removed so that this
+    rank's own children (compare cells) are not mistaken for ranks.
+    """
+    launcher = os.environ.pop(LAUNCHER_PID_ENV, "")
+    if not launcher.isdigit() or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        return  # best effort: a kernel without prctl leaves things as they were
+    if os.getppid() != int(launcher):
+        sys.stderr.write("marl: the MPI launcher is gone; this rank stops\n")
+        sys.stderr.flush()
+        os._exit(1)
