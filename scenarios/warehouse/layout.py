@@ -25,7 +25,10 @@ Movement is 4-connected (the "octile" header is kept for compatibility; diagonal
 not used). Only the largest 4-connected component of free cells is used for robots, access
 cells and stations, so every task is reachable.
 
-A malformed file raises :class:`~marl.core.errors.ConfigError` naming the file, line and column.
+A malformed file raises :class:`~marl.core.errors.ConfigError` naming the file, line and column;
+the header is checked against the rows before anything is allocated, and a floor is at most
+:data:`MAX_CELLS` cells (its distance tables grow with cells x targets). A UTF-8 byte-order
+mark at the start is ignored.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from marl.core.errors import ConfigError, closest
+from marl.core.errors import ConfigError, closest, one_line, show
 
 __all__ = [
     "FREE_CHARS",
@@ -51,6 +54,8 @@ __all__ = [
     "builtin_maps",
     "generate_warehouse",
     "UNREACHABLE",
+    "MAX_CELLS",
+    "MAX_TABLE_BYTES",
 ]
 
 FREE_CHARS = frozenset(".GS")
@@ -65,6 +70,11 @@ MOVES = np.array([[0, 0], [-1, 0], [1, 0], [0, -1], [0, 1]], dtype=np.int64)
 UNREACHABLE = 1_000_000
 
 MAPS_DIR = Path(__file__).parent / "maps"
+#: Largest floor, in cells (height x width): 250 x 250 is 19x the built-in large map.
+MAX_CELLS = 62_500
+#: Largest static tables a floor may need (distance int32 + first move int8, per target and
+#: cell), in bytes: a map with many racks can need far more than its cell count suggests.
+MAX_TABLE_BYTES = 2 * 2**30
 
 
 def builtin_maps() -> list[str]:
@@ -74,26 +84,30 @@ def builtin_maps() -> list[str]:
 
 def resolve_map_path(map_file: str) -> Path:
     """A user path if it exists, else a built-in map of that name; ConfigError otherwise."""
-    path = Path(map_file).expanduser()
-    if path.is_file():
-        return path
-    builtin = MAPS_DIR / map_file
-    if builtin.is_file():
-        return builtin
+    for path in (Path(map_file).expanduser(), MAPS_DIR / map_file):
+        try:
+            if path.is_file():
+                return path
+        except (OSError, ValueError):  # a name too long for the file system, a NUL byte
+            pass
     names = builtin_maps()
     hint = closest(map_file, names)
-    did = f"; did you mean '{hint}'?" if hint else ""
+    did = f"; did you mean '{hint}'?" if hint else ";"
     raise ConfigError(
-        f"map_file '{map_file}' is neither a file nor a built-in map{did} built-in: {', '.join(names)}"
+        f"map_file {show(map_file)} is neither a file nor a built-in map{did} built-in: {', '.join(names)}"
     )
 
 
 def parse_map(text: str, source: str = "<map>") -> np.ndarray:
     """Parse MovingAI map text into an (H, W) array of single characters (dtype '<U1')."""
-    lines = text.splitlines()
+    # Split on newlines only (str.splitlines also splits on \x1c, \x85 ... and would shift line
+    # numbers); a leading byte-order mark is not part of the header.
+    lines = [line.rstrip("\r") for line in text.removeprefix("\ufeff").split("\n")]
+    if lines[-1] == "":  # the newline that ends the last line does not start another
+        lines.pop()
 
     def err(line: int, col: int, msg: str) -> ConfigError:
-        return ConfigError(f"{source}:{line}:{col}: {msg}")
+        return ConfigError(f"{one_line(source)}:{line}:{col}: {msg}")
 
     header: dict[str, str] = {}
     expected = ("type", "height", "width", "map")
@@ -106,7 +120,7 @@ def parse_map(text: str, source: str = "<map>") -> np.ndarray:
             raise err(i + 1, 1, f"missing header line '{key}'; a map starts with type/height/width/map")
         parts = lines[i].split()
         if parts[0].lower() != key:
-            raise err(i + 1, 1, f"expected header '{key}', found '{parts[0]}'")
+            raise err(i + 1, 1, f"expected header '{key}', found {show(parts[0])}")
         if key == "map":
             if len(parts) != 1:
                 raise err(i + 1, 5, "the 'map' line takes no value")
@@ -116,13 +130,13 @@ def parse_map(text: str, source: str = "<map>") -> np.ndarray:
             header[key] = parts[1]
         i += 1
     if header["type"].lower() != "octile":
-        raise err(1, 6, f"map type '{header['type']}' is not supported; allowed: octile")
+        raise err(1, 6, f"map type {show(header['type'])} is not supported; allowed: octile")
     dims = {}
     for row, key in ((2, "height"), (3, "width")):
         try:
             dims[key] = int(header[key])
         except ValueError:
-            raise err(row, len(key) + 2, f"{key} '{header[key]}' is not an integer") from None
+            raise err(row, len(key) + 2, f"{key} {show(header[key])} is not an integer") from None
         if dims[key] < 1:
             raise err(row, len(key) + 2, f"{key} must be >= 1, got {dims[key]}")
     height, width = dims["height"], dims["width"]
@@ -133,20 +147,23 @@ def parse_map(text: str, source: str = "<map>") -> np.ndarray:
         raise err(i + len(rows) + 1, 1, f"expected {height} map rows, found {len(rows)}")
     if len(rows) > height:
         raise err(i + height + 1, 1, f"expected {height} map rows, found {len(rows)} (extra rows)")
-    grid = np.empty((height, width), dtype="<U1")
+    if height * width > MAX_CELLS:
+        raise err(i - 1, 1, f"the map is {height} x {width} = {height * width} cells; allowed: at most {MAX_CELLS}")
+    # Check every row against the header before allocating the grid.
     for r, row in enumerate(rows):
-        row = row.rstrip("\r")
         line_no = i + r + 1
         for c, ch in enumerate(row[:width]):
             if ch not in ALLOWED_CHARS:
                 raise err(
                     line_no,
                     c + 1,
-                    f"unknown map character '{ch}'; allowed: . G S (free) @ O T W (obstacle) "
+                    f"unknown map character {show(ch)}; allowed: . G S (free) @ O T W (obstacle) "
                     f"R (rack) P (station)",
                 )
         if len(row) != width:
             raise err(line_no, min(len(row), width) + 1, f"row has {len(row)} characters, expected {width}")
+    grid = np.empty((height, width), dtype="<U1")
+    for r, row in enumerate(rows):
         grid[r] = list(row)
     return grid
 
@@ -155,11 +172,11 @@ def load_map(path: str | Path) -> np.ndarray:
     """Read and parse a ``.map`` file (see :func:`parse_map`)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is dropped
     except OSError as exc:
-        raise ConfigError(f"cannot read map file '{path}': {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"map file '{path}' is not UTF-8 text") from None
+        raise ConfigError(f"cannot read map file {show(str(path))}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"map file {show(str(path))} is not UTF-8 text (byte {exc.start})") from None
     return parse_map(text, source=str(path))
 
 
@@ -287,6 +304,15 @@ def build_layout(grid: np.ndarray, source: str = "<map>") -> Layout:
         raise ConfigError(f"{source}: the map has no reachable pick station 'P'")
     access_cells = np.asarray(access, dtype=np.int64)
     targets = np.unique(np.concatenate([access_cells, stations]))
+    # Peak bytes per (target, cell) below: float64 distances, int32 copy, the (T, n, 4) int32
+    # neighbour distances, int64 argmin, int8 first moves.
+    table_bytes = targets.size * n * 48
+    if table_bytes > MAX_TABLE_BYTES:
+        raise ConfigError(
+            f"{one_line(source)}: {targets.size} pick targets on {n} cells need "
+            f"{table_bytes / 2**30:.1f} GiB of distance tables; allowed: at most "
+            f"{MAX_TABLE_BYTES / 2**30:.0f} GiB (fewer racks or a smaller floor)"
+        )
     target_index = np.full(n, -1, dtype=np.int64)
     target_index[targets] = np.arange(targets.size)
     # One BFS per goal cell over the static floor (the graph is undirected, so distance *from*
