@@ -112,3 +112,15 @@ def test_evaluate_hint_is_shell_quoted(tmp_path, capsys):
     assert main(["train", SCENARIO, "--set", "end=320", "--steps", "32", "--algo-set", "num_steps=32",
                  "--eval-episodes", "0", "--out", str(out)]) == 0
     assert f"--policy '{out}'" in capsys.readouterr().out
+
+
+def test_second_fresh_training_into_the_same_out_is_refused(tmp_path, capsys):
+    out = tmp_path / "tr"
+    args = ["train", SCENARIO, "--set", "end=320", "--steps", "32", "--algo-set", "num_steps=32",
+            "--eval-episodes", "1", "--out", str(out)]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args) == 2  # its final evaluation would be recorded twice under one key
+    err = capsys.readouterr().err.strip()
+    assert f"--resume {out}" in err and len(err.splitlines()) == 1
+    assert main([*args, "--seed", "1"]) == 0  # another seed is another key: fine
