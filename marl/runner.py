@@ -90,12 +90,12 @@ class RunRequest:
             given = f"--controller {self.controller}" if self.controller is not None else "--controller-set"
             raise ConfigError(f"bad {given} with --policy {self.policy}: the trained policy acts; "
                               "allowed: either --policy or --controller")
-        #: The parsed channel (None: perfect), checked once here; the runner reuses it.
-        self.channel_spec: Any = None
-        if self.channel:
-            from comms.channel import parse_channel
+        from comms.channel import parse_channel
+        from comms.runtime import validate_comms
 
-            self.channel_spec = parse_channel(self.channel)
+        validate_comms(self.protocol, "")  # the name, and no learned protocol (marl train's)
+        #: The parsed channel (None: perfect), checked once here; the runner reuses it.
+        self.channel_spec: Any = parse_channel(self.channel) if self.channel else None
 
 
 @dataclass
