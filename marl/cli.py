@@ -168,14 +168,17 @@ def run_command(
         policy=policy,
     )
 
+    bar_console = Console(stderr=True)
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         TextColumn("episode {task.completed}/{task.total}"),
         TextColumn("{task.fields[steps]} steps"),
         TimeElapsedColumn(),
-        console=Console(stderr=True),
+        console=bar_console,
         transient=True,
+        # Off a terminal a transient bar would still leave an empty line before any error.
+        disable=not bar_console.is_terminal,
     )
     with progress:
         task = progress.add_task(scenario, total=episodes, steps=0)
