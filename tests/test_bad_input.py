@@ -276,6 +276,17 @@ def test_resource_limits_refused_before_anything_starts(
     assert not out.exists()
 
 
+def test_report_reps_and_bucket_size_are_bounded(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", str(FIXTURE), "--reps", "1000000000"]) == 2
+    assert "bad --reps 1000000000; allowed: 100..100000" in _error_line(capsys)
+    pytest.importorskip("mpi4py")
+    from marl.distributed import DistConfig
+
+    for bad in (float("inf"), float("nan"), 1e9):
+        with pytest.raises(ConfigError, match="bad value for bucket_mb"):
+            DistConfig(bucket_mb=bad)
+
+
 def test_mpiexec_command_refuses_too_many_ranks() -> None:
     pytest.importorskip("mpi4py")
     from marl.distributed import DistConfig

@@ -8,10 +8,11 @@ the MPI library (is ULFM available?) live in :mod:`marl.distributed.launch`.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
-from marl.core.errors import ConfigError, unknown
+from marl.core.errors import ConfigError, show, unknown
 
 __all__ = [
     "DistConfig",
@@ -27,6 +28,8 @@ SYNC_METHODS = ("allreduce", "ring", "ps", "gossip")
 #: Compressor families; topk and powersgd take a parameter (``topk:0.01``, ``powersgd:2``).
 COMPRESSORS = ("none", "fp16", "topk", "powersgd")
 FAULT_TOLERANCE = ("none", "ulfm", "checkpoint")
+#: Largest fused gradient bucket, MB: far above any model Concord trains (buckets are allocated).
+MAX_BUCKET_MB = 4096.0
 
 
 def parse_compress(spec: str) -> tuple[str, float]:
@@ -40,19 +43,19 @@ def parse_compress(spec: str) -> tuple[str, float]:
         raise unknown("compressor", spec, ["none", "fp16", "topk:RATIO", "powersgd:RANK"])
     if name in ("none", "fp16"):
         if sep:
-            raise ConfigError(f"bad compressor '{spec}': '{name}' takes no parameter")
+            raise ConfigError(f"bad compressor {show(spec)}: '{name}' takes no parameter")
         return name, 0.0
     if not sep or not arg.strip():
         example = "topk:0.01" if name == "topk" else "powersgd:2"
-        raise ConfigError(f"bad compressor '{spec}': '{name}' needs a parameter, e.g. {example}")
+        raise ConfigError(f"bad compressor {show(spec)}: '{name}' needs a parameter, e.g. {example}")
     try:
         value = float(arg)
     except ValueError:
-        raise ConfigError(f"bad compressor '{spec}': parameter '{arg}' is not a number") from None
+        raise ConfigError(f"bad compressor {show(spec)}: parameter {show(arg)} is not a number") from None
     if name == "topk" and not 0.0 < value <= 1.0:
-        raise ConfigError(f"bad compressor '{spec}': top-k ratio must lie in (0, 1], e.g. topk:0.01")
+        raise ConfigError(f"bad compressor {show(spec)}: top-k ratio must lie in (0, 1], e.g. topk:0.01")
     if name == "powersgd" and (value < 1 or not value.is_integer()):
-        raise ConfigError(f"bad compressor '{spec}': PowerSGD rank must be an integer >= 1, e.g. powersgd:2")
+        raise ConfigError(f"bad compressor {show(spec)}: PowerSGD rank must be an integer >= 1, e.g. powersgd:2")
     return name, value
 
 
@@ -65,7 +68,7 @@ def parse_inject_failure(spec: str) -> tuple[int, int] | None:
         return None
     match = _INJECT.match(spec)
     if not match:
-        raise ConfigError(f"bad inject_failure '{spec}'; expected RANK:UPDATE, e.g. 1:3")
+        raise ConfigError(f"bad inject_failure {show(spec)}; expected RANK:UPDATE, e.g. 1:3")
     return int(match.group(1)), int(match.group(2))
 
 
@@ -110,17 +113,19 @@ class DistConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.ranks, bool) or not isinstance(self.ranks, int) or self.ranks < 1:
-            raise ConfigError(f"bad value for ranks: '{self.ranks}'; expected an integer >= 1")
+            raise ConfigError(f"bad value for ranks: {show(self.ranks)}; expected an integer >= 1")
         if self.sync not in SYNC_METHODS:
             raise unknown("sync method", str(self.sync), SYNC_METHODS)
         name, _ = parse_compress(self.compress)
         if name != "none" and self.sync != "allreduce":
             raise ConfigError(
-                f"bad combination sync='{self.sync}' with compress='{self.compress}'; "
+                f"bad combination sync={show(self.sync)} with compress={show(self.compress)}; "
                 "compression works with sync=allreduce only"
             )
-        if not self.bucket_mb > 0:
-            raise ConfigError(f"bad value for bucket_mb: '{self.bucket_mb}'; expected a number > 0")
+        if not (math.isfinite(self.bucket_mb) and 0 < self.bucket_mb <= MAX_BUCKET_MB):
+            raise ConfigError(
+                f"bad value for bucket_mb: {show(self.bucket_mb)}; allowed: a number in (0, {MAX_BUCKET_MB}]"
+            )
         if self.fault_tolerance not in FAULT_TOLERANCE:
             raise unknown("fault tolerance mode", str(self.fault_tolerance), FAULT_TOLERANCE)
         if self.overlap and (self.sync != "allreduce" or name != "none"):

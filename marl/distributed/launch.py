@@ -41,7 +41,7 @@ import sys
 from pathlib import Path
 
 from marl.core.config import check_local_processes
-from marl.core.errors import ConfigError, SimulatorError
+from marl.core.errors import ConfigError, SimulatorError, show
 from marl.distributed.config import DistConfig
 
 __all__ = [
@@ -165,7 +165,7 @@ def _self_command(argv: list[str]) -> list[str]:
     if not path.exists():
         found = shutil.which(script)
         if found is None:
-            raise ConfigError(f"cannot relaunch under mpiexec: '{script}' is not a file")
+            raise ConfigError(f"cannot relaunch under mpiexec: {show(script)} is not a file")
         path = Path(found)
     return [sys.executable, str(path.resolve()), *argv[1:]]
 
