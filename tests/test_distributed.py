@@ -294,7 +294,8 @@ class _RecordingSync:
 
 
 def test_ppo_update_scales_the_loss_by_grad_scale_so_a_sum_is_the_mean() -> None:
-    from marl.algos.ippo import Batch, IPPOConfig, ppo_update
+    from marl.algos.ippo import IPPOConfig
+    from marl.algos.ppo import Batch, ppo_update
     from marl.policies import ActionSpec, ActorCritic
 
     def run(sync: _RecordingSync) -> None:
@@ -308,7 +309,8 @@ def test_ppo_update_scales_the_loss_by_grad_scale_so_a_sum_is_the_mean() -> None
                       gates=None, logprobs=torch.full((t, n), -1.1), values=torch.randn(t, n, generator=g),
                       advantages=torch.randn(t, n, generator=g), returns=torch.randn(t, n, generator=g))
         cfg = IPPOConfig(update_epochs=1, num_minibatches=2, max_grad_norm=1e9)
-        ppo_update(model, opt, batch, cfg, sync_grads=sync, generator=torch.Generator().manual_seed(2))
+        ppo_update(model, opt, batch, cfg, sync_grads=sync, grad_scale=sync.grad_scale,
+                   generator=torch.Generator().manual_seed(2))
 
     plain, scaled = _RecordingSync(4, prescaled=False), _RecordingSync(4, prescaled=True)
     run(plain)
