@@ -59,7 +59,7 @@ class Bucket:
         grads = [p.grad for p in self.params]
         if all(g is not None for g in grads):
             # One kernel for the whole bucket (casts bf16/fp16 to fp32 on the way).
-            torch.cat([g.detach().reshape(-1) for g in grads], out=self.buffer)
+            torch.cat([g.detach().reshape(-1) for g in grads if g is not None], out=self.buffer)
             return
         for v, g in zip(self.views, grads):
             if g is None:

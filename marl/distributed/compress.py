@@ -38,7 +38,9 @@ FP16_MAX = 65504.0
 class Collectives(Protocol):
     """What a compressor needs from the communicator."""
 
-    size: int
+    @property
+    def size(self) -> int:
+        """Number of ranks."""
 
     def allreduce_mean_(self, t: torch.Tensor) -> int:
         """Average contiguous fp32 ``t`` over ranks in place; return bytes sent by this rank."""
@@ -197,9 +199,9 @@ class PowerSGD(Compressor):
         m_full = bucket.buffer + (residual if residual is not None else 0.0)
         ms, qs = [], []
         for i in mats:
-            p = bucket.params[i]
+            param = bucket.params[i]
             off = bucket.offsets[i]
-            m = m_full[off:off + p.numel()].view(*matrix_shape(p.shape))
+            m = m_full[off:off + param.numel()].view(*matrix_shape(param.shape))
             key = (bucket.index, i)
             if key not in self.q:  # same seed on every rank -> identical Q everywhere
                 gen = torch.Generator().manual_seed(self.seed * 1_000_003 + bucket.index * 1009 + i)

@@ -176,6 +176,7 @@ class AllreduceSync(GradientSync):
     """
 
     name = "allreduce"
+    world: MPIWorld  # these methods talk MPI: only built for an MPIWorld (make_sync)
 
     def __init__(self, world: MPIWorld, cfg: DistConfig, compressor: Compressor | None = None, *,
                  prescaled: bool = False) -> None:
@@ -271,6 +272,7 @@ class RingSync(GradientSync):
     """Our own ring allreduce: reduce-scatter + allgather over Sendrecv with the neighbours."""
 
     name = "ring"
+    world: MPIWorld  # these methods talk MPI: only built for an MPIWorld (make_sync)
 
     def _sync(self) -> int:
         sent = 0
@@ -309,6 +311,7 @@ class ParameterServerSync(GradientSync):
     """Rank 0 gathers every rank's bucket, averages and broadcasts the mean."""
 
     name = "ps"
+    world: MPIWorld  # these methods talk MPI: only built for an MPIWorld (make_sync)
 
     def _sync(self) -> int:
         world = self.world
@@ -320,7 +323,7 @@ class ParameterServerSync(GradientSync):
             data = bucket.buffer.numpy()
             gathered = np.empty((n, data.size), dtype=np.float32) if root else None
             world.call(comm.Gather, [data, MPI.FLOAT], [gathered, MPI.FLOAT] if root else None, root=0)
-            if root:
+            if gathered is not None:  # the root
                 np.mean(gathered, axis=0, out=data)
             world.call(comm.Bcast, [data, MPI.FLOAT], root=0)
             bucket.unpack_grads()
@@ -342,6 +345,7 @@ class GossipSync(GradientSync):
     """D-PSGD: mix parameters with topology neighbours; gradients stay local."""
 
     name = "gossip"
+    world: MPIWorld  # these methods talk MPI: only built for an MPIWorld (make_sync)
 
     def __init__(self, world: MPIWorld, cfg: DistConfig, topology: Any = None) -> None:
         super().__init__(world, cfg)

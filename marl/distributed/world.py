@@ -137,7 +137,7 @@ class MPIWorld(World):
 
         self.MPI = MPI
         self.ulfm = cfg.fault_tolerance == "ulfm"
-        self.comm = MPI.COMM_WORLD.Dup()
+        self.comm: Any = MPI.COMM_WORLD.Dup()  # an Intracomm; a Comm after a ULFM shrink
         # mpi4py raises MPI.Exception on errors (ERRORS_RETURN); ULFM needs that to survive.
         self.comm.Set_errhandler(MPI.ERRORS_RETURN)
         self.rank = self.comm.Get_rank()
@@ -178,7 +178,7 @@ class MPIWorld(World):
         MPI = self.MPI
         n = np.array([len(data) if self.rank == root and data is not None else 0], dtype=np.int64)
         self.call(self.comm.Bcast, [n, MPI.INT64_T], root=root)
-        buf = np.frombuffer(bytearray(data), dtype=np.uint8) if self.rank == root else np.empty(int(n[0]), np.uint8)
+        buf = np.frombuffer(bytearray(data or b""), dtype=np.uint8) if self.rank == root else np.empty(int(n[0]), np.uint8)
         self.call(self.comm.Bcast, [buf, MPI.BYTE], root=root)
         return buf.tobytes()
 
