@@ -142,8 +142,11 @@ def _job(max_bytes: int, repeat: int, rounds: int = 5) -> None:
     from marl.distributed import DistConfig, init_world, make_sync
     from marl.distributed.sync import AllreduceSync
 
+    from marl.distributed.world import MPIWorld
+
     torch.set_num_threads(1)
     world = init_world(DistConfig())
+    assert isinstance(world, MPIWorld), "the allreduce bench runs under mpiexec with >= 2 ranks"
     MPI = world.MPI
     cfg = DistConfig()
 
@@ -203,7 +206,7 @@ def _job(max_bytes: int, repeat: int, rounds: int = 5) -> None:
         params = list(net.parameters())
         for p in params:
             p.grad = torch.randn_like(p)
-        grads = [p.grad for p in params]
+        grads = [g for p in params if (g := p.grad) is not None]
         sync = AllreduceSync(world, cfg, prescaled=True)
 
         def fused() -> None:
@@ -244,16 +247,16 @@ def _job(max_bytes: int, repeat: int, rounds: int = 5) -> None:
         grads = [torch.randn_like(p) for p in params]
         methods[label] = {}
         for method in ("allreduce", "ring", "ps", "gossip"):
-            sync = make_sync(world, DistConfig(sync=method), prescaled=True)  # as marl train
+            any_sync = make_sync(world, DistConfig(sync=method), prescaled=True)  # as marl train
 
             def step() -> None:
                 for p, g in zip(params, grads):
                     p.grad = g
-                sync.synchronize(params)
+                any_sync.synchronize(params)
 
             inner = 50 if label == "ppo-mlp" else 5
             t = min(_timed(world, step, repeat, inner) for _ in range(2))
-            sent = np.array([sync.last_bytes], dtype=np.float64)
+            sent = np.array([any_sync.last_bytes], dtype=np.float64)
             world.comm.Allreduce(MPI.IN_PLACE, [sent, MPI.DOUBLE], op=MPI.MAX)
             methods[label][method] = {"time": t, "bytes": float(sent[0])}
 
