@@ -205,7 +205,7 @@ def test_cells_spread_over_mpi_ranks(tmp_path):
 
 @pytest.mark.slow
 def test_algo_cells_train_and_report(tmp_path):
-    """--algo: each cell trains (marl.train) and its final evaluation lands in the table."""
+    """--algo: each cell trains (marl.training) and its final evaluation lands in the table."""
     pytest.importorskip("marl.training", reason="training not built")
     out = tmp_path / "grid"
     assert main(["compare", "traffic/single-intersection", "--algo", "ippo", "--steps", "64",

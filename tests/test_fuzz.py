@@ -132,11 +132,7 @@ def test_random_bytes_as_records(raw: bytes) -> None:
 @FUZZ
 @given(raw=st.binary(max_size=400))
 def test_random_bytes_as_checkpoint(raw: bytes) -> None:
-    try:
-        from marl.training import load_checkpoint
-    except ImportError:  # before the training package split lands
-        pytest.importorskip("torch")
-        from marl.train import load_checkpoint
+    from marl.training import load_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "fuzz.pt"

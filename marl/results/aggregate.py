@@ -69,7 +69,7 @@ CHANNEL_TOTALS = frozenset({
     "messages_sent", "messages_delivered", "messages_dropped", "messages_over_budget",
     "bytes_sent", "bytes_delivered", "channel_steps",
 })
-#: Training logs (marl.train): ``train_*`` per update and ``eval_*`` periodic evaluations, with the
+#: Training logs (marl.training): ``train_*`` per update and ``eval_*`` periodic evaluations, with the
 #: update number in the episode column. They feed learning curves; tables use the final
 #: evaluation rows, which carry the plain KPI names.
 TRAINING_PREFIXES: tuple[str, ...] = ("train_", "eval_")

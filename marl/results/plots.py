@@ -6,7 +6,7 @@
 * :func:`kpi_vs_drop` — a KPI against the channel's message drop probability, one line per
   (method, protocol): how gracefully coordination degrades on a lossy channel.
 * :func:`learning_curves` — KPI against training env steps with a 95 % t band over seeds, from
-  the ``train_env_steps`` / ``eval_<kpi>`` / ``train_<kpi>`` rows marl.train logs per update.
+  the ``train_env_steps`` / ``eval_<kpi>`` / ``train_<kpi>`` rows marl.training logs per update.
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def kpi_vs_drop(summary: pd.DataFrame, scenario: str, metric: str, goal: str, di
 def training_curves(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Rows (GROUP..., seed, step, value): the KPI logged during training against env steps.
 
-    marl.train logs, per update ``u`` (in the episode column), ``train_env_steps`` and
+    marl.training logs, per update ``u`` (in the episode column), ``train_env_steps`` and
     ``train_<kpi>`` (training episodes finished in that update) and, at periodic evaluations,
     ``eval_<kpi>``. Periodic evaluations are preferred (they are what the final table measures);
     training-episode KPIs are the fallback. Runs without training rows give an empty frame.
