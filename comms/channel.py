@@ -116,9 +116,7 @@ class ChannelSpec:
             # Crashed ids are a set: one order, no repeats, and no ids at all is no crash.
             ids = tuple(sorted(dict.fromkeys(str(i) for i in self.crash)))
             object.__setattr__(self, "crash", ids if ids else 0)
-        if isinstance(self.drop, bool) or not (
-            isinstance(self.drop, (int, float)) and 0.0 <= float(self.drop) <= 1.0
-        ):
+        if isinstance(self.drop, bool) or not (isinstance(self.drop, (int, float)) and 0.0 <= float(self.drop) <= 1.0):
             raise _bad("drop", self.drop)
         if not _is_int(self.delay) or not 0 <= self.delay <= MAX_DELAY:
             raise _bad("delay", self.delay)
@@ -423,9 +421,7 @@ class Channel:
         index = self.index
         count = 2 * topology.number_of_edges()
         try:
-            flat = np.fromiter(
-                (index[node] for edge in topology.edges() for node in edge), np.int64, count
-            )
+            flat = np.fromiter((index[node] for edge in topology.edges() for node in edge), np.int64, count)
         except KeyError as exc:
             raise unknown("agent in topology", str(exc.args[0]), self.agents) from None
         self._set_edges(flat.reshape(-1, 2))
@@ -450,8 +446,7 @@ class Channel:
         g.add_nodes_from(self.agents)
         one_way = self._src < self._dst
         g.add_edges_from(
-            (self.agents[u], self.agents[v])
-            for u, v in zip(self._src[one_way].tolist(), self._dst[one_way].tolist())
+            (self.agents[u], self.agents[v]) for u, v in zip(self._src[one_way].tolist(), self._dst[one_way].tolist())
         )
         return g
 
@@ -578,9 +573,7 @@ class Channel:
         c.delivered_bytes += delivered_per * d_size
         c.dropped_msgs += dropped_per
         c.dropped_bytes += dropped_per * size
-        self.step_log.append(
-            (n_sent, len(d_src), int(dropped_per.sum()), n_sent * size, len(d_src) * d_size)
-        )
+        self.step_log.append((n_sent, len(d_src), int(dropped_per.sum()), n_sent * size, len(d_src) * d_size))
         self.t += 1
         return Delivery(d_src, d_dst, d_data, self.n)
 

@@ -87,9 +87,7 @@ def check_topology(graph: nx.Graph, tolerate_crashes: int = 0) -> None:
         raise ConfigError("consensus topology has no agents; allowed: a connected graph")
     if not nx.is_connected(graph):
         parts = nx.number_connected_components(graph)
-        raise ConfigError(
-            f"consensus topology is disconnected ({parts} components); allowed: a connected graph"
-        )
+        raise ConfigError(f"consensus topology is disconnected ({parts} components); allowed: a connected graph")
     if tolerate_crashes > 0:
         kappa = _connectivity_at_most(graph, tolerate_crashes)
         if kappa is not None:

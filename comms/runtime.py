@@ -27,9 +27,7 @@ __all__ = ["CommsRuntime", "build_comms", "validate_comms", "validate_protocol"]
 class CommsRuntime:
     """A protocol and a channel for a fixed list of agents and payload size."""
 
-    def __init__(
-        self, protocol: Protocol, channel: Channel, payload_size: int, seed: int = 0
-    ) -> None:
+    def __init__(self, protocol: Protocol, channel: Channel, payload_size: int, seed: int = 0) -> None:
         self.protocol = protocol
         self.channel = channel
         self.payload_size = int(payload_size)
@@ -67,9 +65,7 @@ class CommsRuntime:
         for agent, vector in payloads.items():
             row = np.asarray(vector, dtype=np.float64).reshape(-1)
             if row.size != p:
-                raise ValueError(
-                    f"payload of {agent!r} has {row.size} values; the run was built for {p}"
-                )
+                raise ValueError(f"payload of {agent!r} has {row.size} values; the run was built for {p}")
             i = index[agent]
             matrix[i] = row
             senders[i] = True
@@ -84,9 +80,7 @@ class CommsRuntime:
         included; a multi-round protocol (consensus) sends several channel steps per env step.
         """
         totals = self.channel.totals()
-        totals["bytes_per_agent_step"] = totals["bytes_sent"] / (
-            self.channel.n * max(self.steps, 1)
-        )
+        totals["bytes_per_agent_step"] = totals["bytes_sent"] / (self.channel.n * max(self.steps, 1))
         return totals
 
 

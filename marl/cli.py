@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+
 import click
 from rich.console import Console
 from rich.table import Table
@@ -72,8 +73,13 @@ def list_command(kind: str) -> None:
     if kind == "scenarios":
         columns = ("scenario", "agents", "simulator", "default controller", "description")
         rows = [
-            (sid, "varies" if spec.n_agents is None else str(spec.n_agents), spec.simulator,
-             spec.default_controller, spec.description)
+            (
+                sid,
+                "varies" if spec.n_agents is None else str(spec.n_agents),
+                spec.simulator,
+                spec.default_controller,
+                spec.description,
+            )
             for sid, spec in registry.scenarios().items()
         ]
     elif kind == "controllers":
@@ -145,8 +151,9 @@ def run_command(
     if policy is None:
         name = controller or spec.default_controller
         controller_cls = registry.load(registry.controller_spec(spec.domain, name).entry_point)
-        build_config(controller_cls.Config, controller_overrides, what="--controller-set key",
-                     owner=f"controller {name}")
+        build_config(
+            controller_cls.Config, controller_overrides, what="--controller-set key", owner=f"controller {name}"
+        )
     overrides = parse_sets(set_)
     registry.scenario_config(scenario, overrides)
     if protocol != "none" or channel:

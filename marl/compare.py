@@ -25,6 +25,7 @@ in ``grid.json``, in the command's output and in the report's notes:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -173,8 +174,7 @@ def plan_grid(
             if learned and kind == "controller":
                 allowed = sorted(n for n, p in registry.protocols().items() if not p.learned)
                 raise ConfigError(
-                    f"protocol {name} is learned and needs --algo; with --controllers allowed: "
-                    + ", ".join(allowed)
+                    f"protocol {name} is learned and needs --algo; with --controllers allowed: " + ", ".join(allowed)
                 )
     # Canonical spellings, deduplicated: what cells, keys and the records' channel column use.
     channel_texts = list(dict.fromkeys(spec.canonical() for spec in channels)) or [""]
@@ -199,8 +199,13 @@ def plan_grid(
             for p, c in combos:
                 if (p, c) != ("none", ""):
                     skipped.append(
-                        Skipped(method, p, c, f"controller '{method}' does not read messages; "
-                                "it runs once per seed with protocol none on a perfect channel")
+                        Skipped(
+                            method,
+                            p,
+                            c,
+                            f"controller '{method}' does not read messages; "
+                            "it runs once per seed with protocol none on a perfect channel",
+                        )
                     )
             combos = [("none", "")]
         elif "none" in protocols:
@@ -209,17 +214,19 @@ def plan_grid(
             for c in dict.fromkeys(channel_texts):
                 if c != "":
                     skipped.append(
-                        Skipped(method, "none", c, "protocol none sends nothing; the channel cannot "
-                                "change the result: it runs once per seed on a perfect channel")
+                        Skipped(
+                            method,
+                            "none",
+                            c,
+                            "protocol none sends nothing; the channel cannot "
+                            "change the result: it runs once per seed on a perfect channel",
+                        )
                     )
             combos = [(p, c) for p, c in combos if p != "none"]
             combos.insert(0, ("none", ""))
         for protocol, channel in combos:
             for seed in seed_list:
-                cells.append(
-                    Cell(scenario, method, kind, protocol, channel, seed, episodes,
-                         sorted_overrides, steps)
-                )
+                cells.append(Cell(scenario, method, kind, protocol, channel, seed, episodes, sorted_overrides, steps))
     if len(cells) > MAX_CELLS:
         raise ConfigError(
             f"the grid has {len(cells)} cells; allowed: at most {MAX_CELLS} in one compare "
@@ -265,8 +272,7 @@ def preflight(scenario: str, overrides: Mapping[str, str], channels: Sequence[Ch
             pool.submit(_preflight_child, scenario, dict(overrides), list(channels)).result()
     except BrokenProcessPool:
         raise SimulatorError(
-            f"{scenario} died while starting (killed, or out of memory) before any cell ran; "
-            "check its --set values"
+            f"{scenario} died while starting (killed, or out of memory) before any cell ran; check its --set values"
         ) from None
 
 
@@ -295,10 +301,8 @@ def _report(key: str, steps: int | None = None, fraction: float | None = None) -
     """Tell the parent how far a cell is (never blocks; progress is best-effort)."""
     if _PROGRESS is None:
         return
-    try:
+    with contextlib.suppress(Exception):
         _PROGRESS.put_nowait((key, steps, fraction))
-    except Exception:  # noqa: BLE001 - a full or closed queue must never fail a cell
-        pass
 
 
 def _run_controller_cell(cell: Cell, cell_dir: Path) -> None:
@@ -386,7 +390,7 @@ def execute_cell(cell: Cell, out_dir: str, inject_failure: str = "") -> CellOutc
             _run_controller_cell(cell, cell_dir)
         else:
             _run_algo_cell(cell, cell_dir)
-    except BaseException as exc:  # noqa: BLE001 - one cell's failure must not stop the grid
+    except BaseException as exc:
         atomic_write_text(cell_dir / ERROR_FILE, traceback.format_exc())
         line = f"{type(exc).__name__}: {exc}".splitlines()[0] if str(exc) else type(exc).__name__
         return CellOutcome(cell.key, "failed", time.perf_counter() - start, line)
@@ -409,8 +413,7 @@ def _check_resume(out: Path, plan: GridPlan) -> None:
             except (OSError, UnicodeDecodeError, json.JSONDecodeError):
                 raise ConfigError(f"{path} is not readable JSON; delete that cell directory to rerun it") from None
             if old != cell.to_json():
-                diff = sorted(k for k in old.keys() | cell.to_json().keys()
-                              if old.get(k) != cell.to_json().get(k))
+                diff = sorted(k for k in old.keys() | cell.to_json().keys() if old.get(k) != cell.to_json().get(k))
                 raise ConfigError(
                     f"{out} already holds cell {cell.key} made with different {', '.join(diff)}; "
                     "use another --out directory or the same settings"
@@ -480,7 +483,7 @@ def run_grid(
                 cell = futures[future]
                 try:
                     outcome = future.result()
-                except BaseException as exc:  # noqa: BLE001 - the child died (segfault, OOM kill)
+                except BaseException as exc:
                     outcome = CellOutcome(cell.key, "failed", 0.0, f"worker process died: {exc!r}")
                     cell_dir = out / CELLS_DIR / cell.key
                     if cell_dir.is_dir():

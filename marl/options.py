@@ -32,9 +32,7 @@ set_option = click.option(
     metavar="KEY=VALUE",
     help="Override a scenario parameter (repeatable); the scenario's env card lists the keys.",
 )
-protocol_option = click.option(
-    "--protocol", default="none", help="Communication protocol (see 'marl list protocols')."
-)
+protocol_option = click.option("--protocol", default="none", help="Communication protocol (see 'marl list protocols').")
 #: What a channel spec looks like (comms.channel.parse_channel); shared by --channel's two forms.
 CHANNEL_HELP = "Channel spec, e.g. drop=0.1,delay=1,bits=8,budget=256,crash=3; empty is a perfect channel."
 channel_option = click.option("--channel", default="", help=CHANNEL_HELP)

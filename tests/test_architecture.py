@@ -81,9 +81,7 @@ def _within(module: str, package: str) -> bool:
 def _violations(importers: str, forbidden: tuple[str, ...]) -> list[str]:
     """Edges from ``importers`` (a package) into any of the ``forbidden`` packages."""
     return sorted(
-        f"{a} imports {b}"
-        for a, b in GRAPH.edges
-        if _within(a, importers) and any(_within(b, f) for f in forbidden)
+        f"{a} imports {b}" for a, b in GRAPH.edges if _within(a, importers) and any(_within(b, f) for f in forbidden)
     )
 
 
@@ -106,14 +104,21 @@ def test_domain_layers_import_only_the_core_of_marl(layer: str) -> None:
 
 
 def test_core_imports_nothing_above_it() -> None:
-    above = ("scenarios", "comms", *(m for m in SOURCES if m.count(".") == 1 and m.startswith("marl.")
-                                       and m != "marl.core"))
+    above = (
+        "scenarios",
+        "comms",
+        *(m for m in SOURCES if m.count(".") == 1 and m.startswith("marl.") and m != "marl.core"),
+    )
     assert _violations("marl.core", above) == []
 
 
 def test_results_do_not_run_experiments() -> None:
-    assert _violations("marl.results", ("marl.runner", "marl.training", "marl.compare",
-                                        "marl.commands", "marl.bench", "marl.cli")) == []
+    assert (
+        _violations(
+            "marl.results", ("marl.runner", "marl.training", "marl.compare", "marl.commands", "marl.bench", "marl.cli")
+        )
+        == []
+    )
 
 
 def test_algorithms_know_nothing_of_mpi() -> None:
@@ -136,11 +141,16 @@ def test_no_function_in_marl_is_too_long() -> None:
 
 def test_no_file_points_to_documents_outside_the_repository() -> None:
     # The architecture lives in docs/ARCHITECTURE.md; older code cited notes nobody can open.
-    outside = ("DESIGN" + ".md", "TRAIN_DIST" + "_CONTRACT", "notes" + "/", "MPI " + "engineer",
-               "shared" + " notes")
+    outside = ("DESIGN" + ".md", "TRAIN_DIST" + "_CONTRACT", "notes" + "/", "MPI " + "engineer", "shared" + " notes")
     hits = []
-    for path in [*SOURCES.values(), *ROOT.glob("*.md"), *(ROOT / "docs").glob("*.md"),
-                 *(ROOT / "tests").rglob("*.py"), ROOT / "Makefile", ROOT / "pyproject.toml"]:
+    for path in [
+        *SOURCES.values(),
+        *ROOT.glob("*.md"),
+        *(ROOT / "docs").glob("*.md"),
+        *(ROOT / "tests").rglob("*.py"),
+        ROOT / "Makefile",
+        ROOT / "pyproject.toml",
+    ]:
         if path == Path(__file__).resolve():
             continue
         text = path.read_text(encoding="utf-8")

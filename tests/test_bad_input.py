@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -43,12 +42,18 @@ def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
     ("argv", "needle"),
     [
         (["run", "nodomain"], "unknown scenario 'nodomain'; allowed: "),
-        (["run", SCENARIO, "--controller", "random", "--controller-set", "foo=1"],
-         "bad --controller-set key 'foo': controller random takes no parameters"),
-        (["run", SCENARIO, "--protocol", "broadcast", "--channel", "delay=1.5"],
-         "bad channel delay='1.5'; allowed: an integer 0..10000 (steps)"),
-        (["run", SCENARIO, "--protocol", "broadcast", "--channel", "delay=1e9"],
-         "bad channel delay='1e9'; allowed: an integer 0..10000 (steps)"),
+        (
+            ["run", SCENARIO, "--controller", "random", "--controller-set", "foo=1"],
+            "bad --controller-set key 'foo': controller random takes no parameters",
+        ),
+        (
+            ["run", SCENARIO, "--protocol", "broadcast", "--channel", "delay=1.5"],
+            "bad channel delay='1.5'; allowed: an integer 0..10000 (steps)",
+        ),
+        (
+            ["run", SCENARIO, "--protocol", "broadcast", "--channel", "delay=1e9"],
+            "bad channel delay='1e9'; allowed: an integer 0..10000 (steps)",
+        ),
         (["run", SCENARIO, "--out", ""], "bad --out ''"),
         (["run", SCENARIO, "--out", "  "], "bad --out '  '"),
         (["compare", SCENARIO, "--controllers", "greedy", "--out", ""], "bad --out ''"),
@@ -130,8 +135,23 @@ def test_compare_validates_scenario_inputs_before_any_cell(tmp_path: Path, capsy
     garbage = tmp_path / "garbage.map"
     garbage.write_bytes(b"\x1b[2J not a map\n")
     out = tmp_path / "cmp"
-    assert main(["compare", SCENARIO, "--controllers", "greedy,random", "--seeds", "2",
-                 "--set", f"map_file={garbage}", "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "compare",
+                SCENARIO,
+                "--controllers",
+                "greedy,random",
+                "--seeds",
+                "2",
+                "--set",
+                f"map_file={garbage}",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     err = _error_line(capsys)
     assert "expected header 'type'" in err and "\\x1b" in err
     assert not out.exists()  # no cell ran, nothing was written
@@ -172,16 +192,20 @@ def test_malformed_records_name_file_and_line(tmp_path: Path, capsys: pytest.Cap
     text = (FIXTURE / "records.csv").read_text()
     n = len(text.splitlines())
     cases = {
-        "quote": ((text + 'x,fixture/toy,"alpha,none,,0,0,delay,1\n').encode(),
-                  f"records.csv:{n + 1}: unterminated quote"),
-        "fields": ((text + "x,fixture/toy,alpha,none,,0,0,delay,1,2,3,4\n").encode(),
-                  f"records.csv:{n + 1}: 12 fields, expected 9"),
-        "binary": (text.encode() + b"\x90\xff\x00\n",
-                  f"records.csv:{n + 1}: not UTF-8 text"),
-        "nul": ((text + "x,fixture/toy,alpha,none,,0,0,de\x00lay,1\n").encode(),
-                  f"records.csv:{n + 1}: NUL byte"),
-        "value": ((text + "x,fixture/toy,alpha,none,,0,0,delay,fast\n").encode(),
-                  f"records.csv:{n + 1}: value 'fast' is not a number"),
+        "quote": (
+            (text + 'x,fixture/toy,"alpha,none,,0,0,delay,1\n').encode(),
+            f"records.csv:{n + 1}: unterminated quote",
+        ),
+        "fields": (
+            (text + "x,fixture/toy,alpha,none,,0,0,delay,1,2,3,4\n").encode(),
+            f"records.csv:{n + 1}: 12 fields, expected 9",
+        ),
+        "binary": (text.encode() + b"\x90\xff\x00\n", f"records.csv:{n + 1}: not UTF-8 text"),
+        "nul": ((text + "x,fixture/toy,alpha,none,,0,0,de\x00lay,1\n").encode(), f"records.csv:{n + 1}: NUL byte"),
+        "value": (
+            (text + "x,fixture/toy,alpha,none,,0,0,delay,fast\n").encode(),
+            f"records.csv:{n + 1}: value 'fast' is not a number",
+        ),
     }
     for name, (raw, needle) in cases.items():
         directory = _results_dir(tmp_path, name, raw=raw)
@@ -217,15 +241,20 @@ def test_report_refuses_a_measurement_counted_twice(tmp_path: Path, capsys: pyte
 
 
 @pytest.mark.parametrize("bad", ["inf", "nan"])
-def test_report_names_seeds_left_out_for_non_finite_values(tmp_path: Path, bad: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_report_names_seeds_left_out_for_non_finite_values(
+    tmp_path: Path, bad: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     rows = _fixture_rows()
     header = rows[0]
     col = {name: i for i, name in enumerate(header)}
     target = rows[1]
     group = [target[col[k]] for k in ("scenario", "method", "protocol", "channel")]
     for row in rows[1:]:  # one episode of one seed: that seed's mean becomes non-finite
-        if ([row[col[k]] for k in ("scenario", "method", "protocol", "channel")] == group
-                and row[col["seed"]] == "2" and row[col["metric"]] == "delay"):
+        if (
+            [row[col[k]] for k in ("scenario", "method", "protocol", "channel")] == group
+            and row[col["seed"]] == "2"
+            and row[col["metric"]] == "delay"
+        ):
             row[col["value"]] = bad
             break
     directory = _results_dir(tmp_path, bad, rows=rows)
@@ -235,10 +264,12 @@ def test_report_names_seeds_left_out_for_non_finite_values(tmp_path: Path, bad: 
     assert f"seed 2: delay={bad}" in markdown and "left out" in markdown
     with (directory / "report" / "summary.csv").open() as fh:
         summary = list(csv.DictReader(fh))
-    seeds = {r[col["seed"]] for r in rows[1:]
-             if [r[col[k]] for k in ("scenario", "method", "protocol", "channel")] == group}
-    line = next(r for r in summary if [r["method"], r["protocol"], r["channel"]] == group[1:]
-                and r["metric"] == "delay")
+    seeds = {
+        r[col["seed"]] for r in rows[1:] if [r[col[k]] for k in ("scenario", "method", "protocol", "channel")] == group
+    }
+    line = next(
+        r for r in summary if [r["method"], r["protocol"], r["channel"]] == group[1:] and r["metric"] == "delay"
+    )
     assert len(seeds) >= 3 and int(line["n_seeds"]) == len(seeds) - 1
 
 
@@ -343,14 +374,23 @@ def test_ranks_die_with_their_launcher_and_write_no_colour_codes(tmp_path: Path)
 
     log = tmp_path / "out.txt"
     with log.open("w") as fh:  # redirected to a file, as `marl compare ... --ranks 2 > file`
-        done = subprocess.run([sys.executable, str(script), str(tmp_path), "print"], stdout=fh,
-                              stderr=subprocess.STDOUT, env=env, timeout=300)
+        done = subprocess.run(
+            [sys.executable, str(script), str(tmp_path), "print"],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=env,
+            timeout=300,
+        )
     text = log.read_text()
     assert done.returncode == 0, text
     assert text.count("rank up") == 2 and "\x1b[" not in text
 
-    launcher = subprocess.Popen([sys.executable, str(script), str(tmp_path), "sleep"], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    launcher = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path), "sleep"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         assert _wait_for(lambda: len(list(tmp_path.glob("rank-*"))) == 2, 240), "ranks did not start"
         ranks = [int(p.name.split("-")[1]) for p in tmp_path.glob("rank-*")]

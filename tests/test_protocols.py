@@ -128,7 +128,9 @@ def marl_run(tmp_path, *args: str):
     out = tmp_path / "out"
     proc = subprocess.run(
         [str(marl), "run", "traffic/grid4x4", *args, *SHORT, "--out", str(out)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     frame = read_records(out)
@@ -139,8 +141,13 @@ def test_cli_coordinated_max_pressure_records_channel_stats(tmp_path):
     from comms.channel import message_bytes
 
     kpis = marl_run(
-        tmp_path, "--controller", "max-pressure-coordinated", "--protocol", "neighbours",
-        "--channel", "drop=0.2",
+        tmp_path,
+        "--controller",
+        "max-pressure-coordinated",
+        "--protocol",
+        "neighbours",
+        "--channel",
+        "drop=0.2",
     )
     assert {"bytes_per_agent_step", "delivery_rate", "delay"} <= set(kpis)
     assert 0.7 < kpis["delivery_rate"] < 0.9  # 1440 messages at 20% loss
@@ -153,9 +160,7 @@ def test_cli_coordinated_max_pressure_records_channel_stats(tmp_path):
 
 def test_cli_coordinated_equals_max_pressure_on_a_perfect_channel(tmp_path):
     plain = marl_run(tmp_path / "a", "--controller", "max-pressure")
-    talk = marl_run(
-        tmp_path / "b", "--controller", "max-pressure-coordinated", "--protocol", "neighbours"
-    )
+    talk = marl_run(tmp_path / "b", "--controller", "max-pressure-coordinated", "--protocol", "neighbours")
     for kpi in ("delay", "waiting_time", "throughput", "queue"):
         assert talk[kpi] == plain[kpi]
     assert talk["delivery_rate"] == 1.0
@@ -178,11 +183,16 @@ class _FakeTrafficEnv:
 
         def signal(name, ins, outs, links, phase_links):
             return Signal(
-                id=name, phases=["G" * len(links)] * len(phase_links), program=[],
-                links=links, in_lanes=ins, out_lanes=outs,
+                id=name,
+                phases=["G" * len(links)] * len(phase_links),
+                program=[],
+                links=links,
+                in_lanes=ins,
+                out_lanes=outs,
                 link_in=np.array([ins.index(a) for a, _ in links]),
                 link_out=np.array([outs.index(b) for _, b in links]),
-                phase_links=np.array(phase_links, dtype=bool), lane_length={},
+                phase_links=np.array(phase_links, dtype=bool),
+                lane_length={},
             )
 
         self.signals = {
@@ -210,7 +220,7 @@ def test_coordinated_max_pressure_uses_messages_then_falls_back():
     assert ctl.payload_size == 1  # one internal lane: ab
     comms = build_comms("neighbours", "", env.agents, ctl.payload_size, seed=0)
     comms.reset(env.topology)
-    step = lambda payloads: ctl.act({}, env, comms.exchange(payloads, env.topology))  # noqa: E731
+    step = lambda payloads: ctl.act({}, env, comms.exchange(payloads, env.topology))
     # B reports ab = 10: pressure(0) = 5 - 10 < pressure(1) = 4 - 0 -> phase 1.
     assert step(ctl.payload({}, env))["A"] == 1
     # B falls silent: the last report is used for max_age decisions, then ab counts as empty.

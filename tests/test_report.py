@@ -61,7 +61,7 @@ def test_summary_matches_independent_computation(report_dir):
             assert len(per_seed) < 5 and row["iqm_low"] in ("", "nan") and row["iqm_high"] in ("", "nan")
         else:
             assert row["ci_low"] in ("", "nan") and row["iqm_low"] in ("", "nan")
-        comms = raw.get(key[:3] + ("bytes_per_agent_step",))
+        comms = raw.get((*key[:3], "bytes_per_agent_step"))
         if comms:
             expected = np.mean([np.mean(v) for v in comms.values()])
             assert float(row["bytes_per_agent_step"]) == pytest.approx(expected)
@@ -118,8 +118,9 @@ def test_probability_of_improvement_in_report(report_dir):
     # none ran on the perfect channel only: at drop=0.3 neighbours is compared with that baseline.
     xd = np.array([np.mean(v) for v in raw[("alpha", "neighbours", "drop=0.3", "delay")].values()])
     expected = np.mean([(a < b) + 0.5 * (a == b) for a in xd for b in x0])
-    line = next(ln for ln in markdown.splitlines() if "P(neighbours > none)" in ln and "drop=0.3" in ln
-                and "| delay |" in ln)
+    line = next(
+        ln for ln in markdown.splitlines() if "P(neighbours > none)" in ln and "drop=0.3" in ln and "| delay |" in ln
+    )
     assert "channel=drop=0.3 (none: perfect-channel baseline)" in line and f"= {expected:.4g} [" in line
     assert "none's perfect-channel run of the same method" in markdown
 

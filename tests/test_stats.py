@@ -33,7 +33,9 @@ def test_iqm_matches_rliable_on_runs_by_tasks():
     scores = rng.normal(size=(10, 3)) * np.array([1.0, 5.0, 0.1])
     assert stats.iqm(scores) == pytest.approx(float(rliable_metrics.aggregate_iqm(scores)), rel=1e-12)
     # An outlier moves the mean but not the IQM of [1..8, 1000].
-    assert stats.iqm([1, 2, 3, 4, 5, 6, 7, 8, 1000]) == pytest.approx(sps.trim_mean([1, 2, 3, 4, 5, 6, 7, 8, 1000], 0.25))
+    assert stats.iqm([1, 2, 3, 4, 5, 6, 7, 8, 1000]) == pytest.approx(
+        sps.trim_mean([1, 2, 3, 4, 5, 6, 7, 8, 1000], 0.25)
+    )
 
 
 def test_stratified_bootstrap_ci_agrees_with_rliable():

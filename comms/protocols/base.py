@@ -21,8 +21,13 @@ __all__ = ["Protocol", "step_stats", "summarise"]
 def step_stats(channel: Channel) -> dict[str, float]:
     """Messages/bytes of the channel's last step (sent, delivered, dropped)."""
     if not channel.step_log:
-        return {"messages_sent": 0.0, "messages_delivered": 0.0, "messages_dropped": 0.0,
-                "bytes_sent": 0.0, "bytes_delivered": 0.0}
+        return {
+            "messages_sent": 0.0,
+            "messages_delivered": 0.0,
+            "messages_dropped": 0.0,
+            "bytes_sent": 0.0,
+            "bytes_delivered": 0.0,
+        }
     sent, delivered, dropped, bytes_sent, bytes_delivered = channel.step_log[-1]
     return {
         "messages_sent": float(sent),

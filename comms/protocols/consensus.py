@@ -36,6 +36,5 @@ class Consensus(Protocol):
             x_new = metropolis_step(x, channel, symmetric=self.symmetric, senders=senders)
             x = x_new if senders is None else np.where(np.asarray(senders, bool)[:, None], x_new, x)
             totals += np.array(channel.step_log[-1], dtype=float)
-        keys = ("messages_sent", "messages_delivered", "messages_dropped", "bytes_sent",
-                "bytes_delivered")
+        keys = ("messages_sent", "messages_delivered", "messages_dropped", "bytes_sent", "bytes_delivered")
         return x, dict(zip(keys, map(float, totals)))

@@ -67,7 +67,7 @@ class Gossip(Protocol):
         return 2 * payload_size + 1
 
     def step(self, payloads, channel: Channel, senders=None):
-        src, dst = channel.edges  # sorted by src: each agent's links are one contiguous run
+        _src, dst = channel.edges  # sorted by src: each agent's links are one contiguous run
         deg = channel.degree()
         start = np.r_[0, np.cumsum(deg)[:-1]]
         talk = deg > 0

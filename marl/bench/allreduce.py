@@ -37,8 +37,8 @@ def command(ranks: int, max_mb: float, repeat: int) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from marl.distributed.launch import run_under_mpiexec
     from marl.core.errors import ConfigError
+    from marl.distributed.launch import run_under_mpiexec
 
     if ranks < 2:
         raise ConfigError(f"bad value for --ranks: {ranks}; the benchmark needs >= 2 ranks")
@@ -57,27 +57,52 @@ def command(ranks: int, max_mb: float, repeat: int) -> None:
     for col in ("bytes", "raw ms", "fused ms", "fused/raw", "fresh grads/raw", "with averaging pass/raw"):
         t.add_column(col, justify="right")
     for row in res["sizes"]:
-        t.add_row(_fmt_bytes(row["bytes"]), f"{row['raw'] * 1e3:.3f}", f"{row['fused'] * 1e3:.3f}",
-                  f"{row['ratio']:.2f}x", f"{row['ratio_fresh']:.2f}x", f"{row['ratio_averaging']:.2f}x")
+        t.add_row(
+            _fmt_bytes(row["bytes"]),
+            f"{row['raw'] * 1e3:.3f}",
+            f"{row['fused'] * 1e3:.3f}",
+            f"{row['ratio']:.2f}x",
+            f"{row['ratio_fresh']:.2f}x",
+            f"{row['ratio_averaging']:.2f}x",
+        )
     console.print(t)
     big = [r for r in res["sizes"] if r["bytes"] >= 1 << 20]
     if big:
-        console.print(f"fused/raw at >= 1 MB (median of per-round ratios): worst {max(r['ratio'] for r in big):.2f}x "
-                      f"as marl train syncs (prescaled loss, grads in place; target <= 1.10x), "
-                      f"{max(r['ratio_fresh'] for r in big):.2f}x with fresh grads, "
-                      f"{max(r['ratio_averaging'] for r in big):.2f}x with the averaging pass")
+        console.print(
+            f"fused/raw at >= 1 MB (median of per-round ratios): worst {max(r['ratio'] for r in big):.2f}x "
+            f"as marl train syncs (prescaled loss, grads in place; target <= 1.10x), "
+            f"{max(r['ratio_fresh'] for r in big):.2f}x with fresh grads, "
+            f"{max(r['ratio_averaging'] for r in big):.2f}x with the averaging pass"
+        )
 
     t = Table(title="fused vs one Allreduce per tensor", header_style="bold")
-    for col in ("network", "tensors", "bytes", "per-tensor ms", "fused ms", "speed-up",
-                "fused, grads in place ms", "speed-up (in place)"):
+    for col in (
+        "network",
+        "tensors",
+        "bytes",
+        "per-tensor ms",
+        "fused ms",
+        "speed-up",
+        "fused, grads in place ms",
+        "speed-up (in place)",
+    ):
         t.add_column(col, justify="right")
     for name, row in res["nets"].items():
-        t.add_row(name, str(row["tensors"]), _fmt_bytes(row["bytes"]), f"{row['per_tensor'] * 1e3:.3f}",
-                  f"{row['fused'] * 1e3:.3f}", f"{row['speedup']:.1f}x",
-                  f"{row['fused_inplace'] * 1e3:.3f}", f"{row['speedup_inplace']:.1f}x")
+        t.add_row(
+            name,
+            str(row["tensors"]),
+            _fmt_bytes(row["bytes"]),
+            f"{row['per_tensor'] * 1e3:.3f}",
+            f"{row['fused'] * 1e3:.3f}",
+            f"{row['speedup']:.1f}x",
+            f"{row['fused_inplace'] * 1e3:.3f}",
+            f"{row['speedup_inplace']:.1f}x",
+        )
     console.print(t)
-    console.print("target: fused >= 3x faster than per-tensor; 'in place' is what marl train does "
-                  "(zero_grad(set_to_none=False) keeps .grad as views into the buckets; loss prescaled)")
+    console.print(
+        "target: fused >= 3x faster than per-tensor; 'in place' is what marl train does "
+        "(zero_grad(set_to_none=False) keeps .grad as views into the buckets; loss prescaled)"
+    )
 
     t = Table(title="sync methods vs default fused allreduce", header_style="bold")
     for col in ("payload", "method", "ms", "vs allreduce", "bytes sent/rank"):
@@ -98,6 +123,7 @@ def _fmt_bytes(n: float) -> str:
 
 
 # -- the job (runs on every rank) ------------------------------------------------------------------
+
 
 def _timed(world, fn, repeat: int, inner: int) -> float:
     """Minimum over ``repeat`` of the slowest rank's mean time of ``inner`` calls to fn."""
@@ -124,7 +150,9 @@ def _ppo_mlp(obs: int = 64, hidden: int = 64, actions: int = 8):
     import torch.nn as nn
 
     def mlp(out: int) -> nn.Module:
-        return nn.Sequential(nn.Linear(obs, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, out))
+        return nn.Sequential(
+            nn.Linear(obs, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, out)
+        )
 
     return nn.ModuleDict({"actor": mlp(actions), "critic": mlp(1)})
 
@@ -141,7 +169,6 @@ def _job(max_bytes: int, repeat: int, rounds: int = 5) -> None:
 
     from marl.distributed import DistConfig, init_world, make_sync
     from marl.distributed.sync import AllreduceSync
-
     from marl.distributed.world import MPIWorld
 
     torch.set_num_threads(1)
@@ -196,10 +223,19 @@ def _job(max_bytes: int, repeat: int, rounds: int = 5) -> None:
             t_fused.append(_timed(world, fused, repeat, inner))
             t_fresh.append(_timed(world, fused_fresh, repeat, inner))
             t_avg.append(_timed(world, averaging, repeat, inner))
-        ratio = lambda ts: float(np.median(np.array(ts) / np.array(t_raw)))  # noqa: E731
-        sizes.append({"bytes": nbytes, "raw": float(np.median(t_raw)), "fused": float(np.median(t_fused)),
-                      "fresh": float(np.median(t_fresh)), "averaging": float(np.median(t_avg)),
-                      "ratio": ratio(t_fused), "ratio_fresh": ratio(t_fresh), "ratio_averaging": ratio(t_avg)})
+        ratio = lambda ts: float(np.median(np.array(ts) / np.array(t_raw)))
+        sizes.append(
+            {
+                "bytes": nbytes,
+                "raw": float(np.median(t_raw)),
+                "fused": float(np.median(t_fused)),
+                "fresh": float(np.median(t_fresh)),
+                "averaging": float(np.median(t_avg)),
+                "ratio": ratio(t_fused),
+                "ratio_fresh": ratio(t_fresh),
+                "ratio_averaging": ratio(t_avg),
+            }
+        )
 
     nets = {}
     for name, net in (("ppo-mlp", _ppo_mlp()), ("many-small", _many_small())):
@@ -235,11 +271,15 @@ def _job(max_bytes: int, repeat: int, rounds: int = 5) -> None:
             t_p.append(_timed(world, per_tensor, repeat, 50))
             t_f.append(_timed(world, fused, repeat, 50))
             t_i.append(_timed(world, fused_inplace, repeat, 50))
-        nets[name] = {"tensors": len(params), "bytes": sum(p.numel() * 4 for p in params),
-                      "fused": float(np.median(t_f)), "per_tensor": float(np.median(t_p)),
-                      "fused_inplace": float(np.median(t_i)),
-                      "speedup": float(np.median(np.array(t_p) / np.array(t_f))),
-                      "speedup_inplace": float(np.median(np.array(t_p) / np.array(t_i)))}
+        nets[name] = {
+            "tensors": len(params),
+            "bytes": sum(p.numel() * 4 for p in params),
+            "fused": float(np.median(t_f)),
+            "per_tensor": float(np.median(t_p)),
+            "fused_inplace": float(np.median(t_i)),
+            "speedup": float(np.median(np.array(t_p) / np.array(t_f))),
+            "speedup_inplace": float(np.median(np.array(t_p) / np.array(t_i))),
+        }
 
     methods: dict[str, dict] = {}
     payloads = {"ppo-mlp": list(_ppo_mlp().parameters()), "4 MB": tensors_of(4 << 20)}

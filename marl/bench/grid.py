@@ -78,7 +78,7 @@ def command(scenario: str, steps: int, ref_steps: int, rounds: int, seed: int, o
             rate, v_ref = env_rate(ref, actions[:ref_steps], seed + r, record=True)
             ref_rates.append(rate)
             _, v_fast = env_rate(fast, actions[:ref_steps], seed + r, record=True)
-            dv = max(dv, max(float(np.abs(a[0] - b[0]).max()) for a, b in zip(v_fast, v_ref)))
+            dv = max(dv, *(float(np.abs(a[0] - b[0]).max()) for a, b in zip(v_fast, v_ref)))
             fast_rates.append(env_rate(fast, actions[:steps], seed + r)[0])
             progress.advance(task)
 
@@ -113,7 +113,9 @@ def command(scenario: str, steps: int, ref_steps: int, rounds: int, seed: int, o
     table = Table(title=f"marl bench grid {scenario} ({figures['agents']} agents, {figures['buses']} buses)")
     for col in ("measure", "lightsim2grid", "pandapower runpp", "ratio"):
         table.add_column(col)
-    table.add_row("env steps/s (best of rounds)", f"{best_fast:,.0f}", f"{best_ref:,.1f}", f"{best_fast / best_ref:,.0f}x")
+    table.add_row(
+        "env steps/s (best of rounds)", f"{best_fast:,.0f}", f"{best_ref:,.1f}", f"{best_fast / best_ref:,.0f}x"
+    )
     table.add_row("one power flow, ms", f"{t_fast * 1e3:.3f}", f"{t_ref * 1e3:.2f}", f"{t_ref / t_fast:,.0f}x")
     console.print(table)
     console.print(f"max |dV| over {ref_steps * rounds} compared steps, every bus: {dv:.2e} p.u.")

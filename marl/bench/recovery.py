@@ -32,8 +32,8 @@ def command(ranks: int, updates: int, kill_at: int, checkpoint: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from marl.distributed.launch import run_under_mpiexec, ulfm_problem
     from marl.core.errors import ConfigError
+    from marl.distributed.launch import run_under_mpiexec, ulfm_problem
 
     if ranks < 3:
         raise ConfigError(f"bad value for --ranks: {ranks}; allowed: >= 3 (two survivors to compare)")
@@ -50,20 +50,38 @@ def command(ranks: int, updates: int, kill_at: int, checkpoint: bool) -> None:
             proc = run_under_mpiexec(ranks, [sys.executable, "-m", "marl.bench.recovery", args], ulfm=True, timeout=600)
         lines = [json.loads(ln[6:]) for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")]
         if proc.returncode != 0 or not lines or not death_file.exists():
-            raise click.ClickException(f"ULFM job failed (exit {proc.returncode}): {(proc.stdout + proc.stderr)[-2000:]}")
+            raise click.ClickException(
+                f"ULFM job failed (exit {proc.returncode}): {(proc.stdout + proc.stderr)[-2000:]}"
+            )
         death = json.loads(death_file.read_text())["time"]
     t = Table(title=f"ULFM: rank 1 killed at update {kill_at} of {updates} ({ranks} ranks)", header_style="bold")
-    for col in ("survivor", "death->detect s", "detect->resumed s", "death->resumed s", "work lost s", "world after", "checksum"):
+    for col in (
+        "survivor",
+        "death->detect s",
+        "detect->resumed s",
+        "death->resumed s",
+        "work lost s",
+        "world after",
+        "checksum",
+    ):
         t.add_column(col, justify="right")
     for r in sorted(lines, key=lambda x: x["rank"]):
-        t.add_row(str(r["rank"]), f"{r['detected'] - death:.3f}", f"{r['resumed'] - r['detected']:.3f}",
-                  f"{r['resumed'] - death:.3f}", f"{r['event']['seconds_lost']:.3f}", str(r["event"]["world_size_after"]),
-                  r["checksum"])
+        t.add_row(
+            str(r["rank"]),
+            f"{r['detected'] - death:.3f}",
+            f"{r['resumed'] - r['detected']:.3f}",
+            f"{r['resumed'] - death:.3f}",
+            f"{r['event']['seconds_lost']:.3f}",
+            str(r["event"]["world_size_after"]),
+            r["checksum"],
+        )
     console.print(t)
     worst = max(r["resumed"] - r["detected"] for r in lines)
     same = len({r["checksum"] for r in lines}) == 1 and all(r["identical"] for r in lines)
-    console.print(f"detection -> resumed training: worst {worst:.3f} s (target < 1 s); "
-                  f"survivors' parameters identical: {'yes' if same else 'NO'}")
+    console.print(
+        f"detection -> resumed training: worst {worst:.3f} s (target < 1 s); "
+        f"survivors' parameters identical: {'yes' if same else 'NO'}"
+    )
     if checkpoint:
         _checkpoint_part(console)
 
@@ -86,34 +104,78 @@ def _checkpoint_part(console) -> None:
     every, kill_at = 2, 5
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
-        base = [marl, "train", "traffic/2x2grid", "--test", "--ranks", "2", "--eval-episodes", "0",
-                "--algo-set", "num_steps=64", "--algo-set", f"checkpoint_every={every}", "--out", str(out)]
+        base = [
+            marl,
+            "train",
+            "traffic/2x2grid",
+            "--test",
+            "--ranks",
+            "2",
+            "--eval-episodes",
+            "0",
+            "--algo-set",
+            "num_steps=64",
+            "--algo-set",
+            f"checkpoint_every={every}",
+            "--out",
+            str(out),
+        ]
         with console.status("checkpoint run (a rank will be killed)..."):
             t0 = time.time()
-            first = subprocess.run(base + ["--steps", str(64 * 2 * 8), "--fault-tolerance", "checkpoint",
-                                           "--inject-failure", f"1:{kill_at}"], capture_output=True, text=True, timeout=900)
+            first = subprocess.run(
+                [
+                    *base,
+                    "--steps",
+                    str(64 * 2 * 8),
+                    "--fault-tolerance",
+                    "checkpoint",
+                    "--inject-failure",
+                    f"1:{kill_at}",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
             died = time.time()
         latest = out / "checkpoints" / "latest.json"
         if first.returncode == 0 or not latest.exists():
-            console.print(f"checkpoint part failed: exit {first.returncode}, latest.json exists: {latest.exists()}: "
-                          f"{first.stderr[-1500:]}", markup=False)
+            console.print(
+                f"checkpoint part failed: exit {first.returncode}, latest.json exists: {latest.exists()}: "
+                f"{first.stderr[-1500:]}",
+                markup=False,
+            )
             return
         info = json.loads(latest.read_text())
         ckpt_time = (out / "checkpoints" / info["file"]).stat().st_mtime
         with console.status("resuming..."):
-            second = subprocess.run(base + ["--steps", str(64 * 2 * 8), "--resume", str(out)],
-                                    capture_output=True, text=True, timeout=900)
+            second = subprocess.run(
+                [*base, "--steps", str(64 * 2 * 8), "--resume", str(out)], capture_output=True, text=True, timeout=900
+            )
         t = Table(title=f"checkpoints every {every} updates; rank 1 killed at update {kill_at}", header_style="bold")
-        for col in ("job exit code", "last checkpoint", "updates lost", "seconds lost (ckpt -> death)", "resume exit code"):
+        for col in (
+            "job exit code",
+            "last checkpoint",
+            "updates lost",
+            "seconds lost (ckpt -> death)",
+            "resume exit code",
+        ):
             t.add_column(col, justify="right")
-        t.add_row(str(first.returncode), f"update {info['update']}", str(kill_at - int(info["update"])),
-                  f"{died - ckpt_time:.1f}", str(second.returncode))
+        t.add_row(
+            str(first.returncode),
+            f"update {info['update']}",
+            str(kill_at - int(info["update"])),
+            f"{died - ckpt_time:.1f}",
+            str(second.returncode),
+        )
         console.print(t)
-        console.print(f"(whole first run took {died - t0:.0f} s; updates lost <= interval {every}: "
-                      f"{'yes' if kill_at - int(info['update']) <= every else 'NO'})")
+        console.print(
+            f"(whole first run took {died - t0:.0f} s; updates lost <= interval {every}: "
+            f"{'yes' if kill_at - int(info['update']) <= every else 'NO'})"
+        )
 
 
 # -- the ULFM job (runs on every rank) --------------------------------------------------------------
+
 
 def _job(updates: int, kill_at: int, death_file: str) -> None:
     import hashlib
@@ -162,8 +224,20 @@ def _job(updates: int, kill_at: int, death_file: str) -> None:
     event = world.events[0] if world.events else {}
     world.close()
     if detected is not None:
-        print("BENCH " + json.dumps({"rank": world.original_rank, "detected": detected, "resumed": resumed,
-                                     "event": event, "checksum": digest, "identical": identical}), flush=True)
+        print(
+            "BENCH "
+            + json.dumps(
+                {
+                    "rank": world.original_rank,
+                    "detected": detected,
+                    "resumed": resumed,
+                    "event": event,
+                    "checksum": digest,
+                    "identical": identical,
+                }
+            ),
+            flush=True,
+        )
     sys.stdout.flush()
 
 

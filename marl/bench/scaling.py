@@ -24,11 +24,29 @@ import click
 __all__ = ["command"]
 
 
-def _train(out: Path, scenario: str, ranks: int, steps: int, num_steps: int, seed: int,
-           extra: list[str], eval_episodes: int) -> dict:
+def _train(
+    out: Path, scenario: str, ranks: int, steps: int, num_steps: int, seed: int, extra: list[str], eval_episodes: int
+) -> dict:
     marl = str(Path(sys.executable).parent / "marl")  # this venv's, whatever PATH says
-    cmd = [marl, "train", scenario, "--test", "--ranks", str(ranks), "--steps", str(steps), "--seed", str(seed),
-           "--algo-set", f"num_steps={num_steps}", "--eval-episodes", str(eval_episodes), "--out", str(out), *extra]
+    cmd = [
+        marl,
+        "train",
+        scenario,
+        "--test",
+        "--ranks",
+        str(ranks),
+        "--steps",
+        str(steps),
+        "--seed",
+        str(seed),
+        "--algo-set",
+        f"num_steps={num_steps}",
+        "--eval-episodes",
+        str(eval_episodes),
+        "--out",
+        str(out),
+        *extra,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise click.ClickException(f"{' '.join(cmd[1:])} failed (exit {proc.returncode}): {proc.stderr[-1500:]}")
@@ -53,14 +71,16 @@ def _train(out: Path, scenario: str, ranks: int, steps: int, num_steps: int, see
 @click.option("--compress-steps", type=int, default=8192, help="Total environment steps of each compression run.")
 @click.option("--compressors", default="fp16,topk:0.01,powersgd:2", help="Compressors compared against none.")
 @click.option("--seed", type=int, default=0, help="Seed of every run.")
-def command(scenario: str, rank_list: str, steps_per_rank: int, compress_steps: int, compressors: str, seed: int) -> None:
+def command(
+    scenario: str, rank_list: str, steps_per_rank: int, compress_steps: int, compressors: str, seed: int
+) -> None:
     """Samples/s at 1, 2, 4 ranks; bytes and final return of each compressor vs none."""
     from rich.console import Console
     from rich.table import Table
 
     from marl.cli import app
-    from marl.distributed import DistConfig
     from marl.core.errors import ConfigError
+    from marl.distributed import DistConfig
 
     if "train" not in app.commands:
         raise ConfigError("'marl bench scaling' needs 'marl train', which is not in this build")
@@ -88,8 +108,16 @@ def command(scenario: str, rank_list: str, steps_per_rank: int, compress_steps: 
         runs = {}
         for c in ["none", *comps]:
             with console.status(f"marl train {scenario} --ranks 2 --compress {c} ..."):
-                runs[c] = _train(Path(tmp) / f"c{c.replace(':', '_')}", scenario, 2, compress_steps, num_steps,
-                                 seed, ["--compress", c], 2)
+                runs[c] = _train(
+                    Path(tmp) / f"c{c.replace(':', '_')}",
+                    scenario,
+                    2,
+                    compress_steps,
+                    num_steps,
+                    seed,
+                    ["--compress", c],
+                    2,
+                )
         t = Table(title=f"gradient compression, 2 ranks, {compress_steps} steps, seed {seed}", header_style="bold")
         for col in ("compress", "bytes/rank", "fewer bytes", "eval return", "% of none", "train return (last 3)"):
             t.add_column(col, justify="right")
@@ -99,8 +127,16 @@ def command(scenario: str, rank_list: str, steps_per_rank: int, compress_steps: 
             # Returns are negative in traffic (waiting time): compare as "how close to none".
             if ref["eval_return"] < 0:
                 pct = 100 * ref["eval_return"] / r["eval_return"] if r["eval_return"] else float("nan")
-            t.add_row(c, f"{r['bytes']:.3g}", f"{ref['bytes'] / r['bytes']:.1f}x" if r["bytes"] else "-",
-                      f"{r['eval_return']:.3f}", f"{pct:.0f}%", f"{r['train_return_last']:.3f}")
+            t.add_row(
+                c,
+                f"{r['bytes']:.3g}",
+                f"{ref['bytes'] / r['bytes']:.1f}x" if r["bytes"] else "-",
+                f"{r['eval_return']:.3f}",
+                f"{pct:.0f}%",
+                f"{r['train_return_last']:.3f}",
+            )
         console.print(t)
-        console.print("targets: 1->2 ranks >= 1.6x; topk:0.01 >= 50x fewer bytes and >= 95% of none's return "
-                      "(single seed: returns are indicative only)")
+        console.print(
+            "targets: 1->2 ranks >= 1.6x; topk:0.01 >= 50x fewer bytes and >= 95% of none's return "
+            "(single seed: returns are indicative only)"
+        )

@@ -93,9 +93,7 @@ def ensure_pogema_python(python: str | None, console: Any) -> Path | None:
     try:
         if not exe.exists():
             subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=300)
-        subprocess.run(
-            [str(exe), "-m", "pip", "install", "-q", "pogema"], check=True, capture_output=True, timeout=900
-        )
+        subprocess.run([str(exe), "-m", "pip", "install", "-q", "pogema"], check=True, capture_output=True, timeout=900)
     except (subprocess.SubprocessError, OSError) as exc:
         detail = getattr(exc, "stderr", b"") or b""
         last = detail.decode(errors="replace").strip().splitlines()[-1:] or [str(exc)]
@@ -145,8 +143,12 @@ def _pogema_map(env: Any) -> list[str]:
 @click.option("--seed", type=int, default=0)
 @click.option("--pogema/--no-pogema", "with_pogema", default=True, help="Also measure POGEMA side by side.")
 @click.option("--pogema-python", default=None, help="Python of a venv with pogema (default: .venv-pogema, created).")
-@click.option("--view-radius", type=int, default=None, help="Observation radius for both simulators (default: the scenario's).")
-@click.option("--planner-steps", type=int, default=500, help="Steps of the prioritized planner on warehouse/large (0: skip).")
+@click.option(
+    "--view-radius", type=int, default=None, help="Observation radius for both simulators (default: the scenario's)."
+)
+@click.option(
+    "--planner-steps", type=int, default=500, help="Steps of the prioritized planner on warehouse/large (0: skip)."
+)
 @click.option("--out", default=None, help="Also write the figures as JSON to this file.")
 def command(
     scenario: str,
@@ -172,7 +174,9 @@ def command(
     from marl.runner import build_controller
 
     if steps < 1 or rounds < 1 or planner_steps < 0:
-        raise ConfigError("bad --steps/--rounds/--planner-steps; expected --steps >= 1, --rounds >= 1, --planner-steps >= 0")
+        raise ConfigError(
+            "bad --steps/--rounds/--planner-steps; expected --steps >= 1, --rounds >= 1, --planner-steps >= 0"
+        )
     require_domain(scenario, "warehouse")
     console = Console()
     overrides: dict[str, Any] = {"horizon": steps}
@@ -216,7 +220,9 @@ def command(
     # step_array builds no observations or dicts, so it is not put against POGEMA's step.
     table.add_row("concord warehouse, step_array (core, no obs/dicts)", f"{best_array:,.0f}", "-")
     if ref:
-        table.add_row(f"POGEMA {pogema_version} (same floor, obs radius {env.config.view_radius})", f"{ref:,.0f}", "1.0x")
+        table.add_row(
+            f"POGEMA {pogema_version} (same floor, obs radius {env.config.view_radius})", f"{ref:,.0f}", "1.0x"
+        )
         figures.update(pogema=ref, pogema_version=pogema_version, ratio_dict_api=best_dict / ref)
     else:
         table.add_row("POGEMA", "not measured", "")

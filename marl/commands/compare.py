@@ -55,8 +55,9 @@ def _split(text: str | None) -> list[str]:
 @click.option("--episodes", type=int, default=1, help="Evaluation episodes per cell.")
 @click.option("--jobs", type=int, default=None, help="Parallel processes; default: number of CPUs.")
 @click.option("--ranks", type=int, default=1, help="Spread cells over N MPI ranks (relaunches under mpiexec).")
-@click.option("--oversubscribe", is_flag=True,
-              help="Allow more --ranks/--jobs than 4 per core (up to what memory holds).")
+@click.option(
+    "--oversubscribe", is_flag=True, help="Allow more --ranks/--jobs than 4 per core (up to what memory holds)."
+)
 @set_option
 @out_option("Results directory, e.g. results/NAME (rerun to resume).", required=True)
 @click.option("--inject-failure", default="", hidden=True, help="Regex: cells whose key matches fail (tests).")
@@ -134,11 +135,10 @@ def command(
     rank, size = (world.rank, world.size) if world is not None else (0, 1)
 
     write_plan(plan, out, world_size=size)  # every rank checks a resumed directory; same content
-    if rank == 0:
-        if plan.skipped:
-            for reason in dict.fromkeys(s.reason for s in plan.skipped):
-                n = sum(s.reason == reason for s in plan.skipped)
-                err.print(f"note: {n} combination(s) skipped: {reason}", markup=False, soft_wrap=True)
+    if rank == 0 and plan.skipped:
+        for reason in dict.fromkeys(s.reason for s in plan.skipped):
+            n = sum(s.reason == reason for s in plan.skipped)
+            err.print(f"note: {n} combination(s) skipped: {reason}", markup=False, soft_wrap=True)
     mine = [cell for i, cell in enumerate(plan.cells) if i % size == rank]
     jobs = 1 if world is not None else (jobs or os.cpu_count() or 1)
     counts = _run_with_progress(plan, mine, out, jobs, inject_failure, show=rank == 0, err=err)
@@ -149,12 +149,16 @@ def command(
         world.close()  # barrier: every rank has finished its cells before rank 0 merges
         if rank != 0:
             return 0
-    finished, rows = merge_cells(out)
+    _finished, rows = merge_cells(out)
     _, failed = collect_cells(out)  # failures of this plan's cells only (not stale directories)
     stale = stale_cells(out)
     if stale:
-        err.print(f"note: {len(stale)} cell director(ies) in {Path(out) / 'cells'} belong to an earlier "
-                  f"compare with other settings and are ignored: {_listing(stale)}", markup=False, soft_wrap=True)
+        err.print(
+            f"note: {len(stale)} cell director(ies) in {Path(out) / 'cells'} belong to an earlier "
+            f"compare with other settings and are ignored: {_listing(stale)}",
+            markup=False,
+            soft_wrap=True,
+        )
     ran, reused = counts
     summary = (
         f"compare {scenario}: {len(plan.cells)} cells — {ran} run now, {reused} already done, "
@@ -163,11 +167,15 @@ def command(
     )
     shown = list(failed.items())[:_MAX_FAILURES_SHOWN]
     for key, line in shown:
-        err.print(f"  failed {key}: {line}  (see {Path(out) / 'cells' / key / 'error.txt'})",
-                  markup=False, soft_wrap=True)
+        err.print(
+            f"  failed {key}: {line}  (see {Path(out) / 'cells' / key / 'error.txt'})", markup=False, soft_wrap=True
+        )
     if len(failed) > len(shown):
-        err.print(f"  ... and {len(failed) - len(shown)} more (see {Path(out) / 'failures.json'})",
-                  markup=False, soft_wrap=True)
+        err.print(
+            f"  ... and {len(failed) - len(shown)} more (see {Path(out) / 'failures.json'})",
+            markup=False,
+            soft_wrap=True,
+        )
     click.echo(summary)
     return 1 if failed else 0
 
@@ -226,6 +234,13 @@ def _run_with_progress(
             running[key] = (old_steps if steps is None else steps, old_fraction if fraction is None else fraction)
             refresh()
 
-        run_grid(plan, out, jobs=jobs, cells=cells, inject_failure=inject_failure,
-                 on_outcome=on_outcome, on_progress=on_progress)
+        run_grid(
+            plan,
+            out,
+            jobs=jobs,
+            cells=cells,
+            inject_failure=inject_failure,
+            on_outcome=on_outcome,
+            on_progress=on_progress,
+        )
     return counts["done"] + counts["failed"], counts["skipped"]

@@ -28,8 +28,12 @@ MIN_REPS, MAX_REPS = 100, 100_000
 @click.argument("directory")
 @click.option("--format", "formats", default="md,csv,tex", help="Comma-separated table formats: md, csv, tex.")
 @click.option("--metric", "metrics", multiple=True, help="KPI to report (repeatable); default: every KPI.")
-@click.option("--improvement", default=None, metavar="A,B",
-              help="Probability that A beats B (two methods, or two protocols) per setting.")
+@click.option(
+    "--improvement",
+    default=None,
+    metavar="A,B",
+    help="Probability that A beats B (two methods, or two protocols) per setting.",
+)
 @click.option("--figures/--no-figures", default=True, help="Write PNG and PDF figures.")
 @click.option("--reps", type=int, default=2000, help="Bootstrap replicates for the IQM and P(A>B) intervals.")
 @click.option("--quiet", is_flag=True, help="Do not print the Markdown report.")
@@ -63,7 +67,9 @@ def command(
     if not quiet:
         click.echo(markdown)
     out = Path(directory) / "report"
-    click.echo(f"report: {len(written)} file(s) in {out} ({', '.join(sorted({p.suffix[1:] for p in written}))})", err=True)
+    click.echo(
+        f"report: {len(written)} file(s) in {out} ({', '.join(sorted({p.suffix[1:] for p in written}))})", err=True
+    )
 
 
 def build_report(
@@ -90,9 +96,7 @@ def build_report(
     if summary.empty:
         raise ConcordError(f"{results.directory}: no finite values for metric(s) {', '.join(chosen)}")
     improvements = (
-        aggregate.improvement(frame, improvement[0], improvement[1], chosen, goals, reps=reps)
-        if improvement
-        else []
+        aggregate.improvement(frame, improvement[0], improvement[1], chosen, goals, reps=reps) if improvement else []
     )
     for scenario, metric in summary[["scenario", "metric"]].drop_duplicates().itertuples(index=False):
         goals[scenario].goal(metric)  # records a note for metrics without a known goal
@@ -122,8 +126,11 @@ def build_report(
             f"{len(few_iqm)} row(s) rest on 2-{stats.IQM_CI_MIN_RUNS - 1} seeds: their IQM interval is n/a, "
             f"because a bootstrap of so few seeds only restates their spread and is no 95% CI "
             f"(it is given from {stats.IQM_CI_MIN_RUNS} seeds on); the IQM itself is shown"
-            + (" and, below 4 seeds, trims nothing (25% of n < 1) and equals the mean"
-               if (few_iqm["n_seeds"] < 4).any() else "")
+            + (
+                " and, below 4 seeds, trims nothing (25% of n < 1) and equals the mean"
+                if (few_iqm["n_seeds"] < 4).any()
+                else ""
+            )
         )
     for goal in goals.values():
         notes.extend(goal.notes)
@@ -132,7 +139,9 @@ def build_report(
         n = sum(s["reason"] == reason for s in skipped)
         notes.append(f"{n} combination(s) not run: {reason}")
     if results.stale:
-        shown = ", ".join(results.stale[:10]) + (f" and {len(results.stale) - 10} more" if len(results.stale) > 10 else "")
+        shown = ", ".join(results.stale[:10]) + (
+            f" and {len(results.stale) - 10} more" if len(results.stale) > 10 else ""
+        )
         notes.append(
             f"{len(results.stale)} cell director(ies) in cells/ are not in this comparison's grid.json "
             f"(left from an earlier compare with other settings) and were ignored: {shown}"
@@ -144,9 +153,7 @@ def build_report(
             "channel setting is compared with none's perfect-channel run of the same method"
         )
     if results.failures:
-        notes.append(
-            f"{len(results.failures)} cell(s) failed and are missing: {', '.join(sorted(results.failures))}"
-        )
+        notes.append(f"{len(results.failures)} cell(s) failed and are missing: {', '.join(sorted(results.failures))}")
     prov = tables.provenance(results.manifests, frame, plan)
 
     out = Path(directory) / "report"
@@ -154,9 +161,7 @@ def build_report(
     figure_paths: list[Path] = []
     if figures:
         fig_dir = out / "figures"
-        plot_metrics = metrics or [
-            next((m for m in chosen if m == goals[s].main_kpi), chosen[0]) for s in goals
-        ]
+        plot_metrics = metrics or [next((m for m in chosen if m == goals[s].main_kpi), chosen[0]) for s in goals]
         for scenario in goals:
             for metric in dict.fromkeys(plot_metrics):
                 goal = goals[scenario].goal(metric)
@@ -180,6 +185,8 @@ def build_report(
         written.append(atomic_write_text(out / "summary.csv", tables.csv_summary(summary)))
     if "tex" in formats:
         written.append(
-            atomic_write_text(out / "report.tex", tables.latex_report(summary, goals, improvements=improvements, prov=prov))
+            atomic_write_text(
+                out / "report.tex", tables.latex_report(summary, goals, improvements=improvements, prov=prov)
+            )
         )
     return markdown, written

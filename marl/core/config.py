@@ -69,9 +69,8 @@ def coerce(name: str, value: Any, annotation: Any) -> Any:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in {"none", "null", ""}):
-            if type(None) in args:
-                return None
+        if (value is None or (isinstance(value, str) and value.lower() in {"none", "null", ""})) and type(None) in args:
+            return None
         errors = []
         for arg in args:
             if arg is type(None):
@@ -132,9 +131,7 @@ def _to_int(value: Any) -> int:
     return int(text)
 
 
-def build_config(
-    cls: type[C], *layers: Mapping[str, Any] | None, what: str = "option", owner: str | None = None
-) -> C:
+def build_config(cls: type[C], *layers: Mapping[str, Any] | None, what: str = "option", owner: str | None = None) -> C:
     """Instantiate dataclass ``cls`` from ``layers`` of overrides (later layers win).
 
     Unknown keys raise :class:`~marl.core.errors.UnknownNameError` with the closest field name; values
@@ -151,9 +148,7 @@ def build_config(
         for key, value in (layer or {}).items():
             if key not in fields:
                 if not fields:  # say so plainly instead of listing "(none)"
-                    raise ConfigError(
-                        f"bad {what} {show(key)}: {owner or cls.__name__} takes no parameters"
-                    )
+                    raise ConfigError(f"bad {what} {show(key)}: {owner or cls.__name__} takes no parameters")
                 raise unknown(f"{what} for {owner or cls.__name__}", key, fields)
             merged[key] = coerce(key, value, hints[key])
     try:
@@ -218,7 +213,11 @@ def _available_memory() -> int | None:
 
 
 def check_local_processes(
-    option: str, count: int, *, oversubscribe: bool = False, cores: int | None = None,
+    option: str,
+    count: int,
+    *,
+    oversubscribe: bool = False,
+    cores: int | None = None,
     memory: int | None = None,
 ) -> None:
     """Refuse to start ``count`` processes on this machine when it cannot hold them.

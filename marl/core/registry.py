@@ -230,9 +230,7 @@ def load(entry_point: str) -> Any:
         raise ImportError(f"entry point {entry_point!r}: {module_name} has no {attr!r}") from None
 
 
-def scenario_config(
-    scenario_id: str, overrides: Mapping[str, Any] | None = None, *, test: bool = False
-) -> Any:
+def scenario_config(scenario_id: str, overrides: Mapping[str, Any] | None = None, *, test: bool = False) -> Any:
     """The validated config dataclass of a scenario: class defaults < preset < (test) < overrides."""
     spec = scenario_spec(scenario_id)
     cls = load(spec.entry_point)
@@ -240,9 +238,7 @@ def scenario_config(
     return build_config(cls.Config, *layers, what="--set key")
 
 
-def make_scenario(
-    scenario_id: str, overrides: Mapping[str, Any] | None = None, *, test: bool = False
-) -> Any:
+def make_scenario(scenario_id: str, overrides: Mapping[str, Any] | None = None, *, test: bool = False) -> Any:
     """Build the named scenario. ``overrides`` come from ``--set``; ``test`` adds short-run presets."""
     spec = scenario_spec(scenario_id)
     cls = load(spec.entry_point)

@@ -1,7 +1,8 @@
 """Decentralised training on MPI ranks: launch, world, gradient sync, compression, recovery.
 
 The only package in Concord that imports mpi4py, and only when there is more than one rank.
-See TRAIN_DIST contract: ``launch_if_needed`` -> ``init_world`` -> ``make_sync``; a
+The contract with training (docs/ARCHITECTURE.md, "World and gradient sync"): ``launch_if_needed``
+-> ``init_world`` -> ``make_sync``; a
 ``RankFailure`` from a collective is answered with ``world.recover(model, optimizer)``.
 """
 

@@ -35,9 +35,7 @@ class Bucket:
 
     def __post_init__(self) -> None:
         # Views are made once: creating ~1000 views per update costs more than a small Allreduce.
-        self.views = [
-            self.buffer[off:off + p.numel()].view(p.shape) for p, off in zip(self.params, self.offsets)
-        ]
+        self.views = [self.buffer[off : off + p.numel()].view(p.shape) for p, off in zip(self.params, self.offsets)]
         self._fp32_cpu = all(p.dtype == torch.float32 and p.device.type == "cpu" for p in self.params)
 
     @property
@@ -123,4 +121,4 @@ def _comm_buffer(numel: int) -> torch.Tensor:
     The start is aligned to a 64-byte cache line, as torch's allocator does (numpy: 16 bytes)."""
     raw = np.zeros(numel + 16, dtype=np.float32)
     start = (-raw.ctypes.data % 64) // 4
-    return torch.from_numpy(raw[start:start + numel])
+    return torch.from_numpy(raw[start : start + numel])

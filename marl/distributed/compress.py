@@ -29,8 +29,7 @@ import torch
 
 from marl.distributed.buckets import Bucket
 
-__all__ = ["Collectives", "Compressor", "NoCompression", "FP16", "TopK", "PowerSGD", "make_compressor",
-           "matrix_shape"]
+__all__ = ["Collectives", "Compressor", "NoCompression", "FP16", "TopK", "PowerSGD", "make_compressor", "matrix_shape"]
 
 FP16_MAX = 65504.0
 
@@ -122,7 +121,7 @@ class TopK(Compressor):
         for p, off in zip(bucket.params, bucket.offsets):
             size = p.numel()
             k_i = max(1, int(self.ratio * size))
-            picks.append(torch.topk(m[off:off + size].abs(), k_i, sorted=False).indices + off)
+            picks.append(torch.topk(m[off : off + size].abs(), k_i, sorted=False).indices + off)
         return torch.cat(picks)
 
     def reduce_(self, bucket: Bucket, coll: Collectives) -> int:
@@ -141,7 +140,7 @@ class TopK(Compressor):
         out.zero_()
         for row in gathered:
             r_idx = torch.from_numpy(row[: 4 * k].view(np.int32).astype(np.int64))
-            r_val = torch.from_numpy(row[4 * k:].view(np.float16).astype(np.float32))
+            r_val = torch.from_numpy(row[4 * k :].view(np.float16).astype(np.float32))
             out.index_add_(0, r_idx, r_val)
         out /= coll.size
         return wire
@@ -201,7 +200,7 @@ class PowerSGD(Compressor):
         for i in mats:
             param = bucket.params[i]
             off = bucket.offsets[i]
-            m = m_full[off:off + param.numel()].view(*matrix_shape(param.shape))
+            m = m_full[off : off + param.numel()].view(*matrix_shape(param.shape))
             key = (bucket.index, i)
             if key not in self.q:  # same seed on every rank -> identical Q everywhere
                 gen = torch.Generator().manual_seed(self.seed * 1_000_003 + bucket.index * 1009 + i)
@@ -210,12 +209,12 @@ class PowerSGD(Compressor):
             qs.append(self.q[key])
         # Round 1: P = M Q for every matrix, plus the uncompressed vectors, in one allreduce.
         ps = [m @ q for m, q in zip(ms, qs)]
-        rest_vals = [m_full[bucket.offsets[i]:bucket.offsets[i] + bucket.params[i].numel()] for i in rest]
+        rest_vals = [m_full[bucket.offsets[i] : bucket.offsets[i] + bucket.params[i].numel()] for i in rest]
         flat = torch.cat([p.reshape(-1) for p in ps] + rest_vals)
         wire = coll.allreduce_mean_(flat)
         offset = 0
         for j, p in enumerate(ps):
-            ps[j] = torch.linalg.qr(flat[offset:offset + p.numel()].view(p.shape)).Q
+            ps[j] = torch.linalg.qr(flat[offset : offset + p.numel()].view(p.shape)).Q
             offset += p.numel()
         rest_avg = flat[offset:]
         # Round 2: Q = M^T P_hat, averaged; the approximation is P_hat Q^T.
@@ -225,11 +224,11 @@ class PowerSGD(Compressor):
         offset = 0
         approx_full = m_full.clone()  # vectors: what was "sent" is the value itself (no residual)
         for i, m, p, q in zip(mats, ms, ps, new_qs):
-            q_avg = flat_q[offset:offset + q.numel()].view(q.shape)
+            q_avg = flat_q[offset : offset + q.numel()].view(q.shape)
             offset += q.numel()
             self.q[(bucket.index, i)] = q_avg.clone()  # warm start for the next step
             off = bucket.offsets[i]
-            approx_full[off:off + m.numel()] = (p @ q_avg.t()).reshape(-1)
+            approx_full[off : off + m.numel()] = (p @ q_avg.t()).reshape(-1)
         self.residual[bucket.index] = m_full - approx_full
         self.last_sent[bucket.index] = approx_full
         bucket.buffer.copy_(approx_full)
@@ -237,7 +236,7 @@ class PowerSGD(Compressor):
         for i in rest:
             n = bucket.params[i].numel()
             off = bucket.offsets[i]
-            bucket.buffer[off:off + n] = rest_avg[offset:offset + n]
+            bucket.buffer[off : off + n] = rest_avg[offset : offset + n]
             offset += n
         return wire
 

@@ -82,13 +82,17 @@ class DistConfig:
     )
     sync: str = field(
         default="allreduce",
-        metadata={"help": "Gradient sync: allreduce (fused buckets), ring (own ring allreduce), "
-                  "ps (parameter server on rank 0), gossip (decentralised SGD with neighbours)."},
+        metadata={
+            "help": "Gradient sync: allreduce (fused buckets), ring (own ring allreduce), "
+            "ps (parameter server on rank 0), gossip (decentralised SGD with neighbours)."
+        },
     )
     compress: str = field(
         default="none",
-        metadata={"help": "Gradient compression: none, fp16, topk:RATIO or powersgd:RANK "
-                  "(both with error feedback); needs sync=allreduce."},
+        metadata={
+            "help": "Gradient compression: none, fp16, topk:RATIO or powersgd:RANK "
+            "(both with error feedback); needs sync=allreduce."
+        },
     )
     bucket_mb: float = field(
         default=25.0, metadata={"help": "Size of a fused gradient bucket in MB (1e6 bytes of fp32)."}
@@ -99,16 +103,19 @@ class DistConfig:
     )
     fault_tolerance: str = field(
         default="none",
-        metadata={"help": "none, ulfm (survivors shrink and continue; needs Open MPI with "
-                  "--with-ft ulfm) or checkpoint (atomic checkpoints + --resume)."},
+        metadata={
+            "help": "none, ulfm (survivors shrink and continue; needs Open MPI with "
+            "--with-ft ulfm) or checkpoint (atomic checkpoints + --resume)."
+        },
     )
     inject_failure: str = field(
         default="", metadata={"help": "Hidden, for tests and demos: 'R:U' kills rank R at update U."}
     )
     oversubscribe: bool = field(
         default=False,
-        metadata={"help": "Allow more than 4 ranks per core (up to what memory holds); "
-                  "passes --oversubscribe to mpiexec."},
+        metadata={
+            "help": "Allow more than 4 ranks per core (up to what memory holds); passes --oversubscribe to mpiexec."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -129,9 +136,7 @@ class DistConfig:
         if self.fault_tolerance not in FAULT_TOLERANCE:
             raise unknown("fault tolerance mode", str(self.fault_tolerance), FAULT_TOLERANCE)
         if self.overlap and (self.sync != "allreduce" or name != "none"):
-            raise ConfigError(
-                "bad value for overlap: 'true'; overlap works with sync=allreduce and compress=none only"
-            )
+            raise ConfigError("bad value for overlap: 'true'; overlap works with sync=allreduce and compress=none only")
         parse_inject_failure(self.inject_failure)
 
     @property

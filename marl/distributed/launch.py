@@ -6,7 +6,7 @@ same command line on every rank; the exit code of the job becomes the command's 
 a launcher (``mpiexec -n 4 marl train ...``, ``srun``) it returns and :func:`init_world` joins the
 job that is already there. With one rank nothing happens and mpi4py is never imported.
 
-Flags we add, and why (facts measured on this machine, DESIGN.md §4):
+Flags we add, and why (facts measured on this machine; docs/ARCHITECTURE.md, "Dependency facts"):
 
 * ``--oversubscribe`` when ranks exceed cores (Open MPI refuses otherwise) or when the user asks
   for it. Before that, the rank count is capped (:func:`marl.core.config.check_local_processes`:
@@ -37,6 +37,7 @@ import os
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -200,11 +201,9 @@ def launch_if_needed(cfg: DistConfig, argv: list[str]) -> None:
 
 def run_under_mpiexec(
     ranks: int, argv: list[str], *, ulfm: bool = False, timeout: float | None = None, shared_node: bool = True
-) -> "subprocess.CompletedProcess[str]":
+) -> subprocess.CompletedProcess[str]:
     """Run ``argv`` (a full command, e.g. ``[sys.executable, "-m", ...]``) on ``ranks`` ranks
     and wait for it; output is captured. Used by the benchmarks, which start their own jobs."""
-    import subprocess
-
     cfg = DistConfig(ranks=ranks, fault_tolerance="ulfm" if ulfm else "none")
     # --oversubscribe only when needed: with it Open MPI yields the CPU while polling, which on
     # a loaded machine made a 100 KB Allreduce ~1000x slower (95 ms vs 0.075 ms, 2 ranks, 2 cores).

@@ -178,8 +178,9 @@ class AllreduceSync(GradientSync):
     name = "allreduce"
     world: MPIWorld  # these methods talk MPI: only built for an MPIWorld (make_sync)
 
-    def __init__(self, world: MPIWorld, cfg: DistConfig, compressor: Compressor | None = None, *,
-                 prescaled: bool = False) -> None:
+    def __init__(
+        self, world: MPIWorld, cfg: DistConfig, compressor: Compressor | None = None, *, prescaled: bool = False
+    ) -> None:
         self.compressor = compressor or NoCompression()
         self.supports_prescale = isinstance(self.compressor, NoCompression)
         super().__init__(world, cfg, prescaled=prescaled)
@@ -250,7 +251,7 @@ class AllreduceSync(GradientSync):
                     self.world.call(req.Wait)
                 self._requests.clear()
                 self._next_launch = 0
-            for bucket in self.buckets[self._next_launch:]:
+            for bucket in self.buckets[self._next_launch :]:
                 self._launch(bucket)
             sent = 0
             for bucket in self.buckets:
@@ -289,7 +290,7 @@ class RingSync(GradientSync):
         # n nearly equal chunks; chunk c is owned (fully reduced) by rank (c - 1) mod n after
         # the reduce-scatter phase.
         bounds = np.linspace(0, data.size, n + 1).astype(np.int64)
-        chunk = lambda c: data[bounds[c % n]:bounds[c % n + 1]]  # noqa: E731
+        chunk = lambda c: data[bounds[c % n] : bounds[c % n + 1]]
         right, left = (r + 1) % n, (r - 1) % n
         scratch = np.empty(int(np.max(np.diff(bounds))), dtype=np.float32)
         sent = 0

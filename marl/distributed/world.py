@@ -16,6 +16,7 @@ lowest surviving rank, so that the survivors continue from identical state with 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import json
 import os
@@ -27,8 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from marl.distributed.config import DistConfig
 from marl.core.errors import ConfigError
+from marl.distributed.config import DistConfig
 
 __all__ = ["World", "LocalWorld", "MPIWorld", "RankFailure", "RanksDivergedError", "init_world"]
 
@@ -165,10 +166,9 @@ class MPIWorld(World):
             if self.ulfm and exc.Get_error_class() in self._failure_classes:
                 if self._detected_at is None:
                     self._detected_at = time.perf_counter()
-                try:  # make every survivor's pending operation on this communicator fail too
+                # Make every survivor's pending operation on this communicator fail too.
+                with contextlib.suppress(self.MPI.Exception):
                     self.comm.Revoke()
-                except self.MPI.Exception:
-                    pass
                 raise RankFailure(f"rank {self.original_rank}: a peer died ({exc.Get_error_string()})") from exc
             raise
 
@@ -178,7 +178,11 @@ class MPIWorld(World):
         MPI = self.MPI
         n = np.array([len(data) if self.rank == root and data is not None else 0], dtype=np.int64)
         self.call(self.comm.Bcast, [n, MPI.INT64_T], root=root)
-        buf = np.frombuffer(bytearray(data or b""), dtype=np.uint8) if self.rank == root else np.empty(int(n[0]), np.uint8)
+        buf = (
+            np.frombuffer(bytearray(data or b""), dtype=np.uint8)
+            if self.rank == root
+            else np.empty(int(n[0]), np.uint8)
+        )
         self.call(self.comm.Bcast, [buf, MPI.BYTE], root=root)
         return buf.tobytes()
 
@@ -195,18 +199,20 @@ class MPIWorld(World):
         if self.rank == root:
             offset = 0
             for t, n in zip(tensors, sizes):
-                buf[offset:offset + n] = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+                buf[offset : offset + n] = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
                 offset += n
         self.call(self.comm.Bcast, [buf.numpy(), MPI.BYTE], root=root)
         if self.rank != root:
             offset = 0
             with torch.no_grad():
                 for t, n in zip(tensors, sizes):
-                    src = buf[offset:offset + n].view(t.dtype).reshape(t.shape)
+                    src = buf[offset : offset + n].view(t.dtype).reshape(t.shape)
                     t.copy_(src)
                     offset += n
 
-    def broadcast_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, root: int = 0) -> None:
+    def broadcast_state(
+        self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, root: int = 0
+    ) -> None:
         self._bcast_tensors(_state_tensors(model), root)
         if optimizer is None:
             return
@@ -267,10 +273,8 @@ class MPIWorld(World):
         detected = self._detected_at if self._detected_at is not None else time.perf_counter()
         failed_update = self._update
         for _attempt in range(self.size):
-            try:
+            with contextlib.suppress(MPI.Exception):
                 self.comm.Revoke()
-            except MPI.Exception:
-                pass
             new = self.comm.Shrink()
             old_group, new_group = self.comm.Get_group(), new.Get_group()
             gone = MPI.Group.Difference(old_group, new_group)
@@ -325,18 +329,20 @@ class MPIWorld(World):
             print(f"marl: error on rank {self.original_rank}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
             self.MPI.COMM_WORLD.Abort(code)
         # After a recovery, finalising without a barrier on the shrunk communicator can hang
-        # (DESIGN.md §4); the barrier also keeps rank 0 from exiting while others still write.
-        try:
+        # (docs/ARCHITECTURE.md, "Dependency facts"); the barrier also keeps rank 0 from exiting while others still write.
+        with contextlib.suppress(RankFailure, self.MPI.Exception):
             self.call(self.comm.Barrier)
-        except (RankFailure, self.MPI.Exception):
-            pass
 
 
 def _to_skeleton(obj: Any, tensors: list[torch.Tensor]) -> Any:
     """Replace tensors by placeholders (their bytes travel separately); keep JSON-able values."""
     if isinstance(obj, torch.Tensor):
         tensors.append(obj.detach().cpu().contiguous())
-        return {"__tensor__": len(tensors) - 1, "shape": list(obj.shape), "dtype": str(obj.dtype).removeprefix("torch.")}
+        return {
+            "__tensor__": len(tensors) - 1,
+            "shape": list(obj.shape),
+            "dtype": str(obj.dtype).removeprefix("torch."),
+        }
     if isinstance(obj, dict):
         return {"__dict__": [[_to_skeleton(k, tensors), _to_skeleton(v, tensors)] for k, v in obj.items()]}
     if isinstance(obj, tuple):
@@ -395,7 +401,7 @@ def init_world(cfg: DistConfig) -> World:
         return LocalWorld(cfg)
     if cfg.fault_tolerance == "ulfm":
         problem = ulfm_problem()
-        if problem is None and os.environ.get("OMPI_MCA_mpi_ft_enable", "").lower() not in ("1", "true", "yes"):
+        if problem is None and os.environ.get("OMPI_MCA_mpi_ft_enable", "").lower() not in ("1", "true", "yes"):  # noqa: SIM112 (Open MPI spells it so)
             problem = "the job was launched without 'mpiexec --with-ft ulfm'"
         if problem is not None:
             raise ConfigError(

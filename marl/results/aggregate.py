@@ -65,10 +65,17 @@ GENERIC_GOALS: dict[str, str] = {"return": "max", "bytes_per_agent_step": "min",
 BOOKKEEPING = frozenset({"env_steps", "step", "env_step", "update", "wall_seconds", "rank_failure"})
 #: Raw channel totals of an episode (comms.channel.Channel.totals): summarised by the two
 #: normalised COMMS_METRICS beside each KPI, so they are not KPI tables of their own.
-CHANNEL_TOTALS = frozenset({
-    "messages_sent", "messages_delivered", "messages_dropped", "messages_over_budget",
-    "bytes_sent", "bytes_delivered", "channel_steps",
-})
+CHANNEL_TOTALS = frozenset(
+    {
+        "messages_sent",
+        "messages_delivered",
+        "messages_dropped",
+        "messages_over_budget",
+        "bytes_sent",
+        "bytes_delivered",
+        "channel_steps",
+    }
+)
 #: Training logs (marl.training): ``train_*`` per update and ``eval_*`` periodic evaluations, with the
 #: update number in the episode column. They feed learning curves; tables use the final
 #: evaluation rows, which carry the plain KPI names.
@@ -130,7 +137,9 @@ def load_results(directory: str | Path) -> Results:
         frame = pd.concat(frames, ignore_index=True)
     else:
         if not (root / RECORDS_FILE).exists():
-            raise ConcordError(f"no {RECORDS_FILE} in {show(str(root))}; run 'marl compare' or 'marl run' into it first")
+            raise ConcordError(
+                f"no {RECORDS_FILE} in {show(str(root))}; run 'marl compare' or 'marl run' into it first"
+            )
         frame = load_records(root / RECORDS_FILE)
         manifest_dirs = [root / MANIFEST_DIR]
     if frame.empty:
@@ -221,8 +230,11 @@ def kpi_metrics(frame: pd.DataFrame) -> list[str]:
     """Metrics that are KPIs (not channel statistics or bookkeeping), in first-seen order."""
     seen = dict.fromkeys(frame["metric"])
     return [
-        m for m in seen
-        if m not in COMMS_METRICS and m not in BOOKKEEPING and m not in CHANNEL_TOTALS
+        m
+        for m in seen
+        if m not in COMMS_METRICS
+        and m not in BOOKKEEPING
+        and m not in CHANNEL_TOTALS
         and not m.startswith(TRAINING_PREFIXES)
     ]
 
@@ -295,7 +307,8 @@ def summarize(
     method_order = _order([*order.get("method", []), *frame["method"]])
     protocol_order = _order([*order.get("protocol", []), *frame["protocol"]])
     rows: list[dict[str, Any]] = []
-    keyed = {key: sub for key, sub in seeds.groupby([*GROUP, "metric"], sort=False)}
+    # Not dict(groupby): dict() would call GroupBy.keys, which is a list attribute, not a method.
+    keyed = {key: sub for key, sub in seeds.groupby([*GROUP, "metric"], sort=False)}  # noqa: C416
     groups = list(dict.fromkeys(k[:4] for k in keyed))
     for group in groups:
         comms: dict[str, stats.Interval | None] = {}
@@ -396,8 +409,12 @@ def improvement(
             if varying == "protocol" and (xa.size == 0) != (xb.size == 0) and NO_PROTOCOL in (a, b):
                 missing = a if xa.size == 0 else b
                 if missing == NO_PROTOCOL and key[2] != "":
-                    base = sub[(sub["scenario"] == key[0]) & (sub["method"] == key[1])
-                               & (sub["protocol"] == NO_PROTOCOL) & (sub["channel"] == "")]
+                    base = sub[
+                        (sub["scenario"] == key[0])
+                        & (sub["method"] == key[1])
+                        & (sub["protocol"] == NO_PROTOCOL)
+                        & (sub["channel"] == "")
+                    ]
                     values = base["value"].to_numpy(dtype=float)
                     if values.size:
                         xa, xb = (values, xb) if missing == a else (xa, values)

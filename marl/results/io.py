@@ -11,6 +11,7 @@ disk) is a one-line :class:`~marl.core.errors.ConcordError` naming the path, not
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -40,10 +41,8 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
             os.fsync(fh.fileno())
         os.replace(tmp, target)
     except BaseException as exc:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         if isinstance(exc, OSError):  # e.g. a full disk, or a directory where the file should go
             raise _cannot_write(target, exc) from None
         raise

@@ -74,17 +74,30 @@ def kpi_vs_bytes(summary: pd.DataFrame, scenario: str, metric: str, goal: str, d
     for i, ((method, channel), sub) in enumerate(block.groupby(["method", "channel"], sort=False)):
         xerr = _err(sub.assign(b=sub["x"]), "b", "bytes_per_agent_step_low", "bytes_per_agent_step_high")
         yerr = _err(sub, "mean", "ci_low", "ci_high")
-        ax.errorbar(sub["x"], sub["mean"], xerr=xerr, yerr=yerr, fmt=markers[i % len(markers)],
-                    capsize=3, label=f"{method}, {channel_label(channel)}")
+        ax.errorbar(
+            sub["x"],
+            sub["mean"],
+            xerr=xerr,
+            yerr=yerr,
+            fmt=markers[i % len(markers)],
+            capsize=3,
+            label=f"{method}, {channel_label(channel)}",
+        )
         for _, r in sub.iterrows():
-            ax.annotate(str(r["protocol"]), (r["x"], r["mean"]), textcoords="offset points",
-                        xytext=(4, 4), fontsize=7)
+            ax.annotate(str(r["protocol"]), (r["x"], r["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
     return _finish(fig, ax, scenario, metric, goal, "bytes per agent per step", "bandwidth", directory, "bytes")
 
 
 def _finish(
-    fig: Any, ax: Any, scenario: str, metric: str, goal: str, xlabel: str, against: str,
-    directory: Path, suffix: str,
+    fig: Any,
+    ax: Any,
+    scenario: str,
+    metric: str,
+    goal: str,
+    xlabel: str,
+    against: str,
+    directory: Path,
+    suffix: str,
 ) -> list[Path]:
     """Labels, grid and legend shared by the KPI-against-X figures; saves PNG and PDF."""
     ax.set_xlabel(xlabel)
@@ -114,14 +127,20 @@ def kpi_vs_drop(summary: pd.DataFrame, scenario: str, metric: str, goal: str, di
     for i, ((method, protocol), sub) in enumerate(lines):
         sub = sub.sort_values("drop")
         dodge = (i - (len(lines) - 1) / 2) * 0.012 * span
-        ax.errorbar(sub["drop"] + dodge, sub["mean"], yerr=_err(sub, "mean", "ci_low", "ci_high"),
-                    marker="o", capsize=3, color=colours[(method, protocol)], label=f"{method}, {protocol}")
+        ax.errorbar(
+            sub["drop"] + dodge,
+            sub["mean"],
+            yerr=_err(sub, "mean", "ci_low", "ci_high"),
+            marker="o",
+            capsize=3,
+            color=colours[(method, protocol)],
+            label=f"{method}, {protocol}",
+        )
     for (method, protocol), sub in series:
         if sub["drop"].nunique() > 1:
             continue
         row, colour = sub.iloc[0], colours[(method, protocol)]
-        ax.axhline(row["mean"], linestyle="--", linewidth=1, color=colour,
-                   label=f"{method}, {protocol} (no messages)")
+        ax.axhline(row["mean"], linestyle="--", linewidth=1, color=colour, label=f"{method}, {protocol} (no messages)")
         if np.isfinite(row["ci_low"]):
             ax.axhspan(row["ci_low"], row["ci_high"], alpha=0.07, color=colour)
     return _finish(fig, ax, scenario, metric, goal, "message drop probability", "message loss", directory, "drop")
@@ -146,9 +165,7 @@ def training_curves(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
     return pd.DataFrame()
 
 
-def learning_curves(
-    frame: pd.DataFrame, scenario: str, metric: str, goal: str, directory: Path
-) -> list[Path]:
+def learning_curves(frame: pd.DataFrame, scenario: str, metric: str, goal: str, directory: Path) -> list[Path]:
     """Mean KPI over seeds against training step, with a 95 % t band (n/a band with one seed)."""
     curves = training_curves(frame[frame["scenario"] == scenario], metric)
     if curves.empty or curves["step"].nunique() < 2:
@@ -177,4 +194,3 @@ def learning_curves(
 
 def figure_names(paths: Sequence[Path], base: Path) -> list[str]:
     return [str(p.relative_to(base)) for p in paths if p.suffix == ".png"]
-

@@ -28,7 +28,7 @@ import sys
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -84,11 +84,11 @@ class Row:
 
 def new_run_id() -> str:
     """A short unique id: UTC timestamp plus random suffix (sortable by start time)."""
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 class RecordWriter:
@@ -142,8 +142,7 @@ class RecordWriter:
             if other.get("scenario") != scenario or other.get("scenario_config") is None:
                 continue
             theirs = other["scenario_config"]
-            differ = sorted(k for k in set(theirs) | set(scenario_config)
-                            if theirs.get(k) != scenario_config.get(k))
+            differ = sorted(k for k in set(theirs) | set(scenario_config) if theirs.get(k) != scenario_config.get(k))
             if differ:
                 shown = ", ".join(f"{k}={scenario_config.get(k)!r} (was {theirs.get(k)!r})" for k in differ[:3])
                 raise ConcordError(
@@ -240,8 +239,11 @@ def read_rows(path: str | os.PathLike[str]) -> list[tuple[int, list[str]]]:
         except StopIteration:
             break
         except csv.Error as exc:
-            what = ("unterminated quote: the quoted field that starts here never ends"
-                    if "end of data" in str(exc) or "EOF" in str(exc) else f"malformed CSV ({exc})")
+            what = (
+                "unterminated quote: the quoted field that starts here never ends"
+                if "end of data" in str(exc) or "EOF" in str(exc)
+                else f"malformed CSV ({exc})"
+            )
             raise ConcordError(f"{one_line(str(path))}:{start}: {what}") from None
         if not fields:
             continue
@@ -256,8 +258,7 @@ def read_rows(path: str | os.PathLike[str]) -> list[tuple[int, list[str]]]:
             continue
         if len(fields) != len(COLUMNS):
             raise ConcordError(
-                f"{one_line(str(path))}:{start}: {len(fields)} fields, expected {len(COLUMNS)} "
-                f"({','.join(COLUMNS)})"
+                f"{one_line(str(path))}:{start}: {len(fields)} fields, expected {len(COLUMNS)} ({','.join(COLUMNS)})"
             )
         rows.append((start, fields))
     if header is None:
@@ -281,16 +282,17 @@ def load_records(path: str | os.PathLike[str]) -> Any:
     rows = read_rows(path)
     lines = [line for line, _ in rows]
     frame = pd.DataFrame([fields for _, fields in rows], columns=list(COLUMNS), dtype=object)
-    for column, kind, convert in (("value", "a number", float), ("seed", "an integer", int),
-                                  ("episode", "an integer", int)):
+    for column, kind, convert in (
+        ("value", "a number", float),
+        ("seed", "an integer", int),
+        ("episode", "an integer", int),
+    ):
         values = []
         for line, text in zip(lines, frame[column]):
             try:
                 values.append(convert(text))
             except (TypeError, ValueError):
-                raise ConcordError(
-                    f"{one_line(str(path))}:{line}: {column} {show(text)} is not {kind}"
-                ) from None
+                raise ConcordError(f"{one_line(str(path))}:{line}: {column} {show(text)} is not {kind}") from None
         frame[column] = pd.Series(values, dtype=float if convert is float else "int64")
     for column in ("run_id", "scenario", "method", "protocol", "channel", "metric"):
         frame[column] = frame[column].astype(str)

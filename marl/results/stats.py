@@ -145,9 +145,7 @@ def iqm_interval(
     return Interval(estimate, low, high, matrix.shape[0])
 
 
-def probability_of_improvement(
-    scores_x: np.ndarray | list[float], scores_y: np.ndarray | list[float]
-) -> float:
+def probability_of_improvement(scores_x: np.ndarray | list[float], scores_y: np.ndarray | list[float]) -> float:
     """P(X > Y) averaged over tasks, ties counting one half (rliable's definition).
 
     Higher scores are taken as better; for a KPI where lower is better pass negated scores.

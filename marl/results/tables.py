@@ -23,7 +23,16 @@ from marl.results.stats import IQM_CI_MIN_RUNS
 
 __all__ = ["fmt", "Provenance", "provenance", "markdown_report", "latex_report", "csv_summary"]
 
-_COLUMNS = ("method", "protocol", "channel", "seeds", "mean [95% CI]", "IQM [95% CI]", "bytes/agent/step", "delivery rate")
+_COLUMNS = (
+    "method",
+    "protocol",
+    "channel",
+    "seeds",
+    "mean [95% CI]",
+    "IQM [95% CI]",
+    "bytes/agent/step",
+    "delivery rate",
+)
 
 
 def fmt(x: float) -> str:
@@ -183,8 +192,18 @@ def _notes_md(notes: Sequence[str]) -> list[str]:
     return ["**Notes.** " + " ".join(base), ""] + [f"- {n}" for n in notes] + ([""] if notes else [])
 
 
-_TEX_ESCAPES = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
-                "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}"}
+_TEX_ESCAPES = {
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "\\": r"\textbackslash{}",
+}
 
 
 def tex_escape(text: str) -> str:
@@ -218,9 +237,15 @@ def latex_report(
             out.append(" & ".join(texts) + r" \\")
         out += [r"\bottomrule", r"\end{tabular}", r"\end{table}", ""]
     if improvements:
-        out += [r"\begin{table}[t]", r"\centering", r"\caption{Probability of improvement (rliable).}",
-                r"\begin{tabular}{lllr}", r"\toprule", r"scenario & metric & held fixed & P(A $>$ B) \\",
-                r"\midrule"]
+        out += [
+            r"\begin{table}[t]",
+            r"\centering",
+            r"\caption{Probability of improvement (rliable).}",
+            r"\begin{tabular}{lllr}",
+            r"\toprule",
+            r"scenario & metric & held fixed & P(A $>$ B) \\",
+            r"\midrule",
+        ]
         for imp in improvements:
             p = imp.probability
             out.append(

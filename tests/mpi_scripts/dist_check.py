@@ -23,8 +23,9 @@ def make_model(dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Mo
     return model.to(dtype)
 
 
-def local_grads(model: torch.nn.Module, rank: int, step: int, scale: float = 1.0,
-                set_to_none: bool = True) -> list[torch.Tensor]:
+def local_grads(
+    model: torch.nn.Module, rank: int, step: int, scale: float = 1.0, set_to_none: bool = True
+) -> list[torch.Tensor]:
     """The gradient rank ``rank`` computes at ``step`` (deterministic in rank and step), of the
     loss times ``scale`` (the sync's ``grad_scale``, applied as marl train does)."""
     gen = torch.Generator().manual_seed(1000 * rank + step)
@@ -114,8 +115,10 @@ def check_gossip(world, cfg: DistConfig, updates: int) -> dict:
     for r in range(world.size):
         for m, p in zip(mean, make_model(seed=r).parameters()):
             m += p.detach() / world.size
+
     def dist() -> float:
         return max(float((p.detach() - m).abs().max()) for p, m in zip(model.parameters(), mean))
+
     out = {"start_distance": dist()}
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
@@ -190,8 +193,7 @@ def main() -> None:
         out["mean_overlap"] = check_mean(world, DistConfig(overlap=True, bucket_mb=tiny), 3)
         # Callers that do not prescale (prescaled=False) still get the mean: the averaging pass.
         out["mean_averaging"] = check_mean(world, DistConfig(bucket_mb=tiny), 3, prescaled=False)
-        out["mean_overlap_averaging"] = check_mean(world, DistConfig(overlap=True, bucket_mb=tiny), 3,
-                                                   prescaled=False)
+        out["mean_overlap_averaging"] = check_mean(world, DistConfig(overlap=True, bucket_mb=tiny), 3, prescaled=False)
         # A compressor averages by itself: prescaled is ignored and grad_scale stays 1.
         out["mean_fp16"] = check_mean(world, DistConfig(compress="fp16"), 2)
         out["mean_bf16"] = check_mean(world, DistConfig(), 2, dtype=torch.bfloat16)
