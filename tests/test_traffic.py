@@ -41,7 +41,7 @@ def test_heterogeneous_map_pads_and_masks() -> None:
         for agent in env.possible_agents:
             assert env.action_space(agent).n == P
             mask = infos[agent]["action_mask"]
-            assert mask.dtype == bool and mask.sum() == n_phases[agent] and mask[: n_phases[agent]].all()
+            assert mask.dtype == np.int8 and mask.sum() == n_phases[agent] and mask[: n_phases[agent]].all()
             assert obs[agent].shape == env.observation_space(agent).shape
             # padding of the lane blocks is zero for lights with fewer lanes
             n_lanes = len(env.signals[agent].in_lanes)
@@ -102,13 +102,15 @@ def test_kpis_are_sane_and_from_tripinfo() -> None:
     env = make("traffic/grid4x4", end=600)
     try:
         kpis = run_all(env, seed=0)
+        folder = env._tmp  # the env's own output folder, made by reset()
+        assert folder is not None and not list(folder.glob("*")), "tripinfo files are deleted"
     finally:
         env.close()
     assert kpis["delay"] > 0 and kpis["waiting_time"] >= 0
     assert 0 < kpis["throughput"] <= kpis["trips"]
     assert kpis["queue"] >= 0 and kpis["teleports"] >= 0
     assert kpis["delay"] >= kpis["waiting_time"], "waiting is part of time loss"
-    assert not list(env._tmp.glob("*")), "tripinfo files are deleted"
+    assert folder is not None and not folder.exists(), "close() removes the output folder"
 
 
 def test_parse_tripinfo_charges_undeparted_vehicles(tmp_path: Path) -> None:
@@ -331,3 +333,102 @@ def test_bench_rejects_other_domains() -> None:
     assert isinstance(result.exception, UnknownNameError)
     assert "unknown traffic scenario 'grid/ieee33'" in str(result.exception)
     assert "traffic/grid4x4" in str(result.exception)
+
+
+def test_agents_are_light_ids_with_sumo_ids_kept() -> None:
+    env = make("traffic/grid4x4", end=60)
+    try:
+        assert env.possible_agents == [f"light_{i}" for i in range(16)]
+        sumo = list(env.sim_ids.values())
+        assert sumo == sorted(sumo) and sumo[0] == "A0", "SUMO ids in their sorted order"
+        assert env.group_map == {"light": env.possible_agents}
+        assert all(env.signals[a].id == env.sim_ids[a] for a in env.possible_agents)
+        assert set(env.topology.nodes) == set(env.possible_agents)
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize(("key", "value"), [("begin", -100), ("neighbour_max_m", -1)])
+def test_negative_times_and_distances_are_refused(key: str, value: int) -> None:
+    with pytest.raises(ConfigError, match=f"bad {key} {value}"):
+        make("traffic/grid4x4", **{key: value})
+
+
+def test_copies_get_their_own_folder_and_label_at_start() -> None:
+    import pickle
+
+    env = make("traffic/single-intersection", end=60)
+    assert env._tmp is None, "nothing is created at construction"
+    try:
+        env.reset(seed=1)
+        copy = pickle.loads(pickle.dumps(env))
+        assert copy._tmp is None and copy._sim is None and copy.agents == []
+        first = (env._tmp, env._traci_label)
+        kpis = run_all(env, seed=1)
+        env.close()
+        assert run_all(copy, seed=1) == kpis, "the copy runs the same episode"
+        assert copy._tmp not in (None, first[0]) and copy._traci_label != first[1]
+    finally:
+        env.close()
+        copy.close()
+
+
+def test_traci_copies_run_side_by_side_in_one_process() -> None:
+    """With use_libsumo=false two copies are live at once (each its own sumo and label)."""
+    a = make("traffic/single-intersection", end=60, use_libsumo=False)
+    b = make("traffic/single-intersection", end=60, use_libsumo=False)
+    try:
+        a.reset(seed=2)
+        b.reset(seed=2)
+        while a.agents:
+            a.step({})
+            b.step({})
+        assert a.episode_kpis() == b.episode_kpis()
+        assert a._tmp != b._tmp and a._traci_label != b._traci_label
+    finally:
+        a.close()
+        b.close()
+
+
+def test_forked_child_of_a_live_simulation_refuses_libsumo() -> None:
+    """A fork inherits libsumo's live simulation and its open files: the child must not touch
+    them (it would write the parent's tripinfo), and the parent's episode stays intact."""
+    import multiprocessing as mp
+
+    env = make("traffic/single-intersection", end=60)
+    try:
+        env.reset(seed=3)
+        ctx = mp.get_context("fork")
+        with ctx.Pool(1) as pool:
+            message = pool.apply(_reset_in_child, (env,))
+        assert "forked while a traffic env's libsumo simulation was live" in message
+        while env.agents:
+            env.step({})
+        assert env.episode_kpis()["trips"] > 0  # tripinfo still parses
+    finally:
+        env.close()
+
+
+def _reset_in_child(env: TrafficSignalEnv) -> str:
+    try:
+        env.reset(seed=3)
+    except SimulatorError as exc:
+        return str(exc)
+    return "reset worked"
+
+
+def test_vector_env_steps_copies_in_worker_processes() -> None:
+    from scenarios.vector import SubprocVectorEnv
+
+    vec = SubprocVectorEnv("traffic/single-intersection", 2, overrides={"end": 50})
+    try:
+        obs, infos = vec.reset(seed=4)
+        assert obs.shape == (2, 11) and vec.num_envs == 2 and infos[0]["action_mask"].dtype == np.int8
+        finished = []
+        for _ in range(12):  # 10 decisions per episode: every copy ends once and restarts
+            obs, rewards, terms, truncs, infos = vec.step(np.zeros(2, dtype=np.int64))
+            finished += [i["episode_kpis"]["delay"] for i in infos if "episode_kpis" in i]
+        assert len(finished) == 2 and finished[0] != finished[1], "copies play different seeds"
+        assert obs.shape == (2, 11) and not (terms | truncs).all()
+    finally:
+        vec.close()

@@ -11,7 +11,8 @@ Description
 
 Agents
     ``pv_<i>``, one per controllable PV sgen of the feeder, in sgen order (``agent_bus`` gives
-    each one's bus). 1-MV-rural: the two MV PV plants and the 90 aggregated rooftop-PV units of
+    each one's bus, ``agent_sgens`` its sgen row; ``sim_ids`` is the identity and records use
+    these ids). 1-MV-rural: the two MV PV plants and the 90 aggregated rooftop-PV units of
     the LV grids below the MV buses (92); LV feeders: their PV units; ieee33: six units.
 
 Observation (float32 Box, 7 values, or 8 with ``curtail``), per agent:
@@ -39,6 +40,14 @@ Reward
     that does not converge gives every agent ``−nonconverged_penalty`` (200, as MAPDN) and ends
     the episode (termination); ``infos[agent]["nonconverged"]`` is True then.
 
+State (``state()``, ``state_space``)
+    Every bus voltage (p.u., clipped to [0, 2]), then the net active and reactive injection
+    per bus (MW, Mvar; bounded by the feeder's total load and inverter ratings), then sin/cos
+    of the time of day: ``3·n_bus + 2`` float32 values.
+
+Rendering
+    None (``render_mode`` must be None; ``render()`` warns and returns None).
+
 KPIs (episode_kpis)
     ``controllable_rate`` (main, max): share of the episode's ``horizon`` steps with every bus
     within [v_min, v_max] (steps lost to a power flow that did not converge count as outside); ``voltage_violation`` (min): Σ over
@@ -56,7 +65,8 @@ Episode end
     ``reset(options={"day": d})`` forces a day (it must belong to the split).
 
 Arguments (``--set key=value``; types, defaults and help in :class:`GridConfig`)
-    ``feeder`` (SimBench code or ``ieee33``), ``pv_scale`` (PV penetration: factor on the agents'
+    ``feeder`` (any SimBench MV or LV code, e.g. ``1-MV-semiurb--0-sw`` or ``1-LV-urban6--0-sw``,
+    or ``ieee33``; an unknown name lists them all), ``pv_scale`` (PV penetration: factor on the agents'
     ratings and output), ``load_scale``, ``inverter_oversize``, ``curtail``, ``horizon``,
     ``split`` (train|eval|all), ``season`` (all|summer|winter), ``day``, ``holdout_every``,
     ``v_min``/``v_max``, ``reward`` (shared|local), ``q_weight``, ``curtail_weight``,
@@ -93,7 +103,7 @@ HOURS_PER_STEP = 0.25
 
 @dataclass
 class GridConfig:
-    feeder: str = field(default="1-MV-rural--0-sw", metadata={"help": "SimBench code or 'ieee33'"})
+    feeder: str = field(default="1-MV-rural--0-sw", metadata={"help": "any SimBench MV or LV code (1-MV-semiurb--0-sw, ...) or 'ieee33'"})
     pv_scale: float = field(default=1.0, metadata={"help": "PV penetration: factor on every agent's rating and output"})
     load_scale: float = field(default=1.0, metadata={"help": "factor on every load"})
     inverter_oversize: float = field(default=1.1, metadata={"help": "inverter rating S / PV rated power"})
@@ -196,8 +206,9 @@ class GridVoltageEnv(Scenario):
     }
     metadata = {"name": "grid_voltage_v0", "render_modes": [], "is_parallelizable": True}
 
-    def __init__(self, config: GridConfig | None = None) -> None:
+    def __init__(self, config: GridConfig | None = None, render_mode: str | None = None) -> None:
         self.config = config = config if config is not None else GridConfig()
+        self._set_render_mode(render_mode)
         self.feeder: Feeder = load_feeder(config.feeder)
         f = self.feeder
         self.days = days_of(config, f.n_steps // STEPS_PER_DAY)
@@ -227,6 +238,19 @@ class GridVoltageEnv(Scenario):
         self._act_space = spaces.Box(-1.0, 1.0, shape=(self._act_dim,), dtype=np.float32)
         self._rng = np.random.default_rng()
         self._n_bus = f.n_bus
+        # state_space bound: the largest net injection any bus can see (MW or Mvar) is all the
+        # feeder's peak load plus all its generation at full rating (inverters: S), plus a margin.
+        rating = np.maximum(f.sgen_sn, f.sgen_p.max(axis=0)) * self._pv_factor
+        rating[f.agent_sgens] *= config.inverter_oversize
+        peak_load = np.abs(f.load_p).max(axis=0).sum() + np.abs(f.load_q).max(axis=0).sum()
+        bound = float(config.load_scale * peak_load + rating.sum()) + 1.0
+        self._state_bound = bound
+        n_bus = f.n_bus
+        self.state_space = spaces.Box(
+            np.concatenate([np.zeros(n_bus), np.full(2 * n_bus, -bound), [-1.0, -1.0]]).astype(np.float32),
+            np.concatenate([np.full(n_bus, 2.0), np.full(2 * n_bus, bound), [1.0, 1.0]]).astype(np.float32),
+            dtype=np.float32,
+        )
         self._start = 0
         self._k = 0
         self._steps = 0
@@ -430,7 +454,9 @@ class GridVoltageEnv(Scenario):
         p = np.bincount(f.sgen_bus, sgen_p, minlength=self._n_bus) - np.bincount(f.load_bus, load_p, minlength=self._n_bus)
         q = np.bincount(f.sgen_bus, sgen_q, minlength=self._n_bus) - np.bincount(f.load_bus, load_q, minlength=self._n_bus)
         tod = 2 * np.pi * (self.t % STEPS_PER_DAY) / STEPS_PER_DAY
-        return np.concatenate([self.pf.vm, p, q, [np.sin(tod), np.cos(tod)]]).astype(np.float32)
+        b = self._state_bound
+        vm = np.clip(self.pf.vm, 0.0, 2.0)
+        return np.concatenate([vm, np.clip(p, -b, b), np.clip(q, -b, b), [np.sin(tod), np.cos(tod)]]).astype(np.float32)
 
     @property
     def topology(self) -> nx.Graph:

@@ -7,7 +7,9 @@ Env card
 demand come from sumo-rl's bundled ``nets`` (incl. RESCO's eight maps, Ault & Sharon 2021).
 
 **Agents.** One per traffic light that controls at least one link and has a green phase, named
-by the SUMO traffic-light id (sorted). ``topology`` joins two lights when a road leads from one to
+``light_<i>`` in the order of the SUMO traffic-light ids (sorted as strings); ``env.sim_ids``
+maps each to its SUMO id (``{"light_0": "A0", ...}``). Records, topology, controllers and
+checkpoints use the ``light_<i>`` ids; look SUMO ids up in ``sim_ids``. ``topology`` joins two lights when a road leads from one to
 the other through unsignalised junctions only, within ``neighbour_max_m`` metres; edge attribute
 ``distance`` = metres of road between them (lengths of the lanes from one light's outgoing lane to
 the other's incoming lane, inclusive; shortest path, either direction). The graph is static.
@@ -23,8 +25,8 @@ next ``delta_time`` seconds (the net's own green phases, in programme order). A 
 ``yellow_time`` seconds of yellow (links losing green turn yellow) inside the interval; a change is
 only made once the current phase has lasted ``yellow_time + min_green`` s. With ``max_green > 0``
 a phase held that long is forced to the next allowed phase. **Heterogeneous lights**
-(cologne3, cologne8, ingolstadt7, ingolstadt21...): ``infos[agent]["action_mask"]`` is a bool
-vector of length P, True for the light's own phases; a masked action keeps the current phase.
+(cologne3, cologne8, ingolstadt7, ingolstadt21...): ``infos[agent]["action_mask"]`` is an int8
+vector of length P, 1 for the light's own phases; a masked action keeps the current phase.
 ``control="program"`` ignores actions and runs the net's own signal programme unchanged, so the
 traffic equals a plain SUMO run. Controllers choose the mode of each episode with
 ``env.set_control(mode)`` right after ``reset()`` (``fixed-time`` picks ``"program"``); every
@@ -46,9 +48,20 @@ steps); there is no termination.
 
 **Arguments.** See :class:`Config` (``marl run traffic/grid4x4 --set end=600``).
 
-**One simulation per process.** libsumo holds a single simulation per process: a second env whose
-simulation is live in the same process raises :class:`~marl.core.errors.SimulatorError`; close the
-first env (or use subprocesses / ``use_libsumo=false``).
+**State** (``state()``, ``state_space``): the observations of all lights, concatenated in
+``possible_agents`` order, ``Box(0, 1, (n * (P + 1 + 2L),), float32)``.
+
+**Rendering.** None (``render_mode`` must be None; ``render()`` warns and returns None). Watch a
+net with ``sumo-gui`` on the same net and route files instead.
+
+**Copies and processes.** Each ``reset()`` of an env that has no live simulation creates its
+own temporary folder (tripinfo and statistics output) and TraCI label, owned by the process
+that created them; pickled, deep-copied and forked copies never share them. **libsumo holds a
+single simulation per process**: a second env whose simulation is live in the same process
+raises :class:`~marl.core.errors.SimulatorError`; close the first env, give the second
+``use_libsumo=false`` (TraCI, a sumo process per env), or run each env in its own process
+(:class:`scenarios.vector.SubprocVectorEnv`, SuperSuit's ``concat_vec_envs_v1(...,
+num_cpus=K)``, RLlib's env runners).
 
 **Controller API** (what baselines may read; see ``controllers.py``): ``env.signals[agent]`` is a
 :class:`~scenarios.traffic.nets.Signal` (green ``phases``, ``links``, ``in_lanes``,
@@ -67,10 +80,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
 import shutil
 import subprocess
 import tempfile
+import uuid
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +112,13 @@ VEHICLE_SPACE_M = 7.5
 
 #: The env whose libsumo simulation is running in this process (libsumo allows one).
 _LIVE: TrafficSignalEnv | None = None
+#: The process that started that simulation. A forked child inherits libsumo's live simulation
+#: (and its open output files) but must not close or replace it: SUMO would write the parent's
+#: tripinfo and statistics files from the child.
+_LIVE_PID: int | None = None
+
+#: Prefix of agent ids: ``light_<i>``.
+AGENT_KIND = "light"
 
 
 def _help(text: str) -> dict[str, str]:
@@ -147,8 +169,12 @@ class Config:
                 f"bad yellow_time {self.yellow_time}; expected 0 <= yellow_time < delta_time "
                 f"({self.delta_time})"
             )
+        if self.begin < 0:
+            raise ConfigError(f"bad begin {self.begin}; expected a simulation time >= 0 s")
         if self.min_green < 0 or self.max_green < 0:
             raise ConfigError("bad min_green/max_green; expected integers >= 0")
+        if not self.neighbour_max_m >= 0:
+            raise ConfigError(f"bad neighbour_max_m {self.neighbour_max_m}; expected metres >= 0")
 
 
 def sumo_command(
@@ -252,8 +278,9 @@ class TrafficSignalEnv(Scenario):
     }
     metadata = {"name": "concord_traffic_v0", "render_modes": [], "is_parallelizable": True}
 
-    def __init__(self, config: Config | None = None) -> None:
+    def __init__(self, config: Config | None = None, render_mode: str | None = None) -> None:
         self.config = config if config is not None else Config()
+        self._set_render_mode(render_mode)
         cfg = self.config
         self._net_path = resolve_path(cfg.net_file, "net_file")
         self._route_path = resolve_path(cfg.route_file, "route_file")
@@ -263,9 +290,12 @@ class TrafficSignalEnv(Scenario):
             raise ConfigError(f"bad net_file '{cfg.net_file}': not a readable SUMO net ({exc})") from None
         if not net.signals:
             raise ConfigError(f"bad net_file '{cfg.net_file}': it has no traffic lights")
-        self._roads = net.roads
+        # Agent ids light_<i> in SUMO id order; the SUMO ids stay in sim_ids.
+        self._sim_ids = {f"{AGENT_KIND}_{i}": tl for i, tl in enumerate(net.signals)}
+        agent_of = {tl: a for a, tl in self._sim_ids.items()}
+        self._roads = {(agent_of[a], agent_of[b]): d for (a, b), d in net.roads.items()}
         #: Static description of each light, keyed by agent id (see the controller API).
-        self.signals: dict[str, Signal] = dict(net.signals)
+        self.signals: dict[str, Signal] = {a: net.signals[tl] for a, tl in self._sim_ids.items()}
         self.possible_agents = list(self.signals)
         self._agent_index = {a: i for i, a in enumerate(self.possible_agents)}
         self.agents: list[str] = []
@@ -277,6 +307,7 @@ class TrafficSignalEnv(Scenario):
         box = spaces.Box(0.0, 1.0, (self.obs_size,), np.float32)
         self.observation_spaces = {a: box for a in self.possible_agents}
         self.action_spaces = {a: spaces.Discrete(P) for a in self.possible_agents}
+        self.state_space = spaces.Box(0.0, 1.0, (len(sigs) * self.obs_size,), np.float32)
 
         # Lane table: incoming lanes of all lights first (sampled every decision), then lanes
         # that are only outgoing (sampled when a controller or the reward asks).
@@ -299,25 +330,42 @@ class TrafficSignalEnv(Scenario):
             np.array([self._lane_index[l] for l in s.out_lanes], dtype=np.int64) for s in sigs
         ]
         self._n_phases = np.array([s.n_phases for s in sigs])
-        self._program_to_green = [(a, s.program_to_green) for a, s in zip(self.possible_agents, sigs)]
+        self._program_to_green = [(s.id, s.program_to_green) for s in sigs]
         self._inv_capacity = 1.0 / self._capacity[self._in_idx]
         self._rows = np.arange(len(sigs))
         masks = {}
         for a, s in zip(self.possible_agents, sigs):
-            m = np.zeros(P, dtype=bool)
-            m[: s.n_phases] = True
+            m = np.zeros(P, dtype=np.int8)
+            m[: s.n_phases] = 1
             m.flags.writeable = False
             masks[a] = m
         self._masks = masks
 
-        self._tmp = Path(tempfile.mkdtemp(prefix="concord-sumo-"))
+        # Output folder and TraCI label: made by the first _start() of the process that runs
+        # the simulation (never here, so copies and forked workers never share them).
+        self._tmp: Path | None = None
+        self._tmp_pid = -1
+        self._traci_label = ""
         self._sim: Any = None
-        self._traci_label = f"concord-{id(self)}"
         self._rng = np.random.default_rng()
         self._program_mode = cfg.control == "program"
         self._stepped = False
         self._last_kpis: dict[str, float] | None = None
         self._reset_counters()
+
+    @property
+    def sim_ids(self) -> dict[str, str]:
+        """Agent id -> SUMO traffic-light id (``{"light_0": "A0", ...}``)."""
+        return dict(self._sim_ids)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle/deepcopy without the live simulation, its files and its C entry points: the
+        copy starts its own simulation at its first ``reset()``."""
+        state = self.__dict__.copy()
+        for key in ("_sim", "_getters", "_step_to", "_get_phase"):
+            state.pop(key, None)
+        state.update(_sim=None, _tmp=None, _tmp_pid=-1, _traci_label="", agents=[])
+        return state
 
     # ----------------------------------------------------------------- public controller API
     @property
@@ -326,7 +374,7 @@ class TrafficSignalEnv(Scenario):
         return float(self._t)
 
     def action_mask(self, agent: str) -> np.ndarray:
-        """Bool vector over ``Discrete(P)``: True for the light's own green phases."""
+        """int8 vector over ``Discrete(P)``: 1 for the light's own green phases."""
         return self._masks[agent]
 
     def current_phase(self, agent: str) -> int:
@@ -473,7 +521,9 @@ class TrafficSignalEnv(Scenario):
 
     def close(self) -> None:
         self._stop()
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        if self._tmp is not None and self._tmp_pid == os.getpid():  # never a parent's folder
+            shutil.rmtree(self._tmp, ignore_errors=True)
+        self._tmp = None
 
     def __del__(self) -> None:  # a forgotten env must not keep the process's one simulation
         try:
@@ -483,13 +533,27 @@ class TrafficSignalEnv(Scenario):
 
     # ----------------------------------------------------------------- simulation
     def _start(self, seed: int) -> None:
-        global _LIVE
+        global _LIVE, _LIVE_PID
         cfg = self.config
+        if cfg.use_libsumo and _LIVE_PID is not None and _LIVE_PID != os.getpid():
+            raise SimulatorError(
+                "this process was forked while a traffic env's libsumo simulation was live in its "
+                "parent; starting one here would write into the parent's output files: create "
+                "worker processes before the first reset(), use the 'spawn' or 'forkserver' start "
+                "method, or build the env with use_libsumo=false"
+            )
         if cfg.use_libsumo and _LIVE is not None and _LIVE is not self:
             raise SimulatorError(
-                "another traffic env's libsumo simulation is live in this process; libsumo "
-                "allows one simulation per process: close() it first, or use a subprocess"
+                "another traffic env's libsumo simulation is live in this process, and libsumo "
+                "allows one simulation per process: close() the other env, build this one with "
+                "use_libsumo=false (--set use_libsumo=false), or run each env in its own process "
+                "(scenarios.vector.SubprocVectorEnv, SuperSuit concat_vec_envs_v1 with num_cpus)"
             )
+        if self._tmp is None or self._tmp_pid != os.getpid():
+            # this process's own folder and TraCI label (a forked copy inherits the parent's)
+            self._tmp = Path(tempfile.mkdtemp(prefix="concord-sumo-"))
+            self._tmp_pid = os.getpid()
+            self._traci_label = f"concord-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._tmp.mkdir(parents=True, exist_ok=True)
         self._tripinfo = self._tmp / "tripinfo.xml"
         self._statistics = self._tmp / "statistics.xml"
@@ -503,7 +567,7 @@ class TrafficSignalEnv(Scenario):
             if cfg.use_libsumo:
                 module.start(cmd)
                 self._sim = module
-                _LIVE = self
+                _LIVE, _LIVE_PID = self, os.getpid()
             elif cfg.verbose:
                 module.start(cmd, label=self._traci_label)
                 self._sim = module.getConnection(self._traci_label)
@@ -569,10 +633,12 @@ class TrafficSignalEnv(Scenario):
 
     def _stop(self) -> None:
         """Close this env's simulation (flushing SUMO's output files); idempotent."""
-        global _LIVE
+        global _LIVE, _LIVE_PID
         sim, self._sim = self._sim, None
+        if sim is not None and _LIVE is self and _LIVE_PID != os.getpid():
+            return  # inherited through fork: the parent's simulation, not ours to close
         if _LIVE is self:
-            _LIVE = None
+            _LIVE, _LIVE_PID = None, None
         if sim is not None:
             try:
                 sim.close()
@@ -611,7 +677,7 @@ class TrafficSignalEnv(Scenario):
         ]
 
     def _set_state(self, agent: str, state: str) -> None:
-        self._sim.trafficlight.setRedYellowGreenState(agent, state)
+        self._sim.trafficlight.setRedYellowGreenState(self._sim_ids[agent], state)
 
     def _advance_agents(self, actions: dict[str, Any], target: float) -> None:
         cfg = self.config

@@ -9,11 +9,12 @@ rack, then *deliver* to a station — is handed to robots as they become free. T
 plain vectorised numpy: one step costs a fixed number of array operations, not a Python loop
 over robots.
 
-**Agents.** ``robot_0 … robot_{n-1}`` (``n_robots``), homogeneous.
+**Agents.** ``robot_0 … robot_{n-1}`` (``n_robots``), homogeneous; ``sim_ids`` is the identity
+(records use the same ids).
 
 **Actions.** ``Discrete(5)``: 0 stay, 1 up, 2 down, 3 left, 4 right. A move into a rack, an
-obstacle or off the map leaves the robot where it is; ``infos[agent]["action_mask"]`` marks those
-moves False (static obstacles only, not other robots).
+obstacle or off the map leaves the robot where it is; ``infos[agent]["action_mask"]`` (int8, one
+entry per action) marks those moves 0 (static obstacles only, not other robots).
 
 **Tasks.** A task names a rack and a station. The robot *picks* when it ends a step on the
 rack's access cell (the aisle cell next to the rack, see layout) and *delivers* when it ends a
@@ -44,8 +45,11 @@ goal divided by the longest distance on the floor, in [0, 1]; carrying flag; has
 one-hot hint of the shortest-path move (up, down, left, right; all 0 at the goal or without a
 task). The goal is the pick cell before picking and the station after.
 
-**State** (``state()``): for every robot its row/H, col/W, goal row/H, goal col/W, carrying,
-has-task; then the elapsed share of the horizon. Size ``6*n + 1``.
+**State** (``state()``, ``state_space``): for every robot its row/H, col/W, goal row/H, goal
+col/W, carrying, has-task; then the elapsed share of the horizon. Size ``6*n + 1``.
+
+**Rendering.** ``render_mode="ansi"``: ``render()`` returns the floor as text, one line per row:
+``#`` obstacle or rack, ``P`` station, ``.`` aisle, a robot as ``r`` (``R`` when carrying).
 
 **Reward** per robot and step: ``+1`` for a delivery, ``-step_cost`` always, ``-wait_cost`` more
 when it has a task and did not move (by choice or blocked).
@@ -175,10 +179,13 @@ class WarehouseEnv(Scenario):
         "conflicts": "min",
         "deadlock_steps": "min",
     }
-    metadata: dict[str, Any] = {"name": "concord_warehouse_v0", "render_modes": [], "is_parallelizable": True}
+    metadata: dict[str, Any] = {"name": "concord_warehouse_v0", "render_modes": ["ansi"], "is_parallelizable": True}
 
-    def __init__(self, config: WarehouseConfig | None = None, layout: Layout | None = None) -> None:
+    def __init__(
+        self, config: WarehouseConfig | None = None, layout: Layout | None = None, render_mode: str | None = None
+    ) -> None:
         self.config = config if config is not None else WarehouseConfig()
+        self._set_render_mode(render_mode)
         cfg = self.config
         self.layout = layout if layout is not None else layout_from_file(cfg.map_file)
         lay = self.layout
@@ -210,7 +217,7 @@ class WarehouseEnv(Scenario):
         self._pad_size = pad_static.size
         self._robot_pad = np.zeros(pad_static.size, dtype=np.float32)
         self._hint_codes = np.arange(1, 5)[None, :]
-        masks = lay.action_valid.copy()
+        masks = lay.action_valid.astype(np.int8)  # int8: what Discrete.sample(mask) takes
         masks.flags.writeable = False
         self._mask_rows = list(masks)
         self._rows = rows
@@ -472,6 +479,18 @@ class WarehouseEnv(Scenario):
             s[i * self.n : (i + 1) * self.n] = part
         s[-1] = min(self.t / self.config.horizon, 1.0)
         return s
+
+    def render(self) -> str | None:
+        """The floor as text (``render_mode="ansi"``, see the env card); else warn, return None."""
+        if self.render_mode != "ansi":
+            return super().render()
+        lay = self.layout
+        floor = np.where(lay.passable, ".", "#").astype("<U1")
+        floor[lay.station_cells] = "P"
+        if hasattr(self, "pos"):  # robots exist once reset() has placed them
+            floor[self.pos] = np.where(self.carrying, "R", "r")
+        rows = floor.reshape(lay.height, lay.width)
+        return "\n".join("".join(row) for row in rows)
 
     # -- topology -------------------------------------------------------------------------------
     def _invalidate_topology(self) -> None:
