@@ -20,6 +20,11 @@ so it includes SUMO's work, and it is robust to other jobs on a shared machine).
 ``--repeat`` episodes back to back in its own spawned process and the fastest counts: the first
 episode of a process also pays one-time costs (lazy imports, parsing the net), the steady state
 is what training and evaluation runs see.
+
+``--vector K`` measures instead the rollout throughput of :class:`scenarios.vector.SubprocVectorEnv`
+(K simulations in K worker processes, random allowed phases) against K=1: wall seconds for
+``--vector-steps`` decisions of every copy, and decisions (light-steps) per second. Worker start-up
+is not timed; episodes restart inside the timed loop as in training.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from typing import Any
 
 import click
 
-__all__ = ["command", "time_env", "time_raw", "time_sumo_rl"]
+__all__ = ["command", "time_env", "time_raw", "time_sumo_rl", "time_vector"]
 
 
 def _clock() -> tuple[float, float]:
@@ -62,7 +67,8 @@ def time_env(scenario: str, overrides: dict[str, Any], actions: str = "program")
     env = registry.make_scenario(scenario, {**overrides, "control": control})
     try:
         env.reset(seed=0)
-        table = {a: table_rows[i] for i, a in enumerate(sorted(env.possible_agents))}
+        # possible_agents (light_<i>) follow the sorted SUMO ids, sumo-rl's order
+        table = {a: table_rows[i] for i, a in enumerate(env.possible_agents)}
         n_phases = {a: s.n_phases for a, s in env.signals.items()}
         steps = 0
         while env.agents:
@@ -189,6 +195,30 @@ def time_sumo_rl(scenario: str, overrides: dict[str, Any], actions: str = "progr
     return {**_elapsed(start), "steps": steps}
 
 
+def time_vector(scenario: str, overrides: dict[str, Any], copies: int, steps: int) -> dict[str, Any]:
+    """Wall seconds for ``steps`` decisions in each of ``copies`` simulations stepped together.
+
+    Actions are random allowed phases (seeded); the clock starts after every worker has reset.
+    """
+    import numpy as np
+
+    from scenarios.vector import SubprocVectorEnv
+
+    vec = SubprocVectorEnv(scenario, copies, overrides=overrides)
+    try:
+        rng = np.random.default_rng(0)
+        _, infos = vec.reset(seed=0)
+        start = time.perf_counter()
+        for _ in range(steps):
+            actions = [int(rng.choice(np.flatnonzero(i["action_mask"]))) for i in infos]
+            *_, infos = vec.step(np.array(actions))
+        wall = time.perf_counter() - start
+    finally:
+        vec.close()
+    decisions = steps * vec.num_envs
+    return {"copies": copies, "wall": wall, "decisions_per_s": decisions / wall, "lights": vec.num_agents}
+
+
 def _random_table(n_lights: int, n_steps: int) -> list[list[int]]:
     """Seeded random integers [light][decision], drawn before the clock starts. Env and sumo-rl
     both pick phase ``table[i][step] % n_phases`` for the i-th light in sorted id order, so both
@@ -224,13 +254,19 @@ def _in_subprocess(fn: Any, args: tuple[Any, ...], episodes: int, clock: str) ->
     help="episodes per method, run back to back in its process; the fastest counts",
 )
 @click.option("--skip-sumo-rl", is_flag=True, help="time only the env and raw SUMO")
+@click.option("--vector", "vector", type=int, default=None,
+              help="time the vector env with this many copies (worker processes) against 1 copy")
+@click.option("--vector-steps", type=int, default=200, help="decisions per copy timed with --vector")
 @click.option(
     "--clock",
     type=click.Choice(["cpu", "wall"]),
     default="cpu",
     help="what the ratios use: process CPU time (robust on a shared machine) or wall time",
 )
-def command(scenario: str, horizon: int | None, repeat: int, skip_sumo_rl: bool, clock: str) -> None:
+def command(
+    scenario: str, horizon: int | None, repeat: int, skip_sumo_rl: bool, vector: int | None,
+    vector_steps: int, clock: str,
+) -> None:
     """Time one episode: Concord env vs raw libsumo vs sumo-rl (each in its own process)."""
     from rich.console import Console
     from rich.table import Table
@@ -248,6 +284,9 @@ def command(scenario: str, horizon: int | None, repeat: int, skip_sumo_rl: bool,
         if horizon < 1:
             raise ConfigError(f"bad --horizon {horizon}; expected an integer >= 1")
         overrides["end"] = base.begin + horizon
+    if vector is not None:
+        _vector_table(scenario, overrides, vector, vector_steps)
+        return
     methods: list[tuple[str, Any, str]] = [
         ("raw libsumo, fixed-time", time_raw, "program"),
         ("env, fixed-time", time_env, "program"),
@@ -290,3 +329,26 @@ def command(scenario: str, horizon: int | None, repeat: int, skip_sumo_rl: bool,
         )
     if "sumo-rl, random phases" in best:
         console.print("sumo-rl gets the same phase sequences; its traffic is close, not identical")
+
+
+def _vector_table(scenario: str, overrides: dict[str, Any], copies: int, steps: int) -> None:
+    """Print the rollout throughput of 1 and ``copies`` simulations stepped together."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from marl.core.errors import ConfigError
+
+    if copies < 1 or steps < 1:
+        raise ConfigError(f"bad --vector {copies} / --vector-steps {steps}; expected integers >= 1")
+    console = Console()
+    rows = []
+    with console.status("timing the vector env..."):
+        for k in sorted({1, copies}):
+            rows.append(time_vector(scenario, overrides, k, steps))
+    table = Table(title=f"{scenario}: {steps} decisions per copy, random allowed phases ({os.cpu_count()} CPUs)")
+    for col in ("copies", "wall s", "light-decisions/s", "x 1 copy"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        ratio = r["decisions_per_s"] / rows[0]["decisions_per_s"]
+        table.add_row(str(r["copies"]), f"{r['wall']:.2f}", f"{r['decisions_per_s']:.0f}", f"{ratio:.2f}")
+    console.print(table)
