@@ -12,13 +12,15 @@ Two things live here, both free of any RL notion:
   previous solution (warm start). :func:`runpp_voltages` is the pandapower reference that tests
   and ``marl bench grid`` compare it with.
 
-Conversion notes (measured, pandapower 3.5.6 / lightsim2grid 1.2; see DESIGN.md §4):
+Conversion notes (measured, pandapower 3.5.6 / lightsim2grid 1.2):
 
 * lightsim2grid's converter does not read switches. Closed bus-bus switches are fused
   (``pandapower.toolbox.fuse_buses``); an open line switch disconnects only its side of the
   line (pandapower keeps the line's charging on the other side through an auxiliary bus), so it
   becomes ``deactivate_powerline_side1/2`` in the model — dropping the whole line instead moved
   voltages by 8e-4 p.u. on 1-MV-rural.
+* pandapower 3 ignores ``tap_pos`` of a transformer without ``tap_changer_type``; the converter
+  does not, so such taps are set to neutral first (1-MV-urban: 1.6e-2 p.u. otherwise).
 * ``pp_orig_file="pandapower_v2"`` (the default transformer formulas) matches ``runpp`` to
   1e-15 p.u. on 1-MV-rural; ``"pandapower_v3"`` was 3e-5 p.u. off.
 * Newton-Raphson from a flat start fails on SimBench MV feeders (their 110/20 kV transformers
@@ -45,6 +47,7 @@ __all__ = [
     "STEPS_PER_DAY",
     "Feeder",
     "FEEDERS",
+    "feeder_names",
     "load_feeder",
     "PowerFlow",
     "PandapowerFlow",
@@ -64,8 +67,24 @@ IEEE33_LOAD_PROFILES = ("lv_rural1", "G0-A", "lv_rural2", "G3-A", "lv_semiurb4",
 #: SimBench PV feed-in profiles (MV plants and aggregated LV rooftop PV) for the six PV units.
 IEEE33_PV_PROFILES = ("PV3", "PV7", "lv_rural1", "lv_rural2", "lv_rural3", "lv_semiurb4")
 
-#: Feeder names understood by :func:`load_feeder`: SimBench codes, or "ieee33".
+#: The feeders of the registered scenarios (every name of :func:`feeder_names` works).
 FEEDERS = ("1-MV-rural--0-sw", "1-LV-rural1--0-sw", "1-LV-rural2--0-sw", "1-LV-rural3--0-sw", "ieee33")
+
+
+@functools.lru_cache(maxsize=1)
+def feeder_names() -> tuple[str, ...]:
+    """Every name :func:`load_feeder` accepts: ``ieee33`` and each SimBench MV or LV code.
+
+    SimBench codes read ``1-<level>-<type>-<extension>-<scenario>-<switches>``: level ``MV``
+    (20 kV: rural, semiurb, urban, comm) or ``LV`` (0.4 kV: rural1-3, semiurb4-5, urban6);
+    scenario 0 (today), 1 or 2 (more PV, more load); ``sw`` with switches as in the
+    data, ``no_sw`` without. All share the same profile tables, so the same agents rule
+    applies: every inverter-based PV sgen (types ``PV``, ``PV_MV``, ``lv_RES``) is an agent.
+    """
+    import simbench as sb
+
+    codes = [c for c in sb.collect_all_simbench_codes() if c.split("-")[1] in ("MV", "LV")]
+    return ("ieee33", *codes)
 
 
 @dataclass(frozen=True)
@@ -134,6 +153,12 @@ def _remove_switches(net: Any) -> tuple[Any, list[tuple[int, int]]]:
         for col in ("min_p_mw", "max_p_mw", "min_q_mvar", "max_q_mvar"):
             if col in net[table]:
                 net[table][col] = net[table][col].astype(float)
+    if "tap_changer_type" in net.trafo:
+        # pandapower 3 ignores tap_pos when a transformer has no tap_changer_type (1-MV-urban's
+        # two transformers sit at tap -1 with none); lightsim2grid's converter would apply it
+        # (1.6e-2 p.u. off). Put such taps at neutral so both see the same transformer.
+        none = net.trafo["tap_changer_type"].isna()
+        net.trafo.loc[none, "tap_pos"] = net.trafo.loc[none, "tap_neutral"]
     for table in ("load", "sgen"):  # profiles are absolute; scaling is applied by us, not pandapower
         net[table]["scaling"] = 1.0
     return net, open_sides
@@ -196,6 +221,10 @@ def _simbench(code: str) -> Feeder:
     # PV of the LV grids under an MV bus, whose profiles are the lv_* PV profiles).
     types = net.sgen["type"].astype(str).to_numpy()
     agents = np.flatnonzero(np.isin(types, ["PV", "PV_MV", "lv_RES"]))
+    if agents.size == 0:
+        from marl.core.errors import ConfigError
+
+        raise ConfigError(f"bad feeder '{code}': it has no PV sgen to control (types PV, PV_MV, lv_RES)")
     return _feeder(code, net, open_sides, load_p, load_q, sgen_p, agents)
 
 
@@ -256,11 +285,11 @@ def _feeder(
 
 @functools.lru_cache(maxsize=None)
 def load_feeder(name: str) -> Feeder:
-    """The named feeder (see :data:`FEEDERS`), loaded once per process."""
+    """The named feeder (any of :func:`feeder_names`), loaded once per process."""
     from marl.core.errors import unknown
 
-    if name not in FEEDERS:
-        raise unknown("feeder", name, FEEDERS)
+    if name not in feeder_names():
+        raise unknown("feeder", name, feeder_names())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return _ieee33() if name == "ieee33" else _simbench(name)
