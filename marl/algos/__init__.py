@@ -16,3 +16,10 @@ register_algorithm(
         description="MAPPO: PPO with a centralised critic on env.state() (Yu et al. 2022)",
     )
 )
+register_algorithm(
+    AlgorithmSpec(
+        name="idqn",
+        entry_point="marl.algos.idqn:IDQN",
+        description="Independent double DQN, n-step, shared parameters + agent id (RESCO's IDQN)",
+    )
+)

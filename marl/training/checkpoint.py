@@ -23,12 +23,12 @@ from typing import Any
 
 import torch
 
+from marl.core import registry
 from marl.core.config import build_config, to_dict
 from marl.core.errors import CheckpointError, ConcordError
 from marl.results.io import atomic_write, atomic_write_json
 from marl.results.records import now_iso
 from marl.training.layout import TeamLayout
-from marl.training.request import TrainRequest, algorithm_class
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -80,7 +80,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
         meta = json.loads(state["meta"])
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a torn or foreign file
+    except Exception as exc:
         raise CheckpointError(f"corrupt checkpoint {file}: {type(exc).__name__}: {_shorten(str(exc))}") from None
     if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else None
@@ -99,7 +99,8 @@ def checked_config(state: dict[str, Any]) -> Any:
     if missing or not isinstance(state.get("model"), dict):
         raise CheckpointError(f"checkpoint {file} lacks {', '.join(missing) or 'model'}; not a 'marl train' checkpoint")
     try:
-        config = build_config(algorithm_class(meta["algo"]).Config, meta["algo_config"],
+        algo_cls = registry.load(registry.algorithm_spec(meta["algo"]).entry_point)
+        config = build_config(algo_cls.Config, meta["algo_config"],
                               what="checkpoint algo_config key")
         layout = TeamLayout(**meta["layout"])
     except (ConcordError, TypeError) as exc:
@@ -127,8 +128,8 @@ def save_checkpoint(directory: Path, update: int, state: dict[str, Any], keep: i
     return target
 
 
-def checkpoint_meta(request: TrainRequest, config: Any, layout: TeamLayout) -> dict[str, Any]:
-    """The JSON metadata of every checkpoint of a run."""
+def checkpoint_meta(request: Any, config: Any, layout: TeamLayout) -> dict[str, Any]:
+    """The JSON metadata of every checkpoint of a run (``request``: its TrainRequest)."""
     return {
         "format": CHECKPOINT_FORMAT,
         "scenario": request.scenario,

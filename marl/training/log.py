@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 
-from marl.core.errors import ConcordError
 from marl.results.io import atomic_write_text
 from marl.results.records import (
     COLUMNS,
@@ -37,9 +36,9 @@ from marl.results.records import (
     now_iso,
 )
 from marl.training.layout import TeamLayout
-from marl.training.request import TrainPlan, TrainRequest
+from marl.training.request import TrainPlan
 
-__all__ = ["TrainLog", "check_out_is_free", "drop_superseded_rows", "is_curve_metric"]
+__all__ = ["TrainLog", "drop_superseded_rows", "is_curve_metric"]
 
 
 def is_curve_metric(metric: str) -> bool:
@@ -65,24 +64,6 @@ def drop_superseded_rows(out_dir: Path, run_id: str, after_update: int) -> int:
             csv.writer(buf, lineterminator="\n").writerows([header, *keep])
             atomic_write_text(path, buf.getvalue())
     return len(rows) - len(keep)
-
-
-def check_out_is_free(out_dir: Path, request: TrainRequest) -> None:
-    """Refuse a fresh (not resumed) run into a directory that already holds rows of this
-    scenario, algorithm, protocol, channel and seed: its curve and final evaluation would be
-    recorded twice under one key."""
-    path = out_dir / RECORDS_FILE
-    if not path.exists():
-        return
-    key = [request.scenario, request.algo, request.protocol, request.channel, str(request.seed)]
-    with path.open(newline="") as fh:
-        taken = next((r["run_id"] for r in csv.DictReader(fh)
-                      if [r["scenario"], r["method"], r["protocol"], r["channel"], r["seed"]] == key), None)
-    if taken is not None:
-        raise ConcordError(
-            f"bad --out {out_dir}: it already holds {request.algo} seed {request.seed} on {request.scenario} "
-            f"(run {taken}); allowed: --resume {out_dir} to continue it, or another --out"
-        )
 
 
 def checkpoint_run_id(out_dir: Path, resumed: dict[str, Any]) -> str | None:

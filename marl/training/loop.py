@@ -1,5 +1,7 @@
 """The on-policy training loop (IPPO, MAPPO): rollout -> advantage -> update -> sync -> log -> checkpoint.
 
+:func:`train` hands algorithms marked ``off_policy`` (IDQN) to :mod:`marl.training.offpolicy`.
+
 One process runs one scenario instance (libsumo allows one simulation per process); with
 ``--ranks N`` each MPI rank runs its own instance and gradients are averaged across ranks by
 :mod:`marl.distributed` (one rank: its one-rank world and no-op sync). Per update, on every rank::
@@ -67,6 +69,10 @@ def train(request: TrainRequest | TrainPlan,
     from marl.distributed import DistConfig, RankFailure, init_world, make_sync
 
     plan = request if isinstance(request, TrainPlan) else prepare(request)
+    if getattr(plan.algo_cls, "off_policy", False):  # replay-based learners (IDQN) have their own loop
+        from marl.training.offpolicy import train_offpolicy
+
+        return train_offpolicy(plan, on_progress)
     req, config, algo_cls = plan.request, plan.config, plan.algo_cls
     torch.set_num_threads(config.torch_threads)
     env = registry.make_scenario(req.scenario, req.overrides, test=req.test)

@@ -27,8 +27,12 @@ def critic_input_size(algo_cls: Any, layout: TeamLayout, comm: Communication) ->
     return layout.state_size if algo_cls.centralised_critic else layout.obs_dim + comm.message_size
 
 
-def build_model(algo_cls: Any, config: Any, layout: TeamLayout, comm: Communication) -> ActorCritic:
-    """The ActorCritic for this team, with the learned protocol plugged between encoder and head."""
+def build_model(algo_cls: Any, config: Any, layout: TeamLayout, comm: Communication) -> Any:
+    """The team's network: the algorithm's own (``algo_cls.build_network``, e.g. IDQN's Q-network,
+    which gets plain sizes) or the ActorCritic with the learned protocol plugged between encoder
+    and head."""
+    if hasattr(algo_cls, "build_network"):
+        return algo_cls.build_network(config, layout.n, layout.obs_dim + comm.message_size, layout.action_dim)
     comms_module = None
     if comm.learned:
         cls = registry.load(registry.protocol_spec(comm.protocol).entry_point)

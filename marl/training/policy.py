@@ -76,7 +76,7 @@ def policy_from_checkpoint(state: dict[str, Any], env: Any, scenario_id: str, se
 
         channel = parse_channel(meta["channel"])
     comm = Communication(meta["protocol"], channel, layout.agents, layout.obs_dim, seed,
-                         mode=config.comm_mode, hidden_size=config.hidden_size)
+                         mode=getattr(config, "comm_mode", "neighbours"), hidden_size=config.hidden_size)
     model = build_model(algo_cls, config, layout, comm)
     try:
         model.load_state_dict(state["model"])

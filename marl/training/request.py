@@ -9,6 +9,7 @@ any simulator starts and before anything is printed; the layers below trust the 
 
 from __future__ import annotations
 
+import csv
 import time
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
@@ -17,8 +18,8 @@ from typing import Any
 
 from marl.core import registry
 from marl.core.config import build_config
-from marl.core.errors import CheckpointError, ConfigError
-from marl.results.records import check_out_dir
+from marl.core.errors import CheckpointError, ConcordError, ConfigError
+from marl.results.records import RECORDS_FILE, check_out_dir
 
 __all__ = [
     "TrainPlan",
@@ -30,6 +31,7 @@ __all__ = [
     "method_name",
     "prepare",
     "request_default",
+    "with_preset",
 ]
 
 
@@ -70,6 +72,33 @@ def request_default(name: str) -> Any:
             if f.default_factory is not MISSING:
                 return f.default_factory()
     raise KeyError(name)
+
+
+def with_preset(scenario: str, algo: str | None = None, protocol: str | None = None, steps: int | None = None,
+                algo_overrides: Mapping[str, Any] | None = None) -> tuple[str, str, int, dict[str, Any], str]:
+    """``(algo, protocol, steps, algo_overrides, note)`` for ``marl train scenario``: what the
+    user gave (None: not given) over the scenario's :class:`~marl.core.registry.TrainingPreset`.
+
+    The preset's ``algo_set`` applies only when the algorithm is the preset's (another
+    algorithm's keys would not fit), key by key under the user's ``--algo-set``; its protocol
+    only then too. ``note`` says what the preset supplied ("" when nothing came from it).
+    """
+    preset = registry.scenario_spec(scenario).training
+    chosen = algo if algo is not None else preset.algo
+    same = chosen == preset.algo
+    used = []
+    if algo is None:
+        used.append(f"--algo {preset.algo}")
+    if protocol is None and same and preset.protocol != "none":
+        used.append(f"--protocol {preset.protocol}")
+    if steps is None:
+        used.append(f"--steps {preset.steps}")
+    given = dict(algo_overrides or {})
+    from_preset = {k: v for k, v in preset.algo_set.items() if same and k not in given}
+    used += [f"--algo-set {k}={v}" for k, v in from_preset.items()]
+    note = f"{scenario} training preset: {' '.join(used)}" + (f" ({preset.note})" if preset.note else "") if used else ""
+    return (chosen, protocol if protocol is not None else (preset.protocol if same else "none"),
+            steps if steps is not None else preset.steps, {**from_preset, **given}, note)
 
 
 @dataclass
@@ -135,6 +164,35 @@ def check_ranks(config: Any, world_size: int) -> None:
         )
 
 
+def check_out_is_free(out_dir: Path, request: TrainRequest) -> None:
+    """Refuse a fresh (not resumed) run into a directory that already holds rows of this
+    scenario, algorithm, protocol, channel and seed: its curve and final evaluation would be
+    recorded twice under one key."""
+    path = out_dir / RECORDS_FILE
+    if not path.exists():
+        return
+    key = [request.scenario, request.algo, request.protocol, request.channel, str(request.seed)]
+    with path.open(newline="") as fh:
+        taken = next((r["run_id"] for r in csv.DictReader(fh)
+                      if [r["scenario"], r["method"], r["protocol"], r["channel"], r["seed"]] == key), None)
+    if taken is not None:
+        raise ConcordError(
+            f"bad --out {out_dir}: it already holds {request.algo} seed {request.seed} on {request.scenario} "
+            f"(run {taken}); allowed: --resume {out_dir} to continue it, or another --out"
+        )
+
+
+def _check_off_policy(request: TrainRequest, learned: bool, ranks: int) -> None:
+    """What the off-policy loop (:mod:`marl.training.offpolicy`) does not do: learned protocols
+    (their messages are trained through the PPO loss) and several MPI ranks."""
+    if learned:
+        raise ConfigError(f"bad --protocol {request.protocol} with --algo {request.algo}; allowed: none or a "
+                          "rule-based protocol (learned protocols need --algo ippo or mappo)")
+    if ranks > 1:
+        raise ConfigError(f"bad --ranks {ranks} with --algo {request.algo}; allowed: 1 "
+                          "(off-policy training runs in one process; use ippo or mappo for several ranks)")
+
+
 def prepare(request: TrainRequest) -> TrainPlan:
     """Check every name and value of ``request`` and resolve it; raises a one-line ConcordError.
 
@@ -168,14 +226,15 @@ def prepare(request: TrainRequest) -> TrainPlan:
         layers.append(meta["algo_config"])
     layers.append(request.algo_overrides)
     config = build_config(algo_cls.Config, *layers, what="--algo-set key")
+    ranks = getattr(request.dist, "ranks", 1) if request.dist is not None else 1
+    if getattr(algo_cls, "off_policy", False):
+        _check_off_policy(request, proto_spec.learned, ranks)
     if proto_spec.learned and not hasattr(config, "comm_rounds"):
         raise ConfigError(f"algorithm {request.algo} cannot use learned protocol {request.protocol}")
-    check_ranks(config, getattr(request.dist, "ranks", 1) if request.dist is not None else 1)
+    check_ranks(config, ranks)
     registry.scenario_config(request.scenario, request.overrides, test=request.test)
     out_dir = Path(request.out) if request.out else default_out_dir(request)
     check_out_dir(out_dir)
     if resumed is None:
-        from marl.training.log import check_out_is_free
-
         check_out_is_free(out_dir, request)
     return TrainPlan(request, algo_cls, config, proto_spec.learned, channel_spec, out_dir, resumed)
