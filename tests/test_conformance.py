@@ -1,125 +1,85 @@
-"""Conformance over the registry: a scenario is tested by being registered.
+"""Conformance over the registry, through the shipped kit (:mod:`marl.testing`).
 
-For every registered scenario (with its short ``test_kwargs`` presets) this checks PettingZoo's
-own ``parallel_api_test``, the Concord extras of ``scenarios/base.py`` (topology over the agents,
-KPIs named by ``main_kpi``/``kpi_goals``, ``state()``, action masks), determinism under a seed,
-and a ``marl run`` through the CLI that writes records and a manifest.
+A scenario is tested by being registered: for every registered scenario (short test presets)
+this runs PettingZoo's ``parallel_api_test``, ``api_test`` on the AEC view, ``state_test`` and
+``parallel_seed_test``, Concord's contract (ids, masks, state, topology, KPIs), a full-episode
+determinism check, a pickled-copy check, and a ``marl run`` through the CLI. A tiny scenario
+defined in this file proves that the kit works on scenarios from outside the repository, and a
+SuperSuit vector-env smoke test runs each domain the way SB3 users build it.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import networkx as nx
 import numpy as np
 import pytest
-from pettingzoo.test import parallel_api_test
+from gymnasium import spaces
 
-from marl.core import registry
+from marl import testing
 from marl.cli import main
+from marl.core import registry
 from marl.results.records import COLUMNS, read_records
+from scenarios.base import Scenario
 
 SCENARIOS = sorted(registry.scenarios())
+#: PettingZoo's seed test keeps two envs live at once: libsumo allows one per process.
+SEED_TEST_OVERRIDES = {"traffic": {"use_libsumo": False}}
 
 
-def make(scenario_id: str) -> Any:
-    return registry.make_scenario(scenario_id, test=True)
-
-
-def sample_actions(env: Any, infos: dict[str, dict], rng: np.random.Generator) -> dict[str, Any]:
-    """A random legal action per live agent, respecting ``action_mask`` when the env gives one."""
-    actions = {}
-    for agent in env.agents:
-        space = env.action_space(agent)
-        mask = infos.get(agent, {}).get("action_mask")
-        if mask is not None:
-            actions[agent] = int(rng.choice(np.flatnonzero(mask)))
-        else:
-            space.seed(int(rng.integers(2**31)))
-            actions[agent] = space.sample()
-    return actions
-
-
-def rollout(env: Any, seed: int) -> Iterator[tuple[dict, dict]]:
-    """Yield (observations, rewards) of a seeded random-action episode."""
-    rng = np.random.default_rng(seed)
-    observations, infos = env.reset(seed=seed)
-    yield observations, {}
-    while env.agents:
-        observations, rewards, _, _, infos = env.step(sample_actions(env, infos, rng))
-        yield observations, rewards
+def make_factory(scenario_id: str, **overrides: Any) -> testing.EnvFactory:
+    return testing.factory(scenario_id, overrides)
 
 
 def test_registry_is_not_empty() -> None:
     domains = {registry.scenario_spec(s).domain for s in SCENARIOS}
-    assert "traffic" in domains, f"traffic scenarios must be registered, found {SCENARIOS}"
+    assert {"traffic", "grid", "warehouse"} <= domains, f"every domain must be registered, found {SCENARIOS}"
 
 
 @pytest.mark.parametrize("scenario_id", SCENARIOS)
 def test_parallel_api(scenario_id: str) -> None:
-    env = make(scenario_id)
-    try:
-        parallel_api_test(env, num_cycles=20)
-    finally:
-        env.close()
+    testing.check_parallel_api(make_factory(scenario_id))
+
+
+@pytest.mark.parametrize("scenario_id", SCENARIOS)
+def test_aec_api(scenario_id: str) -> None:
+    testing.check_aec_api(make_factory(scenario_id))
+
+
+@pytest.mark.parametrize("scenario_id", SCENARIOS)
+def test_state(scenario_id: str) -> None:
+    testing.check_state(make_factory(scenario_id))
 
 
 @pytest.mark.parametrize("scenario_id", SCENARIOS)
 def test_concord_contract(scenario_id: str) -> None:
+    testing.check_contract(make_factory(scenario_id))
     spec = registry.scenario_spec(scenario_id)
-    env = make(scenario_id)
+    env = make_factory(scenario_id)()
     try:
-        observations, infos = env.reset(seed=3)
-        agents = list(env.possible_agents)
         if spec.n_agents is not None:
-            assert len(agents) == spec.n_agents, "ScenarioSpec.n_agents must match the env"
-        graph = env.topology
-        assert isinstance(graph, nx.Graph)
-        assert set(graph.nodes) <= set(agents), "topology nodes must be agent ids"
-        state = env.state()
-        assert state.ndim == 1 and state.dtype == np.float32 and np.all(np.isfinite(state))
-        for agent in env.agents:
-            assert env.observation_space(agent).contains(observations[agent])
-            mask = infos.get(agent, {}).get("action_mask")
-            if mask is not None:
-                assert mask.dtype == bool and mask.any(), "an action mask must allow some action"
-                assert len(mask) == env.action_space(agent).n
-        for _ in rollout_rest(env, infos):
-            pass
-        kpis = env.episode_kpis()
-        assert type(env).main_kpi in kpis, f"main_kpi {type(env).main_kpi!r} missing from {kpis}"
-        assert set(type(env).kpi_goals) <= set(kpis) | {"return"}
-        assert all(isinstance(v, float) and math.isfinite(v) for v in kpis.values()), kpis
+            assert len(env.possible_agents) == spec.n_agents, "ScenarioSpec.n_agents must match the env"
     finally:
         env.close()
 
 
-def rollout_rest(env: Any, infos: dict) -> Iterator[None]:
-    rng = np.random.default_rng(0)
-    while env.agents:
-        *_, infos = env.step(sample_actions(env, infos, rng))
-        yield None
+@pytest.mark.parametrize("scenario_id", SCENARIOS)
+def test_same_seed_same_episode(scenario_id: str) -> None:
+    testing.check_determinism(make_factory(scenario_id))
 
 
 @pytest.mark.parametrize("scenario_id", SCENARIOS)
-def test_same_seed_same_episode(scenario_id: str) -> None:
-    def trace(seed: int) -> tuple[list[np.ndarray], dict[str, float]]:
-        env = make(scenario_id)
-        try:
-            obs = [np.concatenate([np.ravel(o[a]) for a in sorted(o)]) for o, _ in rollout(env, seed)]
-            return obs, env.episode_kpis()
-        finally:
-            env.close()
+def test_pettingzoo_seed_test(scenario_id: str) -> None:
+    overrides = SEED_TEST_OVERRIDES.get(registry.scenario_spec(scenario_id).domain, {})
+    testing.check_seed_test(make_factory(scenario_id, **overrides))
 
-    first_obs, first_kpis = trace(7)
-    again_obs, again_kpis = trace(7)
-    assert len(first_obs) == len(again_obs)
-    for a, b in zip(first_obs, again_obs):
-        np.testing.assert_array_equal(a, b)
-    assert first_kpis == again_kpis
+
+@pytest.mark.parametrize("scenario_id", SCENARIOS)
+def test_pickled_copy_is_independent(scenario_id: str) -> None:
+    testing.check_copies(make_factory(scenario_id))
 
 
 @pytest.mark.parametrize("scenario_id", SCENARIOS)
@@ -141,3 +101,135 @@ def test_cli_run_writes_records_and_manifest(scenario_id: str, tmp_path: Any) ->
     assert manifest["episodes_completed"] == 1 and manifest["end_time"]
     assert manifest["request"]["scenario"] == scenario_id
     assert "numpy" in manifest["versions"] and manifest["world_size"] == 1
+
+
+# ---------------------------------------------------------------- a scenario from outside
+
+
+@dataclass
+class TinyConfig:
+    n: int = 3  #: agents on a ring
+    horizon: int = 6  #: steps per episode
+
+
+class TinyScenario(Scenario):
+    """Agents on a ring each pick 0..2 (2 forbidden to agent 0); reward = -|choice - target|."""
+
+    Config = TinyConfig
+    main_kpi = "hits"
+    kpi_goals: ClassVar[dict[str, Literal["min", "max"]]] = {"hits": "max"}
+    metadata = {"name": "tiny_v0", "render_modes": [], "is_parallelizable": True}
+
+    def __init__(self, config: TinyConfig | None = None, render_mode: str | None = None) -> None:
+        self.config = config or TinyConfig()
+        self._set_render_mode(render_mode)
+        self.possible_agents = [f"dot_{i}" for i in range(self.config.n)]
+        self.agents: list[str] = []
+        self.state_space = spaces.Box(0.0, 2.0, (self.config.n,), np.float32)
+        # one space object per env, returned on every call (PettingZoo's API and seed tests)
+        self._obs_space = spaces.Box(0.0, 2.0, (1,), np.float32)
+        self._act_space = spaces.Discrete(3)
+        self._rng = np.random.default_rng()
+        self._target = np.zeros(self.config.n, dtype=np.int64)
+        self._t = self._hits = 0
+
+    def observation_space(self, agent: str) -> spaces.Box:
+        return self._obs_space
+
+    def action_space(self, agent: str) -> spaces.Discrete:
+        return self._act_space
+
+    def _obs(self) -> dict[str, np.ndarray]:
+        return {a: np.array([self._target[i]], np.float32) for i, a in enumerate(self.possible_agents)}
+
+    def _infos(self) -> dict[str, dict[str, Any]]:
+        masks = {a: np.array([1, 1, int(i != 0)], np.int8) for i, a in enumerate(self.possible_agents)}
+        return {a: {"action_mask": masks[a]} for a in self.agents}
+
+    def reset(self, seed: int | None = None, options: dict | None = None) -> tuple[dict, dict]:
+        if seed is not None:
+            self._rng = np.random.default_rng(seed)
+        self.agents = list(self.possible_agents)
+        self._target = self._rng.integers(0, 2, self.config.n)
+        self._t = self._hits = 0
+        return self._obs(), self._infos()
+
+    def step(self, actions: dict[str, Any]) -> tuple[dict, dict, dict, dict, dict]:
+        choice = np.array([int(actions.get(a, 0)) for a in self.possible_agents])
+        rewards = dict(zip(self.possible_agents, (-np.abs(choice - self._target)).astype(float).tolist()))
+        self._hits += int((choice == self._target).sum())
+        self._t += 1
+        self._target = self._rng.integers(0, 2, self.config.n)
+        done = self._t >= self.config.horizon
+        agents = self.agents
+        infos = self._infos()
+        if done:
+            self.agents = []
+        return self._obs(), rewards, dict.fromkeys(agents, False), dict.fromkeys(agents, done), infos
+
+    def state(self) -> np.ndarray:
+        return self._target.astype(np.float32)
+
+    @property
+    def topology(self) -> nx.Graph:
+        return nx.cycle_graph(self.possible_agents)
+
+    def episode_kpis(self) -> dict[str, float]:
+        return {"hits": float(self._hits)}
+
+
+def test_kit_checks_a_scenario_from_outside_the_repository() -> None:
+    testing.check_scenario(TinyScenario)
+
+
+def test_kit_runs_on_a_registered_outside_scenario(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = registry.ScenarioSpec(
+        id="tiny/ring", entry_point=f"{__name__}:TinyScenario", description="test ring",
+        simulator="numpy", n_agents=3, test_kwargs={"horizon": 4},
+    )  # fmt: skip
+    monkeypatch.setitem(registry._SCENARIOS, spec.id, spec)  # removed again after the test
+    testing.check_scenario("tiny/ring")
+    assert registry.make_scenario("tiny/ring", test=True).config.horizon == 4
+
+
+def test_kit_catches_a_broken_rule() -> None:
+    class BoolMask(TinyScenario):
+        def _infos(self) -> dict[str, dict[str, Any]]:
+            return {a: {"action_mask": np.ones(3, dtype=bool)} for a in self.agents}
+
+    with pytest.raises(AssertionError, match=r"np\.int8"):
+        testing.check_contract(BoolMask)
+
+    class Nondeterministic(TinyScenario):
+        def reset(self, seed: int | None = None, options: dict | None = None) -> tuple[dict, dict]:
+            return super().reset(seed=None, options=options)
+
+    with pytest.raises(AssertionError, match="differ"):
+        testing.check_determinism(Nondeterministic)
+
+
+# ---------------------------------------------------------------- ecosystem: SuperSuit + SB3
+
+
+@pytest.mark.parametrize("scenario_id", ["traffic/single-intersection", "warehouse/small", "grid/ieee33"])
+def test_supersuit_vector_env_steps_every_copy(scenario_id: str) -> None:
+    """SuperSuit's vec env over two worker processes: every row steps and episodes restart."""
+    ss = pytest.importorskip("supersuit")
+    env = registry.make_scenario(scenario_id, test=True)
+    n = len(env.possible_agents)
+    vec = ss.concat_vec_envs_v1(ss.pettingzoo_env_to_vec_env_v1(env), 2, num_cpus=2)
+    try:
+        obs, _ = vec.reset(seed=0)
+        assert obs.shape == (2 * n, *env.observation_space(env.possible_agents[0]).shape)
+        space = env.action_space(env.possible_agents[0])
+        space.seed(0)
+        ended = 0
+        for _ in range(12):
+            obs, rewards, terms, truncs, _ = vec.step(np.stack([space.sample() for _ in range(2 * n)]))
+            assert obs.shape[0] == 2 * n and np.all(np.isfinite(rewards))
+            ended += int(np.sum(terms | truncs))
+        if scenario_id == "grid/ieee33":  # test horizon 8: every row ended once
+            assert ended == 2 * n
+    finally:
+        vec.close()
+        env.close()
