@@ -22,6 +22,7 @@ its own seeded generator, so the whole run is reproducible.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import traceback
 from collections.abc import Callable, Mapping
@@ -127,7 +128,7 @@ class SubprocVectorEnv(gymnasium.vector.VectorEnv):
         if num_copies < 1:
             raise ConfigError(f"bad num_copies {num_copies}; expected an integer >= 1")
         make_env = _MakeScenario(scenario, overrides, test) if isinstance(scenario, str) else scenario
-        ctx = mp.get_context(context)
+        ctx: Any = mp.get_context(context)
         self._conns: list[Connection] = []
         self._procs: list[Any] = []
         self._closed = False
@@ -182,7 +183,7 @@ class SubprocVectorEnv(gymnasium.vector.VectorEnv):
         """Use ``seed`` at the next :meth:`reset` without a seed (SB3's ``VecEnv.seed``)."""
         self._seed = seed
 
-    def reset(
+    def reset(  # type: ignore[override]  # SuperSuit's convention: infos are a list of dicts
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[np.ndarray, list[dict[str, Any]]]:
         """Reset every copy; copy ``k`` gets ``episode_seed(seed, k)`` (random when None)."""
@@ -201,7 +202,7 @@ class SubprocVectorEnv(gymnasium.vector.VectorEnv):
     def step_wait(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]]]:
         if self._actions is None:
             raise SimulatorError("step_wait() without step_async()")
-        actions = self._actions.reshape(self.num_copies, self.num_agents, *self.single_action_space.shape)
+        actions = self._actions.reshape(self.num_copies, self.num_agents, *(self.single_action_space.shape or ()))
         self._actions = None
         self._send("step", list(actions))
         results = self._gather()
@@ -209,7 +210,9 @@ class SubprocVectorEnv(gymnasium.vector.VectorEnv):
         infos = [info for r in results for info in r[4]]
         return obs, rew, term, trunc, infos
 
-    def step(self, actions: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    def step(  # type: ignore[override]  # (infos: a list, as in reset)
+        self, actions: Any
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]]]:
         """One decision in every copy at once; rows are ``copy * num_agents + agent``."""
         self.step_async(actions)
         return self.step_wait()
@@ -231,10 +234,8 @@ class SubprocVectorEnv(gymnasium.vector.VectorEnv):
             return
         self._closed = True
         for conn in self._conns:
-            try:
+            with contextlib.suppress(BrokenPipeError, OSError):
                 conn.send(("close", None))
-            except (BrokenPipeError, OSError):
-                pass
         for conn, proc in zip(self._conns, self._procs):
             try:
                 if conn.poll(30):
@@ -247,7 +248,5 @@ class SubprocVectorEnv(gymnasium.vector.VectorEnv):
             conn.close()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass
