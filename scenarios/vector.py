@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
+import time
 import traceback
 from collections.abc import Callable, Mapping
 from multiprocessing.connection import Connection
@@ -93,6 +94,8 @@ def _worker(conn: Connection, make_env: Callable[[], Any]) -> None:
                 conn.send(("ok", (obs, rew, term, trunc, infos)))
             elif command == "attr":
                 conn.send(("ok", getattr(env, arg)))
+            elif command == "cpu":
+                conn.send(("ok", time.process_time()))
             elif command == "close":
                 conn.send(("ok", None))
                 return
@@ -221,6 +224,11 @@ class SubprocVectorEnv(gymnasium.vector.VectorEnv):
         """Attribute ``name`` of each copy's env (picklable values only)."""
         self._send("attr", [name] * self.num_copies)
         return self._gather()
+
+    def worker_cpu_seconds(self) -> list[float]:
+        """CPU seconds each worker process has used so far (its simulation included)."""
+        self._send("cpu", [None] * self.num_copies)
+        return [float(t) for t in self._gather()]
 
     def env_is_wrapped(self, wrapper_class: type, indices: Any = None) -> list[bool]:
         return [False] * self.num_envs

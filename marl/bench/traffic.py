@@ -24,7 +24,9 @@ is what training and evaluation runs see.
 ``--vector K`` measures instead the rollout throughput of :class:`scenarios.vector.SubprocVectorEnv`
 (K simulations in K worker processes, random allowed phases) against K=1: wall seconds for
 ``--vector-steps`` decisions of every copy, and decisions (light-steps) per second. Worker start-up
-is not timed; episodes restart inside the timed loop as in training.
+is not timed; episodes restart inside the timed loop as in training. The CPU seconds the workers
+spend per copy show whether the vector env adds work (it should not): on a machine with fewer
+free cores than copies, the wall-clock gain shrinks although the CPU per copy stays the same.
 """
 
 from __future__ import annotations
@@ -117,9 +119,9 @@ def time_raw(scenario: str, overrides: dict[str, Any], actions: str = "program")
                 libsumo.simulationStep()
         else:
             set_state = libsumo.trafficlight.setRedYellowGreenState
-            green = {tl: 0 for tl in signals}
+            green = dict.fromkeys(signals, 0)
             ready = cfg.yellow_time + cfg.min_green  # a change needs this many s in the phase
-            since = {tl: ready for tl in signals}
+            since = dict.fromkeys(signals, ready)
             for tl, sig, _ in plan:
                 set_state(tl, sig.phases[0])
             t, step = cfg.begin, 0
@@ -208,15 +210,18 @@ def time_vector(scenario: str, overrides: dict[str, Any], copies: int, steps: in
     try:
         rng = np.random.default_rng(0)
         _, infos = vec.reset(seed=0)
+        cpu_start = sum(vec.worker_cpu_seconds())
         start = time.perf_counter()
         for _ in range(steps):
             actions = [int(rng.choice(np.flatnonzero(i["action_mask"]))) for i in infos]
             *_, infos = vec.step(np.array(actions))
         wall = time.perf_counter() - start
+        worker_cpu = sum(vec.worker_cpu_seconds()) - cpu_start
     finally:
         vec.close()
     decisions = steps * vec.num_envs
-    return {"copies": copies, "wall": wall, "decisions_per_s": decisions / wall, "lights": vec.num_agents}
+    return {"copies": copies, "wall": wall, "decisions_per_s": decisions / wall, "lights": vec.num_agents,
+            "worker_cpu": worker_cpu}  # fmt: skip
 
 
 def _random_table(n_lights: int, n_steps: int) -> list[list[int]]:
@@ -254,8 +259,13 @@ def _in_subprocess(fn: Any, args: tuple[Any, ...], episodes: int, clock: str) ->
     help="episodes per method, run back to back in its process; the fastest counts",
 )
 @click.option("--skip-sumo-rl", is_flag=True, help="time only the env and raw SUMO")
-@click.option("--vector", "vector", type=int, default=None,
-              help="time the vector env with this many copies (worker processes) against 1 copy")
+@click.option(
+    "--vector",
+    "vector",
+    type=int,
+    default=None,
+    help="time the vector env with this many copies (worker processes) against 1 copy",
+)
 @click.option("--vector-steps", type=int, default=200, help="decisions per copy timed with --vector")
 @click.option(
     "--clock",
@@ -264,15 +274,20 @@ def _in_subprocess(fn: Any, args: tuple[Any, ...], episodes: int, clock: str) ->
     help="what the ratios use: process CPU time (robust on a shared machine) or wall time",
 )
 def command(
-    scenario: str, horizon: int | None, repeat: int, skip_sumo_rl: bool, vector: int | None,
-    vector_steps: int, clock: str,
+    scenario: str,
+    horizon: int | None,
+    repeat: int,
+    skip_sumo_rl: bool,
+    vector: int | None,
+    vector_steps: int,
+    clock: str,
 ) -> None:
     """Time one episode: Concord env vs raw libsumo vs sumo-rl (each in its own process)."""
     from rich.console import Console
     from rich.table import Table
 
-    from marl.core import registry
     from marl.bench.common import require_domain
+    from marl.core import registry
     from marl.core.errors import ConfigError
 
     if repeat < 1:
@@ -346,9 +361,16 @@ def _vector_table(scenario: str, overrides: dict[str, Any], copies: int, steps: 
         for k in sorted({1, copies}):
             rows.append(time_vector(scenario, overrides, k, steps))
     table = Table(title=f"{scenario}: {steps} decisions per copy, random allowed phases ({os.cpu_count()} CPUs)")
-    for col in ("copies", "wall s", "light-decisions/s", "x 1 copy"):
+    for col in ("copies", "wall s", "light-decisions/s", "x 1 copy", "worker CPU s per copy"):
         table.add_column(col, justify="right")
     for r in rows:
         ratio = r["decisions_per_s"] / rows[0]["decisions_per_s"]
-        table.add_row(str(r["copies"]), f"{r['wall']:.2f}", f"{r['decisions_per_s']:.0f}", f"{ratio:.2f}")
+        per_copy = r["worker_cpu"] / r["copies"]
+        table.add_row(
+            str(r["copies"]), f"{r['wall']:.2f}", f"{r['decisions_per_s']:.0f}", f"{ratio:.2f}", f"{per_copy:.2f}"
+        )
     console.print(table)
+    console.print(
+        "equal worker CPU per copy means no vector-env overhead: wall-clock gains need as many free "
+        f"cores as copies (load average now {os.getloadavg()[0]:.1f})"
+    )
