@@ -198,7 +198,7 @@ def _bus_graph(net: Any, open_sides: list[tuple[int, int]]) -> nx.Graph:
     return g
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def simbench_net(code: str) -> Any:
     """SimBench's own net for ``code``, parsed once per process. Shared: deep-copy before changing it."""
     import simbench as sb
@@ -283,7 +283,7 @@ def _feeder(
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_feeder(name: str) -> Feeder:
     """The named feeder (any of :func:`feeder_names`), loaded once per process."""
     from marl.core.errors import unknown
@@ -342,9 +342,8 @@ class PowerFlow:
     """
 
     def __init__(self, feeder: Feeder, *, max_iter: int = 20, tol: float = 1e-10) -> None:
-        from lightsim2grid.network import init_from_pandapower
-
         import pandapower as pp
+        from lightsim2grid.network import init_from_pandapower
 
         self.feeder = feeder
         self.max_iter = max_iter

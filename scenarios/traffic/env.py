@@ -263,6 +263,10 @@ def parse_tripinfo(tripinfo: str | Path, statistics: str | Path | None = None) -
     return kpis
 
 
+#: The config under a name that the class attribute ``TrafficSignalEnv.Config`` does not shadow.
+TrafficConfig = Config
+
+
 class TrafficSignalEnv(Scenario):
     """SUMO traffic-signal control; see the module docstring (env card)."""
 
@@ -278,7 +282,19 @@ class TrafficSignalEnv(Scenario):
     }
     metadata = {"name": "concord_traffic_v0", "render_modes": [], "is_parallelizable": True}
 
-    def __init__(self, config: Config | None = None, render_mode: str | None = None) -> None:
+    # Episode state, set by _reset_counters() and _start() (declared for readers and mypy).
+    _t: float  #: simulation time of the last decision, s
+    _green: np.ndarray  #: green phase index shown by each light
+    _since: np.ndarray  #: seconds each light has been in its phase
+    _queue_sum: float
+    _queue_steps: int
+    _count: np.ndarray  #: vehicles per lane (+ a padding slot), sampled at decisions
+    _halt: np.ndarray  #: halting vehicles per lane (+ padding)
+    _wait: np.ndarray  #: waiting time per lane (+ padding), s
+    _step_to: Any  #: advances the simulation to a time (libsumo's C entry point when available)
+    _get_phase: Any
+
+    def __init__(self, config: TrafficConfig | None = None, render_mode: str | None = None) -> None:
         self.config = config if config is not None else Config()
         self._set_render_mode(render_mode)
         cfg = self.config
@@ -305,7 +321,7 @@ class TrafficSignalEnv(Scenario):
         P, L = self.n_max_phases, self.n_max_lanes
         self.obs_size = P + 1 + 2 * L
         box = spaces.Box(0.0, 1.0, (self.obs_size,), np.float32)
-        self.observation_spaces = {a: box for a in self.possible_agents}
+        self.observation_spaces = dict.fromkeys(self.possible_agents, box)
         self.action_spaces = {a: spaces.Discrete(P) for a in self.possible_agents}
         self.state_space = spaces.Box(0.0, 1.0, (len(sigs) * self.obs_size,), np.float32)
 
@@ -503,8 +519,8 @@ class TrafficSignalEnv(Scenario):
         self._queue_steps += 1
         done = self._t >= cfg.end
         agents = self.agents
-        terminations = {a: False for a in agents}
-        truncations = {a: done for a in agents}
+        terminations = dict.fromkeys(agents, False)
+        truncations = dict.fromkeys(agents, done)
         infos = {a: {"action_mask": self._masks[a]} for a in agents}
         if done:
             self._finish_episode()
@@ -526,16 +542,14 @@ class TrafficSignalEnv(Scenario):
         self._tmp = None
 
     def __del__(self) -> None:  # a forgotten env must not keep the process's one simulation
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:
-            pass
 
     # ----------------------------------------------------------------- simulation
     def _start(self, seed: int) -> None:
         global _LIVE, _LIVE_PID
         cfg = self.config
-        if cfg.use_libsumo and _LIVE_PID is not None and _LIVE_PID != os.getpid():
+        if cfg.use_libsumo and _LIVE_PID is not None and os.getpid() != _LIVE_PID:
             raise SimulatorError(
                 "this process was forked while a traffic env's libsumo simulation was live in its "
                 "parent; starting one here would write into the parent's output files: create "
@@ -635,15 +649,13 @@ class TrafficSignalEnv(Scenario):
         """Close this env's simulation (flushing SUMO's output files); idempotent."""
         global _LIVE, _LIVE_PID
         sim, self._sim = self._sim, None
-        if sim is not None and _LIVE is self and _LIVE_PID != os.getpid():
+        if sim is not None and _LIVE is self and os.getpid() != _LIVE_PID:
             return  # inherited through fork: the parent's simulation, not ours to close
         if _LIVE is self:
             _LIVE, _LIVE_PID = None, None
         if sim is not None:
-            try:
+            with contextlib.suppress(Exception):  # a simulation that already died is closed too
                 sim.close()
-            except Exception:
-                pass
 
     def _finish_episode(self) -> None:
         self._stop()  # SUMO writes unfinished trips and statistics on close

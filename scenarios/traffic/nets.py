@@ -83,7 +83,7 @@ def sumo_rl_nets_dir() -> Path:
     spec = importlib.util.find_spec("sumo_rl")
     if spec is None or not spec.submodule_search_locations:
         raise SimulatorError("sumo-rl is not installed (its nets are needed); pip install sumo-rl")
-    return Path(list(spec.submodule_search_locations)[0]) / "nets"
+    return Path(next(iter(spec.submodule_search_locations))) / "nets"
 
 
 def resolve_path(path: str, what: str) -> Path:

@@ -125,7 +125,7 @@ class PrioritizedController(Controller):
         self._n_cells = lay.n_cells
         self._width = lay.width
         # Python lists: the search reads them per node, where list indexing beats numpy scalars.
-        self._moves = [sorted(set(row), key=lambda c, s=s: c != s) for s, row in enumerate(lay.neighbours.tolist())]
+        self._moves = [sorted(set(row), key=s.__ne__) for s, row in enumerate(lay.neighbours.tolist())]  # own cell first
         self._failed = np.zeros(env.n, dtype=bool)
         self._waited = np.zeros(env.n, dtype=np.int64)
         self._steps = 0
@@ -201,7 +201,7 @@ class PrioritizedController(Controller):
         expansions = 0
         budget = self.config.max_expansions
         while heap:
-            f, hc, neg_t, cell = heapq.heappop(heap)
+            _, hc, neg_t, cell = heapq.heappop(heap)
             t = -neg_t
             key = t * N + cell
             if (dl is not None and hc == 0 and t > 0) or t == W:

@@ -226,9 +226,9 @@ class WarehouseEnv(Scenario):
         self._max_dist = float(max(1, finite.max() if finite.size else 1))
         self.obs_size = 2 * self._k + 9
         box = spaces.Box(low=-1.0, high=1.0, shape=(self.obs_size,), dtype=np.float32)
-        self._observation_spaces = {a: box for a in self.possible_agents}
+        self._observation_spaces = dict.fromkeys(self.possible_agents, box)
         act = spaces.Discrete(N_ACTIONS)
-        self._action_spaces = {a: act for a in self.possible_agents}
+        self._action_spaces = dict.fromkeys(self.possible_agents, act)
         self.state_space = spaces.Box(low=-1.0, high=1.0, shape=(6 * n + 1,), dtype=np.float32)
         self._rng = np.random.default_rng()
         self._topology_cache: tuple[int, nx.Graph] | None = None
