@@ -362,3 +362,18 @@ def test_bench_rejects_other_domains():
     assert isinstance(result.exception, UnknownNameError)
     assert "unknown warehouse scenario 'traffic/grid4x4'" in str(result.exception)
     assert "warehouse/small" in str(result.exception)
+
+
+def test_ansi_render_draws_the_floor_and_robots() -> None:
+    env = WarehouseEnv(WarehouseConfig(n_robots=3, horizon=5), render_mode="ansi")
+    env.reset(seed=0)
+    text = env.render()
+    rows = text.splitlines()
+    assert len(rows) == env.layout.height and {len(r) for r in rows} == {env.layout.width}
+    assert text.count("r") + text.count("R") == 3, "one mark per robot"
+    assert text.count("P") == env.layout.station_cells.size - int(np.isin(env.pos, env.layout.station_cells).sum())
+    with pytest.raises(ConfigError, match="bad render_mode 'human'; allowed: ansi"):
+        WarehouseEnv(WarehouseConfig(), render_mode="human")
+    plain = WarehouseEnv(WarehouseConfig(n_robots=2))
+    with pytest.warns(UserWarning, match="no render_mode"):
+        assert plain.render() is None
