@@ -78,8 +78,8 @@ def test_env_voltages_equal_the_pandapower_solver(scenario_id: str) -> None:
     np.testing.assert_allclose(fast.pf.vm, ref.pf.vm, atol=1e-6, rtol=0)
     while fast.agents:
         actions = {a: rng.uniform(-1, 1, 1).astype(np.float32) for a in fast.agents}
-        f_obs, f_rew, *_ = fast.step(actions)
-        r_obs, r_rew, *_ = ref.step(actions)
+        _f_obs, f_rew, *_ = fast.step(actions)
+        _r_obs, r_rew, *_ = ref.step(actions)
         np.testing.assert_allclose(fast.pf.vm, ref.pf.vm, atol=1e-6, rtol=0)
         assert f_rew == pytest.approx(r_rew, abs=1e-5)
     assert fast.episode_kpis()["losses_mwh"] == pytest.approx(ref.episode_kpis()["losses_mwh"], rel=1e-6)
@@ -154,12 +154,12 @@ def test_actions_are_clipped_to_the_inverter_limit() -> None:
         return clone._q.copy(), clone.pf.vm.copy()
 
     q_big, v_big = q_after(7.0)
-    q_one, v_one = q_after(1.0)
+    _q_one, v_one = q_after(1.0)
     np.testing.assert_allclose(q_big, room, rtol=1e-12)
     np.testing.assert_array_equal(v_big, v_one)
     q_neg, _ = q_after(-3.0)
     np.testing.assert_allclose(q_neg, -room, rtol=1e-12)
-    q_nan, v_nan = q_after(float("nan"))
+    q_nan, _v_nan = q_after(float("nan"))
     assert np.all(q_nan == 0.0)
 
 

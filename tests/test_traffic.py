@@ -27,7 +27,7 @@ def make(scenario: str, **overrides: object) -> TrafficSignalEnv:
 def run_all(env: TrafficSignalEnv, seed: int, action: int | None = None) -> dict[str, float]:
     env.reset(seed=seed)
     while env.agents:
-        env.step({} if action is None else {a: action for a in env.agents})
+        env.step({} if action is None else dict.fromkeys(env.agents, action))
     return env.episode_kpis()
 
 
@@ -209,7 +209,7 @@ def test_traci_mode_matches_libsumo() -> None:
 def test_bad_config_and_missing_sumo_are_one_line_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match="end"):
         make("traffic/grid4x4", end=-5)
-    with pytest.raises(ConfigError, match="nope.net.xml"):
+    with pytest.raises(ConfigError, match=r"nope\.net\.xml"):
         make("traffic/grid4x4", net_file="nope.net.xml")
     with pytest.raises(ConcordError, match="did you mean 'delta_time'"):
         make("traffic/grid4x4", delta_tim=5)
@@ -426,7 +426,7 @@ def test_vector_env_steps_copies_in_worker_processes() -> None:
         assert obs.shape == (2, 11) and vec.num_envs == 2 and infos[0]["action_mask"].dtype == np.int8
         finished = []
         for _ in range(12):  # 10 decisions per episode: every copy ends once and restarts
-            obs, rewards, terms, truncs, infos = vec.step(np.zeros(2, dtype=np.int64))
+            obs, _rewards, terms, truncs, infos = vec.step(np.zeros(2, dtype=np.int64))
             finished += [i["episode_kpis"]["delay"] for i in infos if "episode_kpis" in i]
         assert len(finished) == 2 and finished[0] != finished[1], "copies play different seeds"
         assert obs.shape == (2, 11) and not (terms | truncs).all()

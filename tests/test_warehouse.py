@@ -132,7 +132,7 @@ def test_conservation(controller):
         old = env.pos.copy()
         actions = ctl.act(obs, env)
         arr = np.array([actions[a] for a in env.possible_agents])
-        obs, rew, _, _, infos = env.step(actions)
+        obs, _rew, _, _, _infos = env.step(actions)
         _check_step(env, old, arr)
         _check_tasks(env)
         assert space.contains(obs["robot_7"])
@@ -230,7 +230,7 @@ def test_topology_edges_match_graph():
     g = env.topology
     assert set(g.nodes) == set(env.possible_agents)
     assert g.number_of_edges() == len(expected)
-    env.step({a: 2 for a in env.possible_agents})
+    env.step(dict.fromkeys(env.possible_agents, 2))
     assert env.topology is not g  # recomputed after a step
 
 
@@ -306,7 +306,7 @@ def test_map_semantic_errors(tmp_path: Path):
     path.write_text("type octile\nheight 2\nwidth 3\nmap\n...\n.R.\n")
     with pytest.raises(ConfigError, match="no reachable pick station"):
         make_scenario("warehouse/small", {"map_file": str(path)})
-    with pytest.raises(ConfigError, match="did you mean 'large.map'"):
+    with pytest.raises(ConfigError, match=r"did you mean 'large\.map'"):
         make_scenario("warehouse/small", {"map_file": "lage.map"})
     with pytest.raises(ConfigError, match="n_robots 500"):
         make_scenario("warehouse/small", {"n_robots": 500})
