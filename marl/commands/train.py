@@ -8,7 +8,10 @@ Examples::
     marl train traffic/2x2grid --resume results/train-traffic-2x2grid-ippo-.../
     marl train traffic/grid4x4 --ranks 4 --sync allreduce --compress fp16
 
-``--set key=value`` goes to the scenario (its env card lists the keys); ``--algo-set key=value``
+Options not given come from the scenario's training preset (``TrainingPreset`` in its
+registration: the algorithm, protocol, budget and ``--algo-set`` values that measured best there),
+so ``marl train traffic/cologne8`` alone trains the best known learner; ``--show-config`` shows
+what the preset supplied. ``--set key=value`` goes to the scenario (its env card lists the keys); ``--algo-set key=value``
 goes to the algorithm's typed config (``--show-config`` lists keys, types, defaults and help).
 The trained policy is evaluated by ``marl run SCENARIO --policy <out dir or checkpoint>``.
 """
@@ -28,10 +31,12 @@ __all__ = ["command"]
 
 @click.command("train", context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("scenario")
-@click.option("--algo", default=request_default("algo"), help="Learning algorithm (see 'marl list algorithms').")
+@click.option("--algo", default=request_default("algo"), show_default=False,
+              help="Learning algorithm (see 'marl list algorithms'); default: the scenario's training preset.")
 @protocol_option
 @channel_option
-@click.option("--steps", type=int, default=request_default("steps"), help="Environment steps to train for (total over ranks).")
+@click.option("--steps", type=int, default=request_default("steps"), show_default=False,
+              help="Environment steps to train for (total over ranks); default: the scenario's training preset.")
 @seed_option
 @click.option("--out", default=None, help="Results directory; default results/train-<scenario>-<algo>-<time>.")
 @click.option("--resume", default=None, help="Continue from a checkpoint (training output dir, checkpoints dir or .pt).")
@@ -81,9 +86,10 @@ def command(
     from marl.training import TrainRequest, algorithm_config, prepare, train
 
     console = Console()
+    algo, protocol, steps, algo_overrides, preset_note = _preset(scenario, algo, protocol, steps, algo_set)
     dist_cfg = DistConfig(ranks=ranks, sync=sync, compress=compress, bucket_mb=bucket_mb, overlap=overlap,
                           fault_tolerance=fault_tolerance, inject_failure=inject_failure)
-    overrides, algo_overrides = parse_sets(set_), parse_sets(algo_set)
+    overrides = parse_sets(set_)
     request = TrainRequest(
         scenario=scenario, algo=algo, protocol=protocol, channel=channel, steps=steps, seed=seed,
         out=out, overrides=overrides, algo_overrides=algo_overrides, eval_episodes=eval_episodes,
@@ -92,6 +98,8 @@ def command(
     if show_config:
         config = algorithm_config(algo, algo_overrides)
         scenario_cfg = registry.scenario_config(scenario, overrides, test=test_preset)
+        if preset_note:
+            console.print(preset_note, markup=False, highlight=False)
         console.print(f"[bold]algorithm {algo}[/bold]  (--algo-set key=value)", highlight=False)
         console.print(describe_config(config), markup=False, highlight=False)
         console.print(f"\n[bold]scenario {scenario}[/bold]  (--set key=value)", highlight=False)
@@ -109,8 +117,28 @@ def command(
     if _launcher_rank() != 0:  # under mpiexec only rank 0 draws progress and prints results
         train(plan)
         return
-    result = _train_with_progress(plan, Console(stderr=True))
+    err_console = Console(stderr=True)
+    if preset_note:
+        err_console.print(preset_note, markup=False, highlight=False, soft_wrap=True)
+    result = _train_with_progress(plan, err_console)
     _summary(console, request, result)
+
+
+def _preset(scenario: str, algo: str, protocol: str, steps: int, algo_set: tuple[str, ...]) -> tuple:
+    """The options with the scenario's training preset filling those the user did not give
+    (click reports whether a value came from the command line or the option's default)."""
+    from click.core import ParameterSource
+
+    from marl.core.config import parse_sets
+    from marl.training.request import with_preset
+
+    ctx = click.get_current_context()
+
+    def given(name: str) -> bool:
+        return ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+
+    return with_preset(scenario, algo if given("algo") else None, protocol if given("protocol") else None,
+                       steps if given("steps") else None, parse_sets(algo_set))
 
 
 def _launcher_rank() -> int:
