@@ -10,27 +10,33 @@ The training run also reports the share of its own time spent inside ``env.step`
 SUMO nets a random controller congests the network, which then simulates more slowly than under
 a trained policy, so the ratio alone can exceed 1.
 
-**Quality.** IPPO is trained once per protocol in ``--protocols`` (default none, neighbours,
-commnet, tarmac) for ``--steps`` environment steps each, then evaluated (deterministic policy) on
-the episodes of ``marl run --seed SEED --episodes E`` (``E = --eval-episodes``,
-:mod:`marl.core.seeding`); the baselines in ``--baselines`` (fixed-time, max-pressure) run on the
-same episodes in the same command. RESCO (Ault & Sharon 2021)
-trains 100 one-hour episodes (36,000 decisions at 10 s); the budget here is whatever ``--steps``
-says, printed in the table, so read the comparison in that light.
+**Quality.** Every learner in ``--methods`` (``algo`` or ``algo+protocol``; default: the
+scenario's training preset, :class:`marl.core.registry.TrainingPreset`) is trained with
+``--seeds K`` seeds (0..K-1) for ``--steps`` environment steps (default: the preset's budget),
+and every classical controller of the domain (``--baselines all``; talking ones with the
+``neighbours`` protocol) runs on the same seeds. Each job is its own ``marl train`` / ``marl run``
+process (libsumo holds one simulation per process), ``--jobs`` at a time. For seed ``s`` every
+method is scored on the episodes of ``marl run --seed s --episodes E`` (:mod:`marl.core.seeding`;
+training episodes come from a disjoint stream, so these are held out), so methods meet the same
+traffic seed by seed. All jobs write ordinary records into one directory, and the comparison
+(mean and 95 % CI over seeds, IQM, tables, learning curves) is ``marl report``'s, built in the
+same command. RESCO (Ault & Sharon 2021) trains 100 one-hour episodes (36,000 decisions at
+10 s); the budget used is printed beside every table.
 
-Everything is written to ``--out`` as ordinary results records (one sub-directory per method) plus
-``learn_bench.json`` and ``learn_bench.md`` with the tables.
+Written to ``--out``: ``records.csv`` and ``manifests/`` (every job), ``report/`` (marl report),
+``logs/`` (each job's output), ``learn_bench.json`` and ``learn_bench.md``.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 
-__all__ = ["command", "env_steps_per_second", "measure_quality", "measure_speed"]
+__all__ = ["Job", "command", "env_steps_per_second", "plan_jobs", "run_jobs", "measure_speed"]
 
 
 def env_steps_per_second(scenario: str, overrides: dict[str, str], controller: str, steps: int,
@@ -86,56 +92,78 @@ def measure_speed(scenario: str, overrides: dict[str, str], algo: str, protocol:
     }
 
 
-def measure_quality(scenario: str, overrides: dict[str, str], algo: str, protocols: list[str],
-                    baselines: list[str], steps: int, eval_episodes: int, seed: int,
-                    algo_overrides: dict[str, str], out: Path, on_step: Any = None,
-                    test: bool = False) -> list[dict[str, Any]]:
-    """Train ``algo`` with each protocol, run each baseline, all scored on the same seeds."""
-    import numpy as np
+@dataclass(frozen=True)
+class Job:
+    """One process of the quality comparison: a classical controller's evaluation or a training run."""
 
+    kind: str  #: "run" | "train"
+    method: str  #: controller name, or algorithm name
+    protocol: str
+    seed: int
+    argv: tuple[str, ...]  #: the marl command line (after ``marl``)
+
+    @property
+    def name(self) -> str:
+        proto = "" if self.protocol == "none" else f"+{self.protocol}"
+        return f"{self.method}{proto}-seed{self.seed}"
+
+
+def plan_jobs(scenario: str, learners: list[tuple[str, str]], baselines: list[str], seeds: int, steps: int,
+              eval_episodes: int, out: Path, sets: tuple[str, ...], algo_sets: tuple[str, ...]) -> list[Job]:
+    """Every job of the comparison: each baseline and each learner on seeds 0..seeds-1, all
+    writing into ``out``. A talking controller gets the ``neighbours`` protocol. Learners come
+    first: they take longest, so a pool of ``--jobs`` workers finishes sooner."""
     from marl.core import registry
-    from marl.runner import RunRequest, run
-    from marl.training import TrainRequest, train
 
-    kpi = getattr(registry.load(registry.scenario_spec(scenario).entry_point), "main_kpi", "") or "return"
-    rows: list[dict[str, Any]] = []
+    domain = registry.scenario_spec(scenario).domain
+    common = [f"--set={kv}" for kv in sets]
+    jobs: list[Job] = []
+    for seed in range(seeds):
+        for algo, protocol in learners:
+            argv = ("train", scenario, "--algo", algo, "--protocol", protocol, "--steps", str(steps),
+                    "--seed", str(seed), "--eval-episodes", str(eval_episodes), "--out", str(out), *common,
+                    *[f"--algo-set={kv}" for kv in algo_sets])
+            jobs.append(Job("train", algo, protocol, seed, argv))
+    for seed in range(seeds):
+        for name in baselines:
+            protocol = "neighbours" if registry.controller_spec(domain, name).uses_messages else "none"
+            argv = ("run", scenario, "--controller", name, "--protocol", protocol, "--seed", str(seed),
+                    "--episodes", str(eval_episodes), "--out", str(out), *common)
+            jobs.append(Job("run", name, protocol, seed, argv))
+    return jobs
 
-    def summarise(method: str, episodes: list[dict[str, float]], **extra: Any) -> dict[str, Any]:
-        values = np.array([e.get(kpi, np.nan) for e in episodes], dtype=float)
-        returns = np.array([e["return"] for e in episodes], dtype=float)
-        bytes_ = [e.get("bytes_per_agent_step", 0.0) for e in episodes]
-        return {"method": method, "kpi": kpi, "mean": float(values.mean()), "std": float(values.std()),
-                "return": float(returns.mean()), "bytes_per_agent_step": float(np.mean(bytes_)),
-                "episodes": len(episodes), **extra}
 
-    for name in baselines:
+def run_jobs(jobs: list[Job], jobs_at_once: int, logs: Path, on_done: Any = None) -> list[dict[str, Any]]:
+    """Run every job as its own ``marl`` process, ``jobs_at_once`` at a time (each with torch and
+    BLAS on one thread); returns one summary per job (name, exit code, seconds, log file). A failed
+    job is reported, not retried: its rows are missing from the report, which says so."""
+    import os
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    marl = str(Path(sys.executable).with_name("marl"))
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+    def one(job: Job) -> dict[str, Any]:
+        log = logs / f"{job.kind}-{job.name}.log"
         t0 = time.perf_counter()
-        res = run(RunRequest(scenario=scenario, controller=name, episodes=eval_episodes, seed=seed,
-                             out=str(out / name), overrides=overrides, test=test))
-        rows.append(summarise(name, res.episodes, train_steps=0, seconds=time.perf_counter() - t0))
-        if on_step:
-            on_step(rows[-1])
-    for protocol in protocols:
-        t0 = time.perf_counter()
-        result = train(TrainRequest(
-            scenario=scenario, algo=algo, protocol=protocol, steps=steps, seed=seed,
-            out=str(out / f"{algo}-{protocol}"), overrides=overrides, algo_overrides=algo_overrides,
-            eval_episodes=eval_episodes, test=test,
-        ))
-        from marl.results.records import read_records
+        with log.open("w") as fh:
+            code = subprocess.run([marl, *job.argv], stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                  check=False).returncode
+        done = {"job": job.name, "kind": job.kind, "exit_code": code, "seconds": time.perf_counter() - t0,
+                "log": str(log), "command": "marl " + " ".join(job.argv)}
+        if on_done is not None:
+            on_done(done)
+        return done
 
-        frame = read_records(result.out_dir)
-        final = frame[(frame.run_id == result.run_id) & (~frame.metric.str.startswith(("train_", "eval_")))]
-        episodes = [dict(zip(g.metric, g.value)) for _, g in final.groupby("episode")]
-        rows.append(summarise(result.method, episodes, train_steps=result.env_steps,
-                              seconds=time.perf_counter() - t0, train_steps_per_second=result.steps_per_second))
-        if on_step:
-            on_step(rows[-1])
-    return rows
+    with ThreadPoolExecutor(max_workers=jobs_at_once) as pool:
+        return list(pool.map(one, jobs))
 
 
-def _markdown(speed: dict[str, Any] | None, quality: list[dict[str, Any]], scenario: str, steps: int,
-              episode_steps: int | None) -> str:
+def _markdown(speed: dict[str, Any] | None, report: str, scenario: str, steps: int, seeds: int,
+              episode_steps: int | None, failed: list[dict[str, Any]]) -> str:
     lines = [f"# marl bench learn {scenario}", ""]
     if speed is not None:
         lines += [
@@ -147,87 +175,117 @@ def _markdown(speed: dict[str, Any] | None, quality: list[dict[str, Any]], scena
             f"| {speed['algo']} | {speed['protocol']} | {speed['steps']} | {speed['env_steps_per_second']:.1f} "
             f"| {speed['train_steps_per_second']:.1f} | {speed['ratio']:.2f} | {speed['env_time_fraction']:.2f} |", "",
         ]
-    if quality:
-        kpi = quality[0]["kpi"]
-        budget = f"{steps} env steps per learner"
+    if report:
+        budget = f"{steps} env steps per learner and seed"
         if episode_steps:
             budget += f" (= {steps / episode_steps:.1f} episodes of {episode_steps} decisions; RESCO: 100)"
-        lines += [f"## Quality: {kpi} on the same evaluation seeds; training budget {budget}", "",
-                  f"| method | {kpi} mean | std | return | bytes/agent/step | train steps | seconds |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in quality:
-            lines.append(f"| {r['method']} | {r['mean']:.2f} | {r['std']:.2f} | {r['return']:.2f} | "
-                         f"{r['bytes_per_agent_step']:.0f} | {r['train_steps']} | {r['seconds']:.0f} |")
+        lines += [f"## Quality: {seeds} seeds per method, same evaluation episodes per seed; training budget {budget}",
+                  ""]
+        if failed:
+            lines += [f"**{len(failed)} job(s) failed** (their rows are missing): "
+                      + ", ".join(f"{f['job']} (exit {f['exit_code']}, log {f['log']})" for f in failed), ""]
+        lines.append(report)
     return "\n".join(lines) + "\n"
+
+
+def _learners(methods: str, scenario: str) -> list[tuple[str, str]]:
+    """``algo`` / ``algo+protocol`` entries, checked; "preset" is the scenario's training preset."""
+    from marl.core import registry
+    from marl.core.errors import ConfigError
+
+    preset = registry.scenario_spec(scenario).training
+    out: list[tuple[str, str]] = []
+    for entry in (m.strip() for m in methods.split(",")):
+        if not entry:
+            continue
+        algo, _, protocol = (f"{preset.algo}+{preset.protocol}" if entry == "preset" else entry).partition("+")
+        registry.algorithm_spec(algo)
+        learned = registry.protocol_spec(protocol or "none").learned
+        if learned and getattr(registry.load(registry.algorithm_spec(algo).entry_point), "off_policy", False):
+            raise ConfigError(f"bad --methods entry '{entry}': {algo} cannot use learned protocol {protocol}")
+        out.append((algo, protocol or "none"))
+    if not out:
+        raise ConfigError(f"bad --methods '{methods}'; allowed: comma-separated algo or algo+protocol, or 'preset'")
+    return out
 
 
 @click.command("learn", context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("scenario")
-@click.option("--algo", default="ippo", help="Learning algorithm.")
-@click.option("--steps", type=int, default=18_000, help="Training budget per protocol (env steps).")
-@click.option("--protocols", default="none,neighbours,commnet,tarmac", help="Comma-separated protocols to train with.")
-@click.option("--baselines", default="fixed-time,max-pressure", help="Comma-separated baseline controllers.")
-@click.option("--eval-episodes", type=int, default=3, help="Evaluation episodes per method (same seeds).")
+@click.option("--methods", default="preset",
+              help="Comma-separated learners, algo or algo+protocol ('preset': the scenario's training preset).")
+@click.option("--steps", type=int, default=None, help="Training budget per learner and seed (env steps); default: the preset's.")
+@click.option("--seeds", type=int, default=3, help="Seeds per method (0..K-1); >= 3 for a confidence interval.")
+@click.option("--jobs", type=int, default=2, help="Processes at once (each job is one marl train / marl run).")
+@click.option("--baselines", default="all", help="Comma-separated classical controllers; 'all': every one of the domain.")
+@click.option("--eval-episodes", type=int, default=3, help="Evaluation episodes per method and seed (same seeds).")
 @click.option("--speed-steps", type=int, default=2048, help="Env steps for the speed measurement (0: skip).")
-@click.option("--speed-protocol", default="none", help="Protocol used in the speed measurement.")
+@click.option("--speed-algo", default=None, help="Algorithm of the speed measurement; default: the first learner.")
 @click.option("--quality/--no-quality", default=True, help="Run the learning-quality comparison.")
-@click.option("--seed", type=int, default=0, help="Seed (training and evaluation).")
 @click.option("--set", "set_", multiple=True, metavar="KEY=VALUE", help="Scenario parameter override.")
-@click.option("--algo-set", "algo_set", multiple=True, metavar="KEY=VALUE", help="Algorithm hyper-parameter.")
+@click.option("--algo-set", "algo_set", multiple=True, metavar="KEY=VALUE",
+              help="Algorithm hyper-parameter for every learner (and the speed run).")
 @click.option("--out", default=None, help="Output directory; default results/bench-learn-<scenario>-<time>.")
-def command(scenario: str, algo: str, steps: int, protocols: str, baselines: str, eval_episodes: int,
-            speed_steps: int, speed_protocol: str, quality: bool, seed: int, set_: tuple[str, ...],
+def command(scenario: str, methods: str, steps: int | None, seeds: int, jobs: int, baselines: str,
+            eval_episodes: int, speed_steps: int, speed_algo: str | None, quality: bool, set_: tuple[str, ...],
             algo_set: tuple[str, ...], out: str | None) -> None:
-    """Learning speed (train vs env steps/s) and quality (IPPO + protocols vs baselines) on SCENARIO."""
+    """Learning speed (train vs env steps/s) and quality (learners over seeds vs every classical
+    controller, same evaluation episodes, marl report's statistics) on SCENARIO."""
+    import os
+
     from rich.console import Console
-    from rich.markdown import Markdown
 
     from marl.core import registry
-    from marl.core.config import parse_sets
+    from marl.core.config import PROCESSES_PER_CORE, parse_sets
     from marl.core.errors import ConfigError
     from marl.results.io import atomic_write_json, atomic_write_text
-    from marl.training import algorithm_config
 
     console, err = Console(), Console(stderr=True)
     overrides, algo_overrides = parse_sets(set_), parse_sets(algo_set)
     spec = registry.scenario_spec(scenario)
     cfg = registry.scenario_config(scenario, overrides)
-    algorithm_config(algo, algo_overrides)
-    proto_list = [p.strip() for p in protocols.split(",") if p.strip()]
-    base_list = [b.strip() for b in baselines.split(",") if b.strip()]
-    for p in [*proto_list, speed_protocol]:
-        registry.protocol_spec(p)
-    for b in base_list:
+    learners = _learners(methods, scenario)
+    steps = spec.training.steps if steps is None else steps
+    names = [n for (_, n) in registry.controllers(spec.domain)] if baselines.strip() == "all" \
+        else [b.strip() for b in baselines.split(",") if b.strip()]
+    for b in names:
         registry.controller_spec(spec.domain, b)
-    if steps < 1 or eval_episodes < 1 or speed_steps < 0:
-        raise ConfigError("bad budget: --steps and --eval-episodes must be >= 1, --speed-steps >= 0")
+    most = PROCESSES_PER_CORE * (os.cpu_count() or 1)
+    if steps < 1 or eval_episodes < 1 or speed_steps < 0 or seeds < 1 or not 1 <= jobs <= most:
+        raise ConfigError(f"bad budget (--steps {steps}, --eval-episodes {eval_episodes}, --seeds {seeds}, "
+                          f"--speed-steps {speed_steps}, --jobs {jobs}); allowed: steps, episodes, seeds >= 1, "
+                          f"speed steps >= 0, jobs 1..{most}")
     out_dir = Path(out) if out else Path("results") / f"bench-learn-{scenario.replace('/', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
     episode_steps = None
     if hasattr(cfg, "end") and hasattr(cfg, "begin") and hasattr(cfg, "delta_time"):
         episode_steps = int((cfg.end - cfg.begin) // cfg.delta_time)
 
     speed = None
-    if speed_steps:
-        with err.status(f"speed: {speed_steps} steps of env alone, then training, then env again"):
-            speed = measure_speed(scenario, overrides, algo, speed_protocol, speed_steps, algo_overrides,
-                                  seed, out_dir)
+    if speed_steps:  # alone, before the parallel jobs, so nothing else competes for the cores
+        algo = speed_algo or learners[0][0]
+        with err.status(f"speed: {speed_steps} steps of env alone, then {algo} training, then env again"):
+            speed = measure_speed(scenario, overrides, algo, "none", speed_steps, algo_overrides, 0, out_dir)
         console.print(f"speed: env {speed['env_steps_per_second']:.1f} steps/s, training "
                       f"{speed['train_steps_per_second']:.1f} steps/s, ratio {speed['ratio']:.2f} (target >= 0.7); "
                       f"env share of training time {speed['env_time_fraction']:.2f}")
-    rows: list[dict[str, Any]] = []
+    report, done = "", []
     if quality:
-        from rich.progress import Progress
+        plan = plan_jobs(scenario, learners, names, seeds, steps, eval_episodes, out_dir, set_, algo_set)
+        err.print(f"quality: {len(plan)} jobs, {jobs} at a time, into {out_dir}")
 
-        with Progress(console=err, transient=True) as progress:
-            task = progress.add_task("quality", total=len(base_list) + len(proto_list))
-            rows = measure_quality(
-                scenario, overrides, algo, proto_list, base_list, steps, eval_episodes, seed, algo_overrides,
-                out_dir, on_step=lambda r: (progress.advance(task),
-                                            err.print(f"{r['method']}: {r['kpi']} {r['mean']:.2f}")),
-            )
-    report = _markdown(speed, rows, scenario, steps, episode_steps)
-    atomic_write_json(out_dir / "learn_bench.json", {"speed": speed, "quality": rows, "steps": steps,
-                                                     "episode_steps": episode_steps, "seed": seed})
-    atomic_write_text(out_dir / "learn_bench.md", report)
-    console.print(Markdown(report))
+        def say(d: dict[str, Any]) -> None:
+            status = "ok" if d["exit_code"] == 0 else f"FAILED (exit {d['exit_code']}, {d['log']})"
+            err.print(f"{d['job']}: {status} {d['seconds']:.0f} s", markup=False, highlight=False)
+
+        done = run_jobs(plan, jobs, out_dir / "logs", on_done=say)
+        if any(d["exit_code"] == 0 for d in done):
+            from marl.commands.report import build_report
+
+            report, _ = build_report(out_dir, formats=["md", "csv"], metrics=[], figures=True)
+    failed = [d for d in done if d["exit_code"] != 0]
+    text = _markdown(speed, report, scenario, steps, seeds, episode_steps, failed)
+    atomic_write_json(out_dir / "learn_bench.json", {
+        "speed": speed, "jobs": done, "steps": steps, "seeds": seeds, "episode_steps": episode_steps,
+        "methods": [f"{a}+{p}" if p != "none" else a for a, p in learners], "baselines": names})
+    atomic_write_text(out_dir / "learn_bench.md", text)
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
     console.print(f"written: {out_dir / 'learn_bench.md'}")
