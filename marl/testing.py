@@ -161,6 +161,9 @@ def check_contract(make_env: EnvFactory, seed: int = 3) -> None:
         assert agents, "possible_agents is empty"
         for agent in agents:
             assert AGENT_ID.match(agent), f"agent id '{agent}' is not of the form <kind>_<i>"
+        for name in ("sim_ids", "group_map", "topology", "episode_kpis", "state"):
+            assert hasattr(kind, name), f"{name} missing: subclass scenarios.base.Scenario (see its contract)"
+        assert hasattr(env, "state_space"), "state_space missing: set a gymnasium Box in __init__"
         sim_ids = env.sim_ids
         assert list(sim_ids) == agents, "sim_ids must map every possible agent, in order"
         assert all(isinstance(v, str) and v for v in sim_ids.values()), "sim_ids values must be str"
