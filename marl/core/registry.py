@@ -238,8 +238,16 @@ def scenario_config(scenario_id: str, overrides: Mapping[str, Any] | None = None
     return build_config(cls.Config, *layers, what="--set key")
 
 
-def make_scenario(scenario_id: str, overrides: Mapping[str, Any] | None = None, *, test: bool = False) -> Any:
-    """Build the named scenario. ``overrides`` come from ``--set``; ``test`` adds short-run presets."""
+def make_scenario(
+    scenario_id: str,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    test: bool = False,
+    render_mode: str | None = None,
+) -> Any:
+    """Build the named scenario. ``overrides`` come from ``--set``; ``test`` adds short-run presets;
+    ``render_mode`` is passed to the env (Gymnasium's convention; None: no rendering)."""
     spec = scenario_spec(scenario_id)
     cls = load(spec.entry_point)
-    return cls(scenario_config(scenario_id, overrides, test=test))
+    config = scenario_config(scenario_id, overrides, test=test)
+    return cls(config) if render_mode is None else cls(config, render_mode=render_mode)
