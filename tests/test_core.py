@@ -200,3 +200,14 @@ def test_run_that_fails_at_start_leaves_no_results_dir(tmp_path, capsys) -> None
     assert main([*argv, "--out", str(out)]) == 2
     assert capsys.readouterr().err[-1:] == "\n"
     assert not out.exists()
+
+
+def test_make_scenario_passes_render_mode_to_the_env() -> None:
+    from marl.core.registry import make_scenario
+
+    env = make_scenario("warehouse/small", test=True, render_mode="ansi")
+    env.reset(seed=0)
+    frame = env.render()
+    assert env.render_mode == "ansi"
+    assert isinstance(frame, str) and "#" in frame  # walls drawn as text
+    assert make_scenario("warehouse/small", test=True).render_mode is None
