@@ -47,6 +47,7 @@ Each key may appear once. :meth:`ChannelSpec.canonical` gives the one spelling o
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -392,7 +393,7 @@ class Channel:
         self.step_log: list[tuple[int, int, int, int, int]] = []
         self._pending: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
 
-    def crash(self, agents: list[str] | np.ndarray) -> None:
+    def crash(self, agents: Sequence[str | int] | np.ndarray) -> None:
         """Crash agents now (ids or indices): they stop sending and receiving."""
         for a in agents:
             if isinstance(a, str) and a not in self.index:

@@ -71,7 +71,7 @@ def list_command(kind: str) -> None:
         raise unknown("list kind", kind, LIST_KINDS)
     rows: list[tuple[str, ...]]
     if kind == "scenarios":
-        columns = ("scenario", "agents", "simulator", "default controller", "description")
+        columns: tuple[str, ...] = ("scenario", "agents", "simulator", "default controller", "description")
         rows = [
             (
                 sid,

@@ -23,7 +23,6 @@ held in :class:`GroupLinear` tensors so the team is still evaluated in one batch
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,8 +51,9 @@ class GroupLinear(nn.Module):
     building and concatenating one-hot tensors every step.
     """
 
-    def __init__(self, groups: int, in_features: int, out_features: int, std: float = math.sqrt(2),
-                 id_agents: int = 0) -> None:
+    def __init__(
+        self, groups: int, in_features: int, out_features: int, std: float = math.sqrt(2), id_agents: int = 0
+    ) -> None:
         super().__init__()
         self.groups = groups
         full = torch.empty(groups, out_features, in_features + id_agents)
@@ -113,6 +113,9 @@ class ActorCritic(nn.Module):
     ``critic_dim``: size of the critic's input (local obs for IPPO, global state for MAPPO);
     ``comms``: a learned protocol module or None.
     """
+
+    low: torch.Tensor  #: continuous actions: the box's lower bound (a registered buffer)
+    high: torch.Tensor  #: continuous actions: the box's upper bound (a registered buffer)
 
     def __init__(
         self,

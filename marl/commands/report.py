@@ -164,10 +164,10 @@ def build_report(
         plot_metrics = metrics or [next((m for m in chosen if m == goals[s].main_kpi), chosen[0]) for s in goals]
         for scenario in goals:
             for metric in dict.fromkeys(plot_metrics):
-                goal = goals[scenario].goal(metric)
-                figure_paths += plots.kpi_vs_bytes(summary, scenario, metric, goal, fig_dir)
-                figure_paths += plots.kpi_vs_drop(summary, scenario, metric, goal, fig_dir)
-                figure_paths += plots.learning_curves(results.frame, scenario, metric, goal, fig_dir)
+                sense = goals[scenario].goal(metric)  # "min" or "max"
+                figure_paths += plots.kpi_vs_bytes(summary, scenario, metric, sense, fig_dir)
+                figure_paths += plots.kpi_vs_drop(summary, scenario, metric, sense, fig_dir)
+                figure_paths += plots.learning_curves(results.frame, scenario, metric, sense, fig_dir)
     written += figure_paths
     title = f"Results: {Path(directory).resolve().name}"
     markdown = tables.markdown_report(

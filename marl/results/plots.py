@@ -28,7 +28,7 @@ __all__ = ["kpi_vs_bytes", "kpi_vs_drop", "learning_curves", "save_figure"]
 _SIZE = (4.8, 3.4)  # inches: fits a README column; the PNG at 100 dpi stays well under 100 KB
 
 
-def _pyplot():  # type: ignore[no-untyped-def]
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -37,7 +37,7 @@ def _pyplot():  # type: ignore[no-untyped-def]
     return plt
 
 
-def save_figure(fig, directory: Path, stem: str, *, dpi: int = 100) -> list[Path]:  # type: ignore[no-untyped-def]
+def save_figure(fig, directory: Path, stem: str, *, dpi: int = 100) -> list[Path]:
     """Write ``stem.png`` and ``stem.pdf`` atomically; returns their paths."""
     paths = []
     for ext in ("png", "pdf"):

@@ -87,7 +87,7 @@ def _table_cells(block: pd.DataFrame, goal: str) -> list[list[_Cell]]:
     return rows
 
 
-def _blocks(summary: pd.DataFrame):  # type: ignore[no-untyped-def]
+def _blocks(summary: pd.DataFrame):
     for (scenario, metric), block in summary.groupby(["scenario", "metric"], sort=False):
         yield str(scenario), str(metric), block
 

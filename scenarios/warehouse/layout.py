@@ -132,13 +132,13 @@ def parse_map(text: str, source: str = "<map>") -> np.ndarray:
     if header["type"].lower() != "octile":
         raise err(1, 6, f"map type {show(header['type'])} is not supported; allowed: octile")
     dims = {}
-    for row, key in ((2, "height"), (3, "width")):
+    for header_line, key in ((2, "height"), (3, "width")):
         try:
             dims[key] = int(header[key])
         except ValueError:
-            raise err(row, len(key) + 2, f"{key} {show(header[key])} is not an integer") from None
+            raise err(header_line, len(key) + 2, f"{key} {show(header[key])} is not an integer") from None
         if dims[key] < 1:
-            raise err(row, len(key) + 2, f"{key} must be >= 1, got {dims[key]}")
+            raise err(header_line, len(key) + 2, f"{key} must be >= 1, got {dims[key]}")
     height, width = dims["height"], dims["width"]
     rows = lines[i:]
     while rows and not rows[-1].strip():  # trailing blank lines are harmless
@@ -157,8 +157,7 @@ def parse_map(text: str, source: str = "<map>") -> np.ndarray:
                 raise err(
                     line_no,
                     c + 1,
-                    f"unknown map character {show(ch)}; allowed: . G S (free) @ O T W (obstacle) "
-                    f"R (rack) P (station)",
+                    f"unknown map character {show(ch)}; allowed: . G S (free) @ O T W (obstacle) R (rack) P (station)",
                 )
         if len(row) != width:
             raise err(line_no, min(len(row), width) + 1, f"row has {len(row)} characters, expected {width}")
