@@ -47,9 +47,12 @@ def test_bench_plan_covers_every_controller_and_seed(tmp_path):
                      tmp_path, ("end=320",), ("learning_rate=0.001",))
     assert len(jobs) == 3 * (2 + len(names))
     assert {j.seed for j in jobs} == {0, 1, 2}
-    for job in jobs:  # one directory, the evaluation seed = the job's seed, every option passed on
+    cells = {job.argv[job.argv.index("--out") + 1] for job in jobs}
+    assert len(cells) == len(jobs)  # one cell each: training runs never share a checkpoint directory
+    for job in jobs:  # the evaluation seed = the job's seed, every option passed on
         argv = list(job.argv)
-        assert argv[argv.index("--out") + 1] == str(tmp_path) and argv[argv.index("--seed") + 1] == str(job.seed)
+        assert argv[argv.index("--out") + 1].startswith(str(tmp_path / "cells"))
+        assert argv[argv.index("--seed") + 1] == str(job.seed)
         assert "--set=end=320" in argv
         assert ("--algo-set=learning_rate=0.001" in argv) == (job.kind == "train")
     talkers = {j.method for j in jobs if j.kind == "run" and j.protocol != "none"}
@@ -73,3 +76,11 @@ def test_bench_learn_writes_records_and_report(tmp_path, capsys):
     text = (out / "learn_bench.md").read_text()
     assert "2 seeds per method" in text and "idqn" in text and "max-wave" in text
     assert (out / "report" / "summary.csv").exists()
+    # a rerun finds every cell done and runs nothing again
+    assert main(["bench", "learn", "traffic/single-intersection", "--methods", "idqn", "--steps", "64",
+                 "--seeds", "2", "--jobs", "1", "--baselines", "fixed-time,max-wave", "--eval-episodes", "1",
+                 "--speed-steps", "0", "--set", "end=320", "--algo-set", "num_steps=64",
+                 "--algo-set", "learning_starts=16", "--out", str(out)]) == 0
+    again = json.loads((out / "learn_bench.json").read_text())
+    assert all(j.get("skipped") for j in again["jobs"])
+    assert (out / "records.csv").read_text() == "\n".join(rows) + "\n"

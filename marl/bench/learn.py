@@ -23,8 +23,9 @@ traffic seed by seed. All jobs write ordinary records into one directory, and th
 same command. RESCO (Ault & Sharon 2021) trains 100 one-hour episodes (36,000 decisions at
 10 s); the budget used is printed beside every table.
 
-Written to ``--out``: ``records.csv`` and ``manifests/`` (every job), ``report/`` (marl report),
-``logs/`` (each job's output), ``learn_bench.json`` and ``learn_bench.md``.
+Written to ``--out``: ``cells/<job>/`` (each job's records, manifest, checkpoints and output, as
+``marl compare`` lays out cells; a rerun skips finished ones), the merged ``records.csv`` and
+``manifests/``, ``report/`` (marl report), ``learn_bench.json`` and ``learn_bench.md``.
 """
 
 from __future__ import annotations
@@ -110,50 +111,76 @@ class Job:
 
 def plan_jobs(scenario: str, learners: list[tuple[str, str]], baselines: list[str], seeds: int, steps: int,
               eval_episodes: int, out: Path, sets: tuple[str, ...], algo_sets: tuple[str, ...]) -> list[Job]:
-    """Every job of the comparison: each baseline and each learner on seeds 0..seeds-1, all
-    writing into ``out``. A talking controller gets the ``neighbours`` protocol. Learners come
-    first: they take longest, so a pool of ``--jobs`` workers finishes sooner."""
+    """Every job of the comparison: each baseline and each learner on seeds 0..seeds-1. Each job
+    writes into its own cell ``out/cells/<kind>-<name>`` (a training run's checkpoints must not
+    meet another's), merged afterwards as ``marl compare`` merges its cells. A talking controller
+    gets the ``neighbours`` protocol. Learners come first: they take longest, so a pool of
+    ``--jobs`` workers finishes sooner."""
     from marl.core import registry
+    from marl.results.cells import CELLS_DIR
 
     domain = registry.scenario_spec(scenario).domain
     common = [f"--set={kv}" for kv in sets]
     jobs: list[Job] = []
+
+    def add(kind: str, method: str, protocol: str, seed: int, argv: list[str]) -> None:
+        job = Job(kind, method, protocol, seed, ())
+        cell = out / CELLS_DIR / f"{kind}-{job.name}"
+        jobs.append(Job(kind, method, protocol, seed, (*argv, "--out", str(cell), *common)))
+
     for seed in range(seeds):
         for algo, protocol in learners:
-            argv = ("train", scenario, "--algo", algo, "--protocol", protocol, "--steps", str(steps),
-                    "--seed", str(seed), "--eval-episodes", str(eval_episodes), "--out", str(out), *common,
-                    *[f"--algo-set={kv}" for kv in algo_sets])
-            jobs.append(Job("train", algo, protocol, seed, argv))
+            add("train", algo, protocol, seed,
+                ["train", scenario, "--algo", algo, "--protocol", protocol, "--steps", str(steps), "--seed", str(seed),
+                 "--eval-episodes", str(eval_episodes), *[f"--algo-set={kv}" for kv in algo_sets]])
     for seed in range(seeds):
         for name in baselines:
             protocol = "neighbours" if registry.controller_spec(domain, name).uses_messages else "none"
-            argv = ("run", scenario, "--controller", name, "--protocol", protocol, "--seed", str(seed),
-                    "--episodes", str(eval_episodes), "--out", str(out), *common)
-            jobs.append(Job("run", name, protocol, seed, argv))
+            add("run", name, protocol, seed, ["run", scenario, "--controller", name, "--protocol", protocol,
+                                              "--seed", str(seed), "--episodes", str(eval_episodes)])
     return jobs
 
 
-def run_jobs(jobs: list[Job], jobs_at_once: int, logs: Path, on_done: Any = None) -> list[dict[str, Any]]:
+def run_jobs(jobs: list[Job], jobs_at_once: int, on_done: Any = None) -> list[dict[str, Any]]:
     """Run every job as its own ``marl`` process, ``jobs_at_once`` at a time (each with torch and
-    BLAS on one thread); returns one summary per job (name, exit code, seconds, log file). A failed
-    job is reported, not retried: its rows are missing from the report, which says so."""
+    BLAS on one thread); returns one summary per job (name, exit code, seconds, log file).
+
+    A job's cell gets ``output.log``, then ``done.json`` (written last, atomically) or
+    ``error.txt`` (:mod:`marl.results.cells`); a cell already done is skipped, so rerunning the
+    same command finishes an interrupted bench. A failed job is reported, not retried.
+    """
     import os
+    import shutil
     import subprocess
     import sys
     from concurrent.futures import ThreadPoolExecutor
 
+    from marl.results.cells import DONE_FILE, ERROR_FILE
+    from marl.results.io import atomic_write_json, atomic_write_text
+
     marl = str(Path(sys.executable).with_name("marl"))
-    logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
     def one(job: Job) -> dict[str, Any]:
-        log = logs / f"{job.kind}-{job.name}.log"
+        cell = Path(job.argv[job.argv.index("--out") + 1])
+        log = cell / "output.log"
+        summary = {"job": job.name, "kind": job.kind, "log": str(log), "command": "marl " + " ".join(job.argv)}
+        if (cell / DONE_FILE).exists():
+            return {**summary, "exit_code": 0, "seconds": 0.0, "skipped": True}
+        if cell.exists():  # a partial cell of an interrupted bench: start it again
+            shutil.rmtree(cell)
+        cell.mkdir(parents=True)
         t0 = time.perf_counter()
         with log.open("w") as fh:
             code = subprocess.run([marl, *job.argv], stdout=fh, stderr=subprocess.STDOUT, env=env,
                                   check=False).returncode
-        done = {"job": job.name, "kind": job.kind, "exit_code": code, "seconds": time.perf_counter() - t0,
-                "log": str(log), "command": "marl " + " ".join(job.argv)}
+        seconds = time.perf_counter() - t0
+        if code == 0:
+            atomic_write_json(cell / DONE_FILE, {"key": cell.name, "seconds": seconds})
+        else:
+            lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+            atomic_write_text(cell / ERROR_FILE, (lines[-1] if lines else f"exit code {code}") + "\n")
+        done = {**summary, "exit_code": code, "seconds": seconds}
         if on_done is not None:
             on_done(done)
         return done
@@ -276,8 +303,10 @@ def command(scenario: str, methods: str, steps: int | None, seeds: int, jobs: in
             status = "ok" if d["exit_code"] == 0 else f"FAILED (exit {d['exit_code']}, {d['log']})"
             err.print(f"{d['job']}: {status} {d['seconds']:.0f} s", markup=False, highlight=False)
 
-        done = run_jobs(plan, jobs, out_dir / "logs", on_done=say)
-        if any(d["exit_code"] == 0 for d in done):
+        done = run_jobs(plan, jobs, on_done=say)
+        from marl.results.cells import merge_cells
+
+        if merge_cells(out_dir)[0]:
             from marl.commands.report import build_report
 
             report, _ = build_report(out_dir, formats=["md", "csv"], metrics=[], figures=True)
