@@ -24,6 +24,15 @@ still evaluated in one batched call. The pieces, top to bottom:
   callable and a ``grad_scale`` factor and knows nothing of MPI.
 
 The loop that acts, stores, updates, evaluates and checkpoints is :mod:`marl.training.offpolicy`.
+
+Measured on traffic/cologne8 (delay in s, mean of the 3 evaluation episodes of ``marl run --seed
+s --episodes 3``; max-wave, the best classical controller there: 24.3 / 24.8 / 24.4 for seeds
+0 / 1 / 2). Defaults, 30 training episodes: 22.5 / 20.9 / 23.7; 100 episodes (RESCO's budget, the
+cologne8 preset): 22.2 / 21.7 / 20.2. Variations on seed 0 at 30 episodes: ``n_step=1`` 32.0
+(n-step returns are the largest gain: with 10 s decisions a 1-step target propagates a queue's
+cost too slowly), ``dueling=true`` 32.3 (off by default), ``double_q=false`` 21.7 (no measurable
+gain from double DQN here; kept on as the issue asks and because it costs nothing),
+``train_every=2, batch_size=64`` 23.8 (faster, kept at 1).
 """
 
 from __future__ import annotations

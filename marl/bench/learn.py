@@ -1,6 +1,6 @@
 """``marl bench learn SCENARIO``: how fast training runs, and how good the trained policies are.
 
-**Speed.** Training throughput — environment steps per second of rollout *and* PPO updates — is
+**Speed.** Training throughput — environment steps per second of acting *and* learning updates — is
 put against the environment's own stepping rate with a fixed controller (the domain's ``random``
 controller, through the same episode loop as ``marl run``), both measured in this process, the
 reference once before and once after training (their mean), so machine load hits both alike.

@@ -1,13 +1,16 @@
 """Training: ``marl train`` and the training cells of ``marl compare``.
 
-Read :mod:`marl.training.loop` first: the on-policy loop, top to bottom. The pieces it uses, one
+Read :mod:`marl.training.loop` first: the on-policy loop (IPPO, MAPPO), top to bottom;
+:mod:`~marl.training.offpolicy` is the replay loop of off-policy algorithms (IDQN), chosen by the
+algorithm class's ``off_policy`` attribute. The pieces it uses, one
 file each: :mod:`~marl.training.request` (what is asked, validated once), :mod:`~marl.training.layout`
 (dicts <-> team arrays), :mod:`~marl.training.communication` (protocol + channel as the policy
 sees them), :mod:`~marl.training.model` (network, batched acting), :mod:`~marl.training.rollout`
 (the training episode in progress), :mod:`~marl.training.buffer` (rollout storage),
 :mod:`~marl.training.checkpoint`, :mod:`~marl.training.policy` (a trained policy as a controller),
 :mod:`~marl.training.evaluation` and :mod:`~marl.training.log` (records and manifest). The PPO
-maths (GAE, normalisers, update) is in :mod:`marl.algos.ppo`.
+maths (GAE, normalisers, update) is in :mod:`marl.algos.ppo`; the DQN maths (replay, n-step
+returns, double-DQN update) in :mod:`marl.algos.idqn`.
 """
 
 from __future__ import annotations
