@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+from typing import Any
 
 import click
 
@@ -124,7 +125,8 @@ def command(
     _summary(console, request, result)
 
 
-def _preset(scenario: str, algo: str, protocol: str, steps: int, algo_set: tuple[str, ...]) -> tuple:
+def _preset(scenario: str, algo: str, protocol: str, steps: int,
+            algo_set: tuple[str, ...]) -> tuple[str, str, int, dict[str, Any], str]:
     """The options with the scenario's training preset filling those the user did not give
     (click reports whether a value came from the command line or the option's default)."""
     from click.core import ParameterSource
@@ -152,7 +154,7 @@ def _launcher_rank() -> int:
     return 0
 
 
-def _train_with_progress(plan: object, err_console: object) -> object:
+def _train_with_progress(plan: Any, err_console: Any) -> Any:
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -181,8 +183,8 @@ def _train_with_progress(plan: object, err_console: object) -> object:
         task = progress.add_task(f"{request.algo} {request.scenario}", total=request.steps, sps=0.0,
                                  ret=float("nan"), kpi="")
 
-        def on_progress(info: dict) -> None:
-            fields = {}
+        def on_progress(info: dict[str, Any]) -> None:
+            fields: dict[str, Any] = {}
             if info.get("phase") == "train":
                 fields.update(sps=info.get("steps_per_second", 0.0), ret=info.get("episode_return", float("nan")))
                 value = info.get("kpi_value")
@@ -197,7 +199,7 @@ def _train_with_progress(plan: object, err_console: object) -> object:
         return train(plan, on_progress=on_progress)
 
 
-def _summary(console: object, request: object, result: object) -> None:
+def _summary(console: Any, request: Any, result: Any) -> None:
     from rich.table import Table
 
     table = Table(title=f"{request.scenario} — {result.method} after {result.env_steps} steps "

@@ -55,14 +55,15 @@ class RolloutBuffer:
 
     def batch(self, values: np.ndarray, advantages: np.ndarray, returns: np.ndarray) -> Batch:
         """The rollout as torch tensors (copies: the buffer is refilled while they live)."""
-        def tensor(a: np.ndarray | None, dtype: Any = None) -> torch.Tensor | None:
-            if a is None:
-                return None
+        def tensor(a: np.ndarray, dtype: Any = None) -> torch.Tensor:
             return torch.from_numpy(a.astype(dtype) if dtype is not None else a.copy())
 
+        def optional(a: np.ndarray | None) -> torch.Tensor | None:
+            return None if a is None else tensor(a)
+
         return Batch(
-            obs=tensor(self.obs), critic_in=tensor(self.critic), delivered=tensor(self.delivered),
-            action_mask=tensor(self.amask), actions=tensor(self.actions),
+            obs=tensor(self.obs), critic_in=tensor(self.critic), delivered=optional(self.delivered),
+            action_mask=optional(self.amask), actions=tensor(self.actions),
             gates=tensor(self.gates) if self.has_gates else None, logprobs=tensor(self.logp),
             values=tensor(values, np.float32), advantages=tensor(advantages, np.float32),
             returns=tensor(returns, np.float32),

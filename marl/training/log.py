@@ -132,10 +132,10 @@ class TrainLog:
         rows += [self.row(update, "train_env_steps", env_steps), self.row(update, "train_steps_per_second", sps),
                  self.row(update, "train_env_time_fraction", env_fraction)]
         if finished:
-            rows.append(self.row(update, "train_return", np.mean([p[0] for p in finished])))
+            rows.append(self.row(update, "train_return", float(np.mean([p[0] for p in finished]))))
             values = [p[1][self.main_kpi] for p in finished if self.main_kpi in p[1]]
             if self.main_kpi and values:
-                rows.append(self.row(update, f"train_{self.main_kpi}", np.mean(values)))
+                rows.append(self.row(update, f"train_{self.main_kpi}", float(np.mean(values))))
         for event in events[len(self.manifest["events"]):]:  # new distributed events only
             rows.append(self.row(update, "rank_failure", float(event.get("rank", -1))))
             self.manifest["events"].append(event)

@@ -134,7 +134,7 @@ def _run(plan: TrainPlan, env: Any, layout: TeamLayout, episode: TrainingEpisode
             # ---- store: n-step transitions into the replay ring
             if out.ended:
                 final = out.final_critic_in if out.final_critic_in is not None else np.zeros_like(obs)
-                final_mask = layout.action_masks(episode.infos, env)
+                final_mask = _mask(layout.action_masks(episode.infos, env))
                 for tr in ln.nstep.end(obs, action, out.reward, final, final_mask, ~out.truncated):
                     ln.replay.add(tr)
                 returns.append(float(episode.episode_return.mean()))
@@ -150,7 +150,7 @@ def _run(plan: TrainPlan, env: Any, layout: TeamLayout, episode: TrainingEpisode
                 env_seconds += time.perf_counter() - t_env
             else:
                 next_obs, _, next_mask, _ = episode.inputs()
-                for tr in ln.nstep.push(obs, action, out.reward, next_obs, next_mask):
+                for tr in ln.nstep.push(obs, action, out.reward, next_obs, _mask(next_mask)):
                     ln.replay.add(tr)
                 obs, amask = next_obs, next_mask
 
@@ -204,6 +204,12 @@ def _run(plan: TrainPlan, env: Any, layout: TeamLayout, episode: TrainingEpisode
         env_steps=ln.env_steps, seconds=train_seconds, steps_per_second=sps, final_kpis=final_kpis,
         env_fraction=fraction, train_returns=returns,
     )
+
+
+def _mask(mask: np.ndarray | None) -> np.ndarray:
+    """A discrete team's action mask (the loop refuses continuous actions, so it always exists)."""
+    assert mask is not None
+    return mask
 
 
 def _state(plan: TrainPlan, layout: TeamLayout, run_id: str, ln: Learner, episode: TrainingEpisode) -> dict[str, Any]:
