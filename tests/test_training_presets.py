@@ -14,6 +14,7 @@ from marl.bench.learn import _learners, plan_jobs
 from marl.cli import main
 from marl.core import registry
 from marl.core.errors import ConcordError
+from marl.training import load_checkpoint
 from marl.training.request import with_preset
 
 
@@ -84,3 +85,16 @@ def test_bench_learn_writes_records_and_report(tmp_path, capsys):
     again = json.loads((out / "learn_bench.json").read_text())
     assert all(j.get("skipped") for j in again["jobs"])
     assert (out / "records.csv").read_text() == "\n".join(rows) + "\n"
+
+
+def test_resume_without_options_continues_the_checkpoints_algorithm(tmp_path, capsys):
+    # single-intersection's preset is ippo; a resumed idqn run must stay idqn and keep its config
+    args = ["--set", "end=320", "--eval-episodes", "0", "--out", str(tmp_path / "r")]
+    assert main(["train", "traffic/single-intersection", "--algo", "idqn", "--steps", "64",
+                 "--algo-set", "num_steps=64", "--algo-set", "learning_starts=16", *args]) == 0
+    assert main(["train", "traffic/single-intersection", "--steps", "128", "--resume", str(tmp_path / "r"),
+                 *args]) == 0
+    capsys.readouterr()
+    state = load_checkpoint(tmp_path / "r")
+    assert state["meta"]["algo"] == "idqn" and state["env_steps"] == 128
+    assert state["meta"]["algo_config"]["learning_starts"] == 16

@@ -87,7 +87,8 @@ def command(
     from marl.training import TrainRequest, algorithm_config, prepare, train
 
     console = Console()
-    algo, protocol, steps, algo_overrides, preset_note = _preset(scenario, algo, protocol, steps, algo_set)
+    algo, protocol, channel, steps, algo_overrides, preset_note = _preset(
+        scenario, algo, protocol, channel, steps, algo_set, resume)
     dist_cfg = DistConfig(ranks=ranks, sync=sync, compress=compress, bucket_mb=bucket_mb, overlap=overlap,
                           fault_tolerance=fault_tolerance, inject_failure=inject_failure)
     overrides = parse_sets(set_)
@@ -125,10 +126,12 @@ def command(
     _summary(console, request, result)
 
 
-def _preset(scenario: str, algo: str, protocol: str, steps: int,
-            algo_set: tuple[str, ...]) -> tuple[str, str, int, dict[str, Any], str]:
-    """The options with the scenario's training preset filling those the user did not give
-    (click reports whether a value came from the command line or the option's default)."""
+def _preset(scenario: str, algo: str, protocol: str, channel: str, steps: int, algo_set: tuple[str, ...],
+            resume: str | None) -> tuple[str, str, str, int, dict[str, Any], str]:
+    """(algo, protocol, channel, steps, algo overrides, note): the options given, the rest from
+    the checkpoint when resuming (its algorithm, protocol and channel; its config stays its own),
+    else from the scenario's training preset. Click reports whether a value came from the command
+    line or the option's default."""
     from click.core import ParameterSource
 
     from marl.core.config import parse_sets
@@ -139,8 +142,18 @@ def _preset(scenario: str, algo: str, protocol: str, steps: int,
     def given(name: str) -> bool:
         return ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
 
-    return with_preset(scenario, algo if given("algo") else None, protocol if given("protocol") else None,
-                       steps if given("steps") else None, parse_sets(algo_set))
+    if resume is not None:
+        from marl.training.checkpoint import load_checkpoint
+
+        meta = load_checkpoint(resume)["meta"]
+        algo, protocol, steps, _, note = with_preset(
+            scenario, algo if given("algo") else meta["algo"], protocol if given("protocol") else meta["protocol"],
+            steps if given("steps") else None, {})
+        return algo, protocol, channel if given("channel") else meta["channel"], steps, parse_sets(algo_set), note
+    algo, protocol, steps, overrides, note = with_preset(
+        scenario, algo if given("algo") else None, protocol if given("protocol") else None,
+        steps if given("steps") else None, parse_sets(algo_set))
+    return algo, protocol, channel, steps, overrides, note
 
 
 def _launcher_rank() -> int:
