@@ -36,7 +36,7 @@ def run_episode(
     controller.reset(env, seed)
     if comms is not None:
         comms.reset(env.topology)
-    reward_sum: dict[str, float] = {a: 0.0 for a in env.possible_agents}
+    reward_sum: dict[str, float] = dict.fromkeys(env.possible_agents, 0.0)
     steps = 0
     while env.agents:
         messages = None

@@ -88,8 +88,10 @@ class RunRequest:
             raise ConfigError(f"bad --seed {self.seed}; expected an integer >= 0")
         if self.policy is not None and (self.controller is not None or self.controller_overrides):
             given = f"--controller {self.controller}" if self.controller is not None else "--controller-set"
-            raise ConfigError(f"bad {given} with --policy {self.policy}: the trained policy acts; "
-                              "allowed: either --policy or --controller")
+            raise ConfigError(
+                f"bad {given} with --policy {self.policy}: the trained policy acts; "
+                "allowed: either --policy or --controller"
+            )
         from comms.channel import parse_channel
         from comms.runtime import validate_comms
 
@@ -115,9 +117,7 @@ def default_out_dir(scenario: str) -> Path:
     return Path("results") / f"{scenario.replace('/', '-')}-{stamp}"
 
 
-def build_controller(
-    scenario_id: str, name: str, env: Any, overrides: Mapping[str, Any] | None = None
-) -> Controller:
+def build_controller(scenario_id: str, name: str, env: Any, overrides: Mapping[str, Any] | None = None) -> Controller:
     """Instantiate the named controller of the scenario's domain."""
     domain = registry.scenario_spec(scenario_id).domain
     spec = registry.controller_spec(domain, name)
@@ -157,8 +157,9 @@ def recorded_episodes(out_dir: Path, request: RunRequest, method: str, channel: 
         return {}
     key = [request.scenario, method, request.protocol, channel, str(request.seed)]
     with path.open(newline="") as fh:
-        rows = [r for r in csv.DictReader(fh)
-                if [r["scenario"], r["method"], r["protocol"], r["channel"], r["seed"]] == key]
+        rows = [
+            r for r in csv.DictReader(fh) if [r["scenario"], r["method"], r["protocol"], r["channel"], r["seed"]] == key
+        ]
     mine = {k: v for k, v in asdict(request).items() if k not in ("episodes", "out")}
     episodes: dict[int, dict[str, float]] = {}
     for run_id in dict.fromkeys(r["run_id"] for r in rows):
@@ -236,8 +237,17 @@ def run(
                 writer = RecordWriter(out_dir)
                 writer.check_compatible(request.scenario, scenario_config)
             writer.append(
-                Row(run_id, request.scenario, method, request.protocol, channel,
-                    request.seed, episode, metric, float(value))
+                Row(
+                    run_id,
+                    request.scenario,
+                    method,
+                    request.protocol,
+                    channel,
+                    request.seed,
+                    episode,
+                    metric,
+                    float(value),
+                )
                 for metric, value in kpis.items()
             )
             manifest["episodes_completed"] = episode + 1

@@ -67,9 +67,7 @@ def test_every_domain_has_controllers() -> None:
 
 
 @pytest.mark.parametrize(("domain", "name"), CONTROLLERS, ids=[f"{d}/{n}" for d, n in CONTROLLERS])
-def test_controller_runs_and_leaves_no_state_in_the_env(
-    envs: dict[str, Any], domain: str, name: str
-) -> None:
+def test_controller_runs_and_leaves_no_state_in_the_env(envs: dict[str, Any], domain: str, name: str) -> None:
     env = _env(envs, domain)
     first = _episode(domain, name, env)
     assert first["env_steps"] >= 1

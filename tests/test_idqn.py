@@ -31,19 +31,34 @@ from marl.training import TrainRequest, load_checkpoint, train
 SCENARIO = "traffic/single-intersection"
 SHORT = {"end": "320"}  # 64 decisions of 5 s per episode
 # One iteration = one episode, a checkpoint after each, learning from step 32 on.
-FAST = {"num_steps": "64", "learning_starts": "32", "batch_size": "8", "target_update_every": "50",
-        "eval_every": "0", "checkpoint_every": "1", "keep_checkpoints": "5"}
+FAST = {
+    "num_steps": "64",
+    "learning_starts": "32",
+    "batch_size": "8",
+    "target_update_every": "50",
+    "eval_every": "0",
+    "checkpoint_every": "1",
+    "keep_checkpoints": "5",
+}
 
 
 def _request(tmp_path: Path, name: str, steps: int, algo_set: dict | None = None, **kw) -> TrainRequest:
-    return TrainRequest(scenario=SCENARIO, algo="idqn", steps=steps, overrides=dict(SHORT),
-                        algo_overrides={**FAST, **(algo_set or {})}, eval_episodes=0,
-                        out=str(tmp_path / name), **kw)
+    return TrainRequest(
+        scenario=SCENARIO,
+        algo="idqn",
+        steps=steps,
+        overrides=dict(SHORT),
+        algo_overrides={**FAST, **(algo_set or {})},
+        eval_episodes=0,
+        out=str(tmp_path / name),
+        **kw,
+    )
 
 
 def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(
-        torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+        torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a
+    )
 
 
 # ---- pure logic ------------------------------------------------------------------------------------
@@ -67,8 +82,16 @@ def test_nstep_returns_bootstrap_at_truncation_not_at_termination():
 def _filled_buffer() -> ReplayBuffer:
     buf = ReplayBuffer(capacity=50, n_agents=2, obs_dim=3, n_actions=4)
     for i in range(70):  # wraps: the oldest 20 are overwritten
-        buf.add(Transition(np.full((2, 3), i, np.float32), np.array([i % 4, 0]), np.array([float(i), 0.0]),
-                           np.zeros((2, 3), np.float32), np.ones((2, 4), bool), np.ones(2)))
+        buf.add(
+            Transition(
+                np.full((2, 3), i, np.float32),
+                np.array([i % 4, 0]),
+                np.array([float(i), 0.0]),
+                np.zeros((2, 3), np.float32),
+                np.ones((2, 4), bool),
+                np.ones(2),
+            )
+        )
     return buf
 
 
@@ -113,19 +136,29 @@ def test_update_moves_towards_the_double_dqn_target_and_leaves_the_target_net():
     cfg = IDQNConfig(learning_rate=1e-2)
     model, target = QNetwork(2, 3, 4), QNetwork(2, 3, 4)
     before = {k: v.clone() for k, v in target.state_dict().items()}
-    batch = {"obs": torch.rand(8, 2, 3), "action": torch.randint(0, 4, (8, 2)), "reward": torch.ones(8, 2),
-             "next_obs": torch.rand(8, 2, 3), "next_mask": torch.ones(8, 2, 4, dtype=torch.bool),
-             "discount": torch.zeros(8, 2)}  # terminal: the target is exactly the reward, 1
+    batch = {
+        "obs": torch.rand(8, 2, 3),
+        "action": torch.randint(0, 4, (8, 2)),
+        "reward": torch.ones(8, 2),
+        "next_obs": torch.rand(8, 2, 3),
+        "next_mask": torch.ones(8, 2, 4, dtype=torch.bool),
+        "discount": torch.zeros(8, 2),
+    }  # terminal: the target is exactly the reward, 1
     opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
     losses = [dqn_update(model, target, opt, batch, cfg)["loss"] for _ in range(60)]
     assert losses[-1] < 0.1 * losses[0]
     assert _same(before, target.state_dict())
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("n_step", "0", "bad n_step=0"), ("batch_size", "20000", "bad batch_size=20000"),
-    ("epsilon_end", "1.5", "bad epsilon_end=1.5"), ("buffer_size", "1e9", "bad buffer_size"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("n_step", "0", "bad n_step=0"),
+        ("batch_size", "20000", "bad batch_size=20000"),
+        ("epsilon_end", "1.5", "bad epsilon_end=1.5"),
+        ("buffer_size", "1e9", "bad buffer_size"),
+    ],
+)
 def test_config_refuses_bad_values(key, value, message):
     from marl.training import algorithm_config
 
@@ -172,22 +205,43 @@ def test_target_network_is_copied_every_target_update_every_steps(tmp_path):
 def test_short_training_improves_on_the_untrained_network(tmp_path):
     overrides = {"end": "400"}  # 80 decisions per episode
     algo_set = {"num_steps": "80", "learning_starts": "80", "target_update_every": "80", "eval_every": "0"}
-    untrained = train(TrainRequest(scenario=SCENARIO, algo="idqn", steps=1, overrides=overrides,
-                                   algo_overrides=algo_set, eval_episodes=4, out=str(tmp_path / "u")))
-    trained = train(TrainRequest(scenario=SCENARIO, algo="idqn", steps=1600, overrides=overrides,
-                                 algo_overrides=algo_set, eval_episodes=4, out=str(tmp_path / "t")))
+    untrained = train(
+        TrainRequest(
+            scenario=SCENARIO,
+            algo="idqn",
+            steps=1,
+            overrides=overrides,
+            algo_overrides=algo_set,
+            eval_episodes=4,
+            out=str(tmp_path / "u"),
+        )
+    )
+    trained = train(
+        TrainRequest(
+            scenario=SCENARIO,
+            algo="idqn",
+            steps=1600,
+            overrides=overrides,
+            algo_overrides=algo_set,
+            eval_episodes=4,
+            out=str(tmp_path / "t"),
+        )
+    )
     before, after = untrained.final_kpis["delay"], trained.final_kpis["delay"]
     print(f"greedy untrained delay {before:.2f} s, trained {after:.2f} s")
     assert after < 0.7 * before
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--algo-set", "n_step=0"], "bad n_step=0"),
-    (["--algo-set", "epsilon_star=1"], "did you mean 'epsilon_start'?"),
-    (["--algo-set", "clip_coef=0.1"], "clip_coef"),
-    (["--protocol", "tarmac"], "bad --protocol tarmac with --algo idqn"),
-    (["--ranks", "2"], "bad --ranks 2 with --algo idqn"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--algo-set", "n_step=0"], "bad n_step=0"),
+        (["--algo-set", "epsilon_star=1"], "did you mean 'epsilon_start'?"),
+        (["--algo-set", "clip_coef=0.1"], "clip_coef"),
+        (["--protocol", "tarmac"], "bad --protocol tarmac with --algo idqn"),
+        (["--ranks", "2"], "bad --ranks 2 with --algo idqn"),
+    ],
+)
 def test_cli_errors_for_bad_algorithm_options(args, message, capsys):
     assert main(["train", SCENARIO, "--algo", "idqn", *args]) == 2
     err = capsys.readouterr().err.strip()
@@ -196,11 +250,34 @@ def test_cli_errors_for_bad_algorithm_options(args, message, capsys):
 
 def test_policy_cli_roundtrip_with_messages(tmp_path):
     out = tmp_path / "cli"
-    assert main(["train", "traffic/2x2grid", "--algo", "idqn", "--protocol", "neighbours", "--steps", "64",
-                 "--set", "end=320", "--algo-set", "num_steps=64", "--algo-set", "learning_starts=16",
-                 "--eval-episodes", "1", "--out", str(out)]) == 0
-    assert main(["run", "traffic/2x2grid", "--policy", str(out), "--set", "end=320",
-                 "--out", str(tmp_path / "run")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "traffic/2x2grid",
+                "--algo",
+                "idqn",
+                "--protocol",
+                "neighbours",
+                "--steps",
+                "64",
+                "--set",
+                "end=320",
+                "--algo-set",
+                "num_steps=64",
+                "--algo-set",
+                "learning_starts=16",
+                "--eval-episodes",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(["run", "traffic/2x2grid", "--policy", str(out), "--set", "end=320", "--out", str(tmp_path / "run")]) == 0
+    )
     rows = [r.split(",") for r in (out / "records.csv").read_text().splitlines()[1:]]
     run_rows = [r.split(",") for r in (tmp_path / "run" / "records.csv").read_text().splitlines()[1:]]
     assert [r[-1] for r in rows if r[7] == "delay"] == [r[-1] for r in run_rows if r[7] == "delay"]

@@ -116,11 +116,11 @@ def test_kpis_are_sane_and_from_tripinfo() -> None:
 def test_parse_tripinfo_charges_undeparted_vehicles(tmp_path: Path) -> None:
     path = tmp_path / "t.xml"
     path.write_text(
-        '<tripinfos>'
+        "<tripinfos>"
         '<tripinfo id="a" depart="1" departDelay="2" arrival="50" timeLoss="10" waitingTime="4"/>'
         '<tripinfo id="b" depart="5" departDelay="0" arrival="-1.00" timeLoss="6" waitingTime="2"/>'
         '<tripinfo id="c" depart="-1" departDelay="30" arrival="-1.00" timeLoss="0" waitingTime="0"/>'
-        '</tripinfos>'
+        "</tripinfos>"
     )
     kpis = parse_tripinfo(path)
     assert kpis["delay"] == pytest.approx((12 + 6 + 30) / 3)
@@ -254,9 +254,7 @@ def test_bench_command_runs(tmp_path: Path) -> None:
 
     from marl.bench.traffic import command
 
-    result = CliRunner().invoke(
-        command, ["traffic/2x2grid", "--horizon", "120", "--repeat", "1", "--skip-sumo-rl"]
-    )
+    result = CliRunner().invoke(command, ["traffic/2x2grid", "--horizon", "120", "--repeat", "1", "--skip-sumo-rl"])
     assert result.exit_code == 0, result.output
     # the env drives exactly the traffic of bare libsumo, with the programme and with agents
     output = " ".join(result.output.split())

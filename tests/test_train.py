@@ -34,13 +34,26 @@ SCENARIO = "traffic/single-intersection"
 # One rollout = one episode (320 s / 5 s decisions = 64 steps): a resumed run then sees exactly
 # the episodes the uninterrupted run saw, so parameters must match bit for bit.
 SHORT = {"end": "320"}
-EXACT = {"num_steps": "64", "num_minibatches": "2", "update_epochs": "2", "eval_every": "0",
-         "checkpoint_every": "1", "keep_checkpoints": "5"}
+EXACT = {
+    "num_steps": "64",
+    "num_minibatches": "2",
+    "update_epochs": "2",
+    "eval_every": "0",
+    "checkpoint_every": "1",
+    "keep_checkpoints": "5",
+}
 
 
 def _request(tmp_path: Path, name: str, steps: int, **kw) -> TrainRequest:
-    return TrainRequest(scenario=SCENARIO, steps=steps, overrides=dict(SHORT), algo_overrides=dict(EXACT),
-                        eval_episodes=0, out=str(tmp_path / name), **kw)
+    return TrainRequest(
+        scenario=SCENARIO,
+        steps=steps,
+        overrides=dict(SHORT),
+        algo_overrides=dict(EXACT),
+        eval_episodes=0,
+        out=str(tmp_path / name),
+        **kw,
+    )
 
 
 def _params(path: Path) -> dict[str, torch.Tensor]:
@@ -94,9 +107,16 @@ def _untrained_return(scenario: str, overrides: dict, seeds: list[int]) -> float
 def test_short_training_improves_return(tmp_path):
     overrides = {"end": "400"}  # 80 decisions per episode
     before = _untrained_return(SCENARIO, overrides, [0, 1, 2, 3])
-    result = train(TrainRequest(scenario=SCENARIO, steps=2048, overrides=overrides,
-                                algo_overrides={"learning_rate": "1e-3", "eval_every": "0"},
-                                eval_episodes=4, out=str(tmp_path / "learn")))
+    result = train(
+        TrainRequest(
+            scenario=SCENARIO,
+            steps=2048,
+            overrides=overrides,
+            algo_overrides={"learning_rate": "1e-3", "eval_every": "0"},
+            eval_episodes=4,
+            out=str(tmp_path / "learn"),
+        )
+    )
     after = result.final_kpis["return"]  # same 4 seeds, deterministic policy
     print(f"untrained {before:.2f} trained {after:.2f}")
     # Measured: untrained about -30, trained about -5 (rewards are negative waiting times).
@@ -106,10 +126,19 @@ def test_short_training_improves_return(tmp_path):
 
 
 def test_mappo_with_gated_comms_writes_records(tmp_path):
-    result = train(TrainRequest(scenario="traffic/2x2grid", algo="mappo", protocol="ic3net",
-                                channel="drop=0.2,bits=8", steps=64, overrides={"end": "320"},
-                                algo_overrides={"num_steps": "64", "num_minibatches": "2"},
-                                eval_episodes=1, out=str(tmp_path / "m")))
+    result = train(
+        TrainRequest(
+            scenario="traffic/2x2grid",
+            algo="mappo",
+            protocol="ic3net",
+            channel="drop=0.2,bits=8",
+            steps=64,
+            overrides={"end": "320"},
+            algo_overrides={"num_steps": "64", "num_minibatches": "2"},
+            eval_episodes=1,
+            out=str(tmp_path / "m"),
+        )
+    )
     assert result.env_steps == 64 and result.checkpoint is not None
     kpis = result.final_kpis
     # the gate speaks on some steps only (bytes counted per speaker), and the channel lost some
@@ -130,8 +159,22 @@ def test_mappo_with_gated_comms_writes_records(tmp_path):
 
 def test_policy_cli_roundtrip(tmp_path, capsys):
     out = tmp_path / "cli"
-    code = main(["train", SCENARIO, "--steps", "64", "--set", "end=320", "--algo-set", "num_steps=64",
-                 "--eval-episodes", "1", "--out", str(out)])
+    code = main(
+        [
+            "train",
+            SCENARIO,
+            "--steps",
+            "64",
+            "--set",
+            "end=320",
+            "--algo-set",
+            "num_steps=64",
+            "--eval-episodes",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     code = main(["run", SCENARIO, "--policy", str(out), "--set", "end=320", "--out", str(tmp_path / "run")])
     assert code == 0
@@ -198,9 +241,27 @@ def test_two_ranks_train_and_only_rank0_writes(tmp_path):
     env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
     out = tmp_path / "mpi"
     proc = subprocess.run(
-        [str(marl), "train", SCENARIO, "--ranks", "2", "--steps", "256", "--set", "end=320",
-         "--algo-set", "num_steps=64", "--eval-episodes", "1", "--out", str(out)],
-        env=env, capture_output=True, text=True, timeout=300,
+        [
+            str(marl),
+            "train",
+            SCENARIO,
+            "--ranks",
+            "2",
+            "--steps",
+            "256",
+            "--set",
+            "end=320",
+            "--algo-set",
+            "num_steps=64",
+            "--eval-episodes",
+            "1",
+            "--out",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     latest = json.loads((out / "checkpoints" / "latest.json").read_text())
@@ -213,7 +274,21 @@ def test_target_kl_with_several_ranks_is_refused_before_training(tmp_path, capsy
     """Per-rank early stopping would desynchronise the allreduce; it must be refused clearly."""
     from marl.cli import main
 
-    code = main(["train", "traffic/single-intersection", "--ranks", "2", "--steps", "64",
-                 "--algo-set", "target_kl=0.02", "--set", "end=120", "--out", str(tmp_path / "t")])
+    code = main(
+        [
+            "train",
+            "traffic/single-intersection",
+            "--ranks",
+            "2",
+            "--steps",
+            "64",
+            "--algo-set",
+            "target_kl=0.02",
+            "--set",
+            "end=120",
+            "--out",
+            str(tmp_path / "t"),
+        ]
+    )
     assert code == 2
     assert "target_kl" in capsys.readouterr().err

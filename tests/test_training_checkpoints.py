@@ -44,12 +44,15 @@ def _copy_with(tmp_path: Path, edit) -> Path:
     return target
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda s, m: m["algo_config"].update(hidden_size=200_000), "bad hidden_size=200000; allowed: 1..4096"),
-    (lambda s, m: m["algo_config"].update(hidden_size=32), "metadata says hidden_size=32"),
-    (lambda s, m: m["layout"].update(agents=[]), "0 agents"),
-    (lambda s, m: m.pop("layout"), "lacks layout"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda s, m: m["algo_config"].update(hidden_size=200_000), "bad hidden_size=200000; allowed: 1..4096"),
+        (lambda s, m: m["algo_config"].update(hidden_size=32), "metadata says hidden_size=32"),
+        (lambda s, m: m["layout"].update(agents=[]), "0 agents"),
+        (lambda s, m: m.pop("layout"), "lacks layout"),
+    ],
+)
 def test_bad_metadata_is_refused_before_building(tmp_path, capsys, edit, message):
     path = _copy_with(tmp_path, edit)
     with pytest.raises(CheckpointError, match="checkpoint"):
@@ -61,8 +64,9 @@ def test_bad_metadata_is_refused_before_building(tmp_path, capsys, edit, message
 
 
 def test_controller_beside_policy_is_refused(tmp_path, capsys):
-    code = main(["run", SCENARIO, "--controller", "max-pressure", "--policy", str(FIXTURE),
-                 "--out", str(tmp_path / "r")])
+    code = main(
+        ["run", SCENARIO, "--controller", "max-pressure", "--policy", str(FIXTURE), "--out", str(tmp_path / "r")]
+    )
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert "--controller max-pressure with --policy" in err and len(err.splitlines()) == 1
@@ -84,4 +88,3 @@ def test_layout_accepts_simulator_ids_of_old_checkpoints():
     assert not env_layout.fits(old, {"tls_0": "B7", "tls_1": "A0"})  # same ids, other order
     wider = TeamLayout(agents=["tls_0", "tls_1"], obs_sizes=[4, 3], kind="discrete", action_sizes=[2, 2])
     assert not wider.fits(TeamLayout(**env_layout.to_meta()))
-

@@ -44,8 +44,17 @@ def test_cologne8_preset_is_the_measured_learner(capsys):
 
 def test_bench_plan_covers_every_controller_and_seed(tmp_path):
     names = [n for (_, n) in registry.controllers("traffic")]
-    jobs = plan_jobs("traffic/2x2grid", [("idqn", "none"), ("ippo", "neighbours")], names, 3, 100, 2,
-                     tmp_path, ("end=320",), ("learning_rate=0.001",))
+    jobs = plan_jobs(
+        "traffic/2x2grid",
+        [("idqn", "none"), ("ippo", "neighbours")],
+        names,
+        3,
+        100,
+        2,
+        tmp_path,
+        ("end=320",),
+        ("learning_rate=0.001",),
+    )
     assert len(jobs) == 3 * (2 + len(names))
     assert {j.seed for j in jobs} == {0, 1, 2}
     cells = {job.argv[job.argv.index("--out") + 1] for job in jobs}
@@ -65,10 +74,38 @@ def test_bench_plan_covers_every_controller_and_seed(tmp_path):
 
 def test_bench_learn_writes_records_and_report(tmp_path, capsys):
     out = tmp_path / "bench"
-    assert main(["bench", "learn", "traffic/single-intersection", "--methods", "idqn", "--steps", "64",
-                 "--seeds", "2", "--jobs", "1", "--baselines", "fixed-time,max-wave", "--eval-episodes", "1",
-                 "--speed-steps", "0", "--set", "end=320", "--algo-set", "num_steps=64",
-                 "--algo-set", "learning_starts=16", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "learn",
+                "traffic/single-intersection",
+                "--methods",
+                "idqn",
+                "--steps",
+                "64",
+                "--seeds",
+                "2",
+                "--jobs",
+                "1",
+                "--baselines",
+                "fixed-time,max-wave",
+                "--eval-episodes",
+                "1",
+                "--speed-steps",
+                "0",
+                "--set",
+                "end=320",
+                "--algo-set",
+                "num_steps=64",
+                "--algo-set",
+                "learning_starts=16",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "learn_bench.json").read_text())
     assert [j["exit_code"] for j in summary["jobs"]] == [0] * 6
     rows = (out / "records.csv").read_text().splitlines()
@@ -78,10 +115,38 @@ def test_bench_learn_writes_records_and_report(tmp_path, capsys):
     assert "2 seeds per method" in text and "idqn" in text and "max-wave" in text
     assert (out / "report" / "summary.csv").exists()
     # a rerun finds every cell done and runs nothing again
-    assert main(["bench", "learn", "traffic/single-intersection", "--methods", "idqn", "--steps", "64",
-                 "--seeds", "2", "--jobs", "1", "--baselines", "fixed-time,max-wave", "--eval-episodes", "1",
-                 "--speed-steps", "0", "--set", "end=320", "--algo-set", "num_steps=64",
-                 "--algo-set", "learning_starts=16", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "learn",
+                "traffic/single-intersection",
+                "--methods",
+                "idqn",
+                "--steps",
+                "64",
+                "--seeds",
+                "2",
+                "--jobs",
+                "1",
+                "--baselines",
+                "fixed-time,max-wave",
+                "--eval-episodes",
+                "1",
+                "--speed-steps",
+                "0",
+                "--set",
+                "end=320",
+                "--algo-set",
+                "num_steps=64",
+                "--algo-set",
+                "learning_starts=16",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     again = json.loads((out / "learn_bench.json").read_text())
     assert all(j.get("skipped") for j in again["jobs"])
     assert (out / "records.csv").read_text() == "\n".join(rows) + "\n"
@@ -90,10 +155,25 @@ def test_bench_learn_writes_records_and_report(tmp_path, capsys):
 def test_resume_without_options_continues_the_checkpoints_algorithm(tmp_path, capsys):
     # single-intersection's preset is ippo; a resumed idqn run must stay idqn and keep its config
     args = ["--set", "end=320", "--eval-episodes", "0", "--out", str(tmp_path / "r")]
-    assert main(["train", "traffic/single-intersection", "--algo", "idqn", "--steps", "64",
-                 "--algo-set", "num_steps=64", "--algo-set", "learning_starts=16", *args]) == 0
-    assert main(["train", "traffic/single-intersection", "--steps", "128", "--resume", str(tmp_path / "r"),
-                 *args]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "traffic/single-intersection",
+                "--algo",
+                "idqn",
+                "--steps",
+                "64",
+                "--algo-set",
+                "num_steps=64",
+                "--algo-set",
+                "learning_starts=16",
+                *args,
+            ]
+        )
+        == 0
+    )
+    assert main(["train", "traffic/single-intersection", "--steps", "128", "--resume", str(tmp_path / "r"), *args]) == 0
     capsys.readouterr()
     state = load_checkpoint(tmp_path / "r")
     assert state["meta"]["algo"] == "idqn" and state["env_steps"] == 128

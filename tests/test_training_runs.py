@@ -19,14 +19,21 @@ from marl.training import TrainRequest, load_checkpoint, train
 SCENARIO = "traffic/single-intersection"
 SHORT = {"end": "320"}
 # 32-step rollouts: every other checkpoint falls in the middle of a 64-step episode.
-HALF = {"num_steps": "32", "num_minibatches": "2", "update_epochs": "2", "eval_every": "0",
-        "checkpoint_every": "1", "keep_checkpoints": "5"}
+HALF = {
+    "num_steps": "32",
+    "num_minibatches": "2",
+    "update_epochs": "2",
+    "eval_every": "0",
+    "checkpoint_every": "1",
+    "keep_checkpoints": "5",
+}
 
 
 def _request(out: Path, steps: int, **kw) -> TrainRequest:
     kw.setdefault("eval_episodes", 0)
-    return TrainRequest(scenario=SCENARIO, steps=steps, overrides=dict(SHORT), algo_overrides=dict(HALF),
-                        out=str(out), **kw)
+    return TrainRequest(
+        scenario=SCENARIO, steps=steps, overrides=dict(SHORT), algo_overrides=dict(HALF), out=str(out), **kw
+    )
 
 
 def _records(out: Path) -> list[dict[str, str]]:
@@ -44,8 +51,10 @@ def test_resume_from_the_middle_of_an_episode_is_bit_exact(tmp_path):
     resumed = train(_request(tmp_path / "b", 96, resume=str(tmp_path / "b")))
     a, b = load_checkpoint(straight.checkpoint), load_checkpoint(resumed.checkpoint)
     assert _same(a["model"], b["model"])
-    assert all(torch.equal(a["optimizer"]["state"][k]["exp_avg"], b["optimizer"]["state"][k]["exp_avg"])
-               for k in a["optimizer"]["state"])
+    assert all(
+        torch.equal(a["optimizer"]["state"][k]["exp_avg"], b["optimizer"]["state"][k]["exp_avg"])
+        for k in a["optimizer"]["state"]
+    )
     assert a["episodes"] == b["episodes"] == 1
     # the training return of the episode that spans the resume is the uninterrupted one
     assert straight.train_returns[0] == resumed.train_returns[0]
@@ -68,8 +77,24 @@ def test_resume_drops_the_dead_runs_rows_past_its_checkpoint(tmp_path):
 def test_final_evaluation_plays_marl_runs_episodes(tmp_path):
     out, run_out = tmp_path / "tr", tmp_path / "run"
     args = ["--set", "end=320", "--seed", "3"]
-    assert main(["train", SCENARIO, *args, "--steps", "32", "--algo-set", "num_steps=32",
-                 "--eval-episodes", "3", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                SCENARIO,
+                *args,
+                "--steps",
+                "32",
+                "--algo-set",
+                "num_steps=32",
+                "--eval-episodes",
+                "3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert main(["run", SCENARIO, *args, "--episodes", "3", "--policy", str(out), "--out", str(run_out)]) == 0
 
     def delays(d: Path) -> list[str]:
@@ -90,8 +115,25 @@ def test_repeated_run_resumes_and_never_records_an_episode_twice(tmp_path, capsy
     # another request that would write the same keys (a policy scored in its training directory,
     # whose final evaluation holds ippo seed 0 episode 0) is refused
     tr = tmp_path / "tr"
-    assert main(["train", SCENARIO, "--set", "end=320", "--steps", "32", "--algo-set", "num_steps=32",
-                 "--eval-episodes", "1", "--out", str(tr)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                SCENARIO,
+                "--set",
+                "end=320",
+                "--steps",
+                "32",
+                "--algo-set",
+                "num_steps=32",
+                "--eval-episodes",
+                "1",
+                "--out",
+                str(tr),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["run", SCENARIO, "--set", "end=320", "--policy", str(tr), "--out", str(tr)]) == 2
     err = capsys.readouterr().err.strip()
@@ -109,15 +151,44 @@ def test_bad_out_fails_before_any_output(tmp_path, capsys):
 
 def test_evaluate_hint_is_shell_quoted(tmp_path, capsys):
     out = tmp_path / "with space"
-    assert main(["train", SCENARIO, "--set", "end=320", "--steps", "32", "--algo-set", "num_steps=32",
-                 "--eval-episodes", "0", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                SCENARIO,
+                "--set",
+                "end=320",
+                "--steps",
+                "32",
+                "--algo-set",
+                "num_steps=32",
+                "--eval-episodes",
+                "0",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert f"--policy '{out}'" in capsys.readouterr().out
 
 
 def test_second_fresh_training_into_the_same_out_is_refused(tmp_path, capsys):
     out = tmp_path / "tr"
-    args = ["train", SCENARIO, "--set", "end=320", "--steps", "32", "--algo-set", "num_steps=32",
-            "--eval-episodes", "1", "--out", str(out)]
+    args = [
+        "train",
+        SCENARIO,
+        "--set",
+        "end=320",
+        "--steps",
+        "32",
+        "--algo-set",
+        "num_steps=32",
+        "--eval-episodes",
+        "1",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     capsys.readouterr()
     assert main(args) == 2  # its final evaluation would be recorded twice under one key

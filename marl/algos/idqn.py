@@ -81,7 +81,9 @@ class IDQNConfig:
     environment steps of this process (one step = every agent acts once)."""
 
     learning_rate: float = field(default=1e-3, metadata=_help("Adam step size (RESCO: Adam's default 1e-3)"))
-    buffer_size: int = field(default=10_000, metadata=_help("replay capacity, team steps (each holds every agent's transition)"))
+    buffer_size: int = field(
+        default=10_000, metadata=_help("replay capacity, team steps (each holds every agent's transition)")
+    )
     batch_size: int = field(default=32, metadata=_help("team steps per gradient step (x agents transitions)"))
     gamma: float = field(default=0.99, metadata=_help("discount factor per env step"))
     n_step: int = field(default=3, metadata=_help("steps summed in the return before bootstrapping (1: plain DQN)"))
@@ -92,13 +94,17 @@ class IDQNConfig:
     learning_starts: int = field(default=500, metadata=_help("env steps of pure exploration before learning"))
     epsilon_start: float = field(default=1.0, metadata=_help("exploration rate at step 0"))
     epsilon_end: float = field(default=0.0, metadata=_help("exploration rate after the decay"))
-    exploration_fraction: float = field(default=1.0, metadata=_help("share of --steps over which epsilon decays linearly"))
+    exploration_fraction: float = field(
+        default=1.0, metadata=_help("share of --steps over which epsilon decays linearly")
+    )
     max_grad_norm: float = field(default=10.0, metadata=_help("global gradient norm clip"))
     hidden_size: int = field(default=64, metadata=_help("width of the two hidden layers"))
     shared_parameters: bool = field(default=True, metadata=_help("one network for all agents (false: one per agent)"))
     agent_id: bool = field(default=True, metadata=_help("add a learned per-agent bias (one-hot id input)"))
     save_replay: bool = field(default=True, metadata=_help("store the replay buffer in checkpoints (exact --resume)"))
-    num_steps: int = field(default=360, metadata=_help("env steps per iteration: one log row; eval/checkpoint counts use it"))
+    num_steps: int = field(
+        default=360, metadata=_help("env steps per iteration: one log row; eval/checkpoint counts use it")
+    )
     deterministic_eval: bool = field(default=True, metadata=_help("evaluate greedily (false: softmax over Q)"))
     eval_every: int = field(default=10, metadata=_help("iterations between evaluation episodes (0: only at the end)"))
     checkpoint_every: int = field(default=10, metadata=_help("iterations between checkpoints"))
@@ -106,8 +112,19 @@ class IDQNConfig:
     torch_threads: int = field(default=1, metadata=_help("torch intra-op threads (small nets: 1 is fastest)"))
 
     def __post_init__(self) -> None:
-        positive = ["learning_rate", "buffer_size", "batch_size", "n_step", "target_update_every", "train_every",
-                    "hidden_size", "num_steps", "checkpoint_every", "keep_checkpoints", "torch_threads"]
+        positive = [
+            "learning_rate",
+            "buffer_size",
+            "batch_size",
+            "n_step",
+            "target_update_every",
+            "train_every",
+            "hidden_size",
+            "num_steps",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "torch_threads",
+        ]
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"bad {name}={getattr(self, name)}; allowed: a value > 0")
@@ -136,8 +153,16 @@ class QNetwork(nn.Module):
     which only shifts Q per state and leaves every argmax unchanged).
     """
 
-    def __init__(self, n_agents: int, obs_dim: int, n_actions: int, hidden: int = 64, shared: bool = True,
-                 agent_id: bool = True, dueling: bool = False) -> None:
+    def __init__(
+        self,
+        n_agents: int,
+        obs_dim: int,
+        n_actions: int,
+        hidden: int = 64,
+        shared: bool = True,
+        agent_id: bool = True,
+        dueling: bool = False,
+    ) -> None:
         super().__init__()
         groups = 1 if shared else n_agents
         self.encoder = MLP(groups, [obs_dim, hidden, hidden], id_agents=n_agents if agent_id else 0)
@@ -152,9 +177,14 @@ class QNetwork(nn.Module):
         return q
 
     # The controller interface :func:`marl.training.model.act` uses for every policy.
-    def actor(self, obs: torch.Tensor, delivered: torch.Tensor | None = None,
-              action_mask: torch.Tensor | None = None, gate: Any = None,
-              deterministic_gate: bool = False) -> tuple[Categorical, None]:
+    def actor(
+        self,
+        obs: torch.Tensor,
+        delivered: torch.Tensor | None = None,
+        action_mask: torch.Tensor | None = None,
+        gate: Any = None,
+        deterministic_gate: bool = False,
+    ) -> tuple[Categorical, None]:
         """Softmax over the masked Q-values: its argmax is the greedy policy (what evaluation uses)."""
         q = self(obs)
         if action_mask is not None:
@@ -229,8 +259,9 @@ class NStepAssembler:
         del self.obs[0], self.actions[0], self.rewards[0]
         return t
 
-    def push(self, obs: np.ndarray, action: np.ndarray, reward: np.ndarray, next_obs: np.ndarray,
-             next_mask: np.ndarray) -> list[Transition]:
+    def push(
+        self, obs: np.ndarray, action: np.ndarray, reward: np.ndarray, next_obs: np.ndarray, next_mask: np.ndarray
+    ) -> list[Transition]:
         """Add a step that did not end the episode; returns the transition now complete (if any)."""
         self.obs.append(obs)
         self.actions.append(action)
@@ -239,8 +270,15 @@ class NStepAssembler:
             return []
         return [self._emit(self.n, next_obs, next_mask, np.zeros(len(action), bool))]
 
-    def end(self, obs: np.ndarray, action: np.ndarray, reward: np.ndarray, final_obs: np.ndarray,
-            final_mask: np.ndarray, terminal: np.ndarray) -> list[Transition]:
+    def end(
+        self,
+        obs: np.ndarray,
+        action: np.ndarray,
+        reward: np.ndarray,
+        final_obs: np.ndarray,
+        final_mask: np.ndarray,
+        terminal: np.ndarray,
+    ) -> list[Transition]:
         """Add the episode's last step and flush every pending step: each sums the rewards left
         and bootstraps from the final state unless the agent terminated (``terminal`` [N])."""
         self.obs.append(obs)
@@ -250,6 +288,7 @@ class NStepAssembler:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Pending steps as tensors (shape ``[k, ...]``, k < n) for a checkpoint."""
+
         def stack(items: list[np.ndarray]) -> torch.Tensor:
             return torch.from_numpy(np.stack(items)) if items else torch.zeros(0)
 
@@ -292,8 +331,11 @@ class ReplayBuffer:
 
     def state_dict(self) -> dict[str, Any]:
         """The filled part of the ring (a checkpoint does not store empty slots)."""
-        return {"size": self.size, "pos": self.pos,
-                **{name: torch.from_numpy(getattr(self, name)[: self.size].copy()) for name in self._FIELDS}}
+        return {
+            "size": self.size,
+            "pos": self.pos,
+            **{name: torch.from_numpy(getattr(self, name)[: self.size].copy()) for name in self._FIELDS},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         size = int(state["size"])
@@ -305,9 +347,16 @@ class ReplayBuffer:
 
 
 # ---- update ---------------------------------------------------------------------------------------
-def dqn_update(model: QNetwork, target: QNetwork, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
-               config: IDQNConfig, *, sync_grads: Callable[[list[nn.Parameter]], int] | None = None,
-               grad_scale: float = 1.0) -> dict[str, float]:
+def dqn_update(
+    model: QNetwork,
+    target: QNetwork,
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, torch.Tensor],
+    config: IDQNConfig,
+    *,
+    sync_grads: Callable[[list[nn.Parameter]], int] | None = None,
+    grad_scale: float = 1.0,
+) -> dict[str, float]:
     """One gradient step on a replay batch; returns ``loss``, ``q_mean`` and ``grad_sync_bytes``.
 
     Target ``y = R_n + discount * Q_target(s', a*)`` with ``a* = argmax_{valid a} Q_online(s', a)``
@@ -335,8 +384,15 @@ def dqn_update(model: QNetwork, target: QNetwork, optimizer: torch.optim.Optimiz
 
 def build_network(config: IDQNConfig, n_agents: int, obs_dim: int, n_actions: int) -> QNetwork:
     """The Q-network for a team of ``n_agents`` with padded observations of ``obs_dim`` values."""
-    return QNetwork(n_agents, obs_dim, n_actions, hidden=config.hidden_size, shared=config.shared_parameters,
-                    agent_id=config.agent_id, dueling=config.dueling)
+    return QNetwork(
+        n_agents,
+        obs_dim,
+        n_actions,
+        hidden=config.hidden_size,
+        shared=config.shared_parameters,
+        agent_id=config.agent_id,
+        dueling=config.dueling,
+    )
 
 
 class IDQN:

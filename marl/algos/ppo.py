@@ -184,7 +184,7 @@ def ppo_update(
                 gate=None if batch.gates is None else batch.gates[idx],
             )
             new_logprob, entropy = log_prob_entropy(dist, batch.actions[idx])
-            if comms_out is not None and comms_out.logprob is not None:
+            if comms_out is not None and comms_out.logprob is not None and comms_out.entropy is not None:
                 # The speak/silent gate is part of the joint action (IC3Net).
                 new_logprob = new_logprob + comms_out.logprob
                 entropy = entropy + comms_out.entropy
@@ -220,8 +220,13 @@ def ppo_update(
             nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
 
-            for key, value in (("policy_loss", pg_loss), ("value_loss", v_loss), ("entropy", entropy_loss),
-                               ("approx_kl", approx_kl), ("clipfrac", clipfrac)):
+            for key, value in (
+                ("policy_loss", pg_loss),
+                ("value_loss", v_loss),
+                ("entropy", entropy_loss),
+                ("approx_kl", approx_kl),
+                ("clipfrac", clipfrac),
+            ):
                 sums[key] = sums.get(key, 0.0) + float(value.detach())
             count += 1
         if config.target_kl is not None and float(approx_kl) > config.target_kl:

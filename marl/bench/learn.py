@@ -40,8 +40,9 @@ import click
 __all__ = ["Job", "command", "env_steps_per_second", "plan_jobs", "run_jobs", "measure_speed"]
 
 
-def env_steps_per_second(scenario: str, overrides: dict[str, str], controller: str, steps: int,
-                         seed: int = 0, test: bool = False) -> float:
+def env_steps_per_second(
+    scenario: str, overrides: dict[str, str], controller: str, steps: int, seed: int = 0, test: bool = False
+) -> float:
     """Env steps/s of ``controller`` through ``marl run``'s episode loop (resets included)."""
     import numpy as np
 
@@ -64,8 +65,17 @@ def env_steps_per_second(scenario: str, overrides: dict[str, str], controller: s
         env.close()
 
 
-def measure_speed(scenario: str, overrides: dict[str, str], algo: str, protocol: str, steps: int,
-                  algo_overrides: dict[str, str], seed: int, out: Path, test: bool = False) -> dict[str, Any]:
+def measure_speed(
+    scenario: str,
+    overrides: dict[str, str],
+    algo: str,
+    protocol: str,
+    steps: int,
+    algo_overrides: dict[str, str],
+    seed: int,
+    out: Path,
+    test: bool = False,
+) -> dict[str, Any]:
     """Training steps/s vs the env's own steps/s (random controller), same process, sandwiched."""
     from marl.core import registry
     from marl.training import TrainRequest, train
@@ -74,16 +84,31 @@ def measure_speed(scenario: str, overrides: dict[str, str], algo: str, protocol:
     names = {n for (_, n) in registry.controllers(domain)}
     controller = "random" if "random" in names else registry.scenario_spec(scenario).default_controller
     before = env_steps_per_second(scenario, overrides, controller, steps, seed, test)
-    result = train(TrainRequest(
-        scenario=scenario, algo=algo, protocol=protocol, steps=steps, seed=seed, out=str(out / "speed"),
-        overrides=overrides, algo_overrides={"eval_every": "0", **algo_overrides}, eval_episodes=0, test=test,
-    ))
+    result = train(
+        TrainRequest(
+            scenario=scenario,
+            algo=algo,
+            protocol=protocol,
+            steps=steps,
+            seed=seed,
+            out=str(out / "speed"),
+            overrides=overrides,
+            algo_overrides={"eval_every": "0", **algo_overrides},
+            eval_episodes=0,
+            test=test,
+        )
+    )
     after = env_steps_per_second(scenario, overrides, controller, steps, seed, test)
     reference = (before + after) / 2
     return {
-        "scenario": scenario, "algo": algo, "protocol": protocol, "steps": result.env_steps,
-        "reference_controller": controller, "env_steps_per_second": reference,
-        "env_before": before, "env_after": after,
+        "scenario": scenario,
+        "algo": algo,
+        "protocol": protocol,
+        "steps": result.env_steps,
+        "reference_controller": controller,
+        "env_steps_per_second": reference,
+        "env_before": before,
+        "env_after": after,
         "train_steps_per_second": result.steps_per_second,
         "ratio": result.steps_per_second / reference if reference else float("nan"),
         # Within the training run itself: the share of time spent stepping the env. Unlike the
@@ -109,8 +134,17 @@ class Job:
         return f"{self.method}{proto}-seed{self.seed}"
 
 
-def plan_jobs(scenario: str, learners: list[tuple[str, str]], baselines: list[str], seeds: int, steps: int,
-              eval_episodes: int, out: Path, sets: tuple[str, ...], algo_sets: tuple[str, ...]) -> list[Job]:
+def plan_jobs(
+    scenario: str,
+    learners: list[tuple[str, str]],
+    baselines: list[str],
+    seeds: int,
+    steps: int,
+    eval_episodes: int,
+    out: Path,
+    sets: tuple[str, ...],
+    algo_sets: tuple[str, ...],
+) -> list[Job]:
     """Every job of the comparison: each baseline and each learner on seeds 0..seeds-1. Each job
     writes into its own cell ``out/cells/<kind>-<name>`` (a training run's checkpoints must not
     meet another's), merged afterwards as ``marl compare`` merges its cells. A talking controller
@@ -130,14 +164,48 @@ def plan_jobs(scenario: str, learners: list[tuple[str, str]], baselines: list[st
 
     for seed in range(seeds):
         for algo, protocol in learners:
-            add("train", algo, protocol, seed,
-                ["train", scenario, "--algo", algo, "--protocol", protocol, "--steps", str(steps), "--seed", str(seed),
-                 "--eval-episodes", str(eval_episodes), *[f"--algo-set={kv}" for kv in algo_sets]])
+            add(
+                "train",
+                algo,
+                protocol,
+                seed,
+                [
+                    "train",
+                    scenario,
+                    "--algo",
+                    algo,
+                    "--protocol",
+                    protocol,
+                    "--steps",
+                    str(steps),
+                    "--seed",
+                    str(seed),
+                    "--eval-episodes",
+                    str(eval_episodes),
+                    *[f"--algo-set={kv}" for kv in algo_sets],
+                ],
+            )
     for seed in range(seeds):
         for name in baselines:
             protocol = "neighbours" if registry.controller_spec(domain, name).uses_messages else "none"
-            add("run", name, protocol, seed, ["run", scenario, "--controller", name, "--protocol", protocol,
-                                              "--seed", str(seed), "--episodes", str(eval_episodes)])
+            add(
+                "run",
+                name,
+                protocol,
+                seed,
+                [
+                    "run",
+                    scenario,
+                    "--controller",
+                    name,
+                    "--protocol",
+                    protocol,
+                    "--seed",
+                    str(seed),
+                    "--episodes",
+                    str(eval_episodes),
+                ],
+            )
     return jobs
 
 
@@ -172,8 +240,9 @@ def run_jobs(jobs: list[Job], jobs_at_once: int, on_done: Any = None) -> list[di
         cell.mkdir(parents=True)
         t0 = time.perf_counter()
         with log.open("w") as fh:
-            code = subprocess.run([marl, *job.argv], stdout=fh, stderr=subprocess.STDOUT, env=env,
-                                  check=False).returncode
+            code = subprocess.run(
+                [marl, *job.argv], stdout=fh, stderr=subprocess.STDOUT, env=env, check=False
+            ).returncode
         seconds = time.perf_counter() - t0
         if code == 0:
             atomic_write_json(cell / DONE_FILE, {"key": cell.name, "seconds": seconds})
@@ -189,28 +258,42 @@ def run_jobs(jobs: list[Job], jobs_at_once: int, on_done: Any = None) -> list[di
         return list(pool.map(one, jobs))
 
 
-def _markdown(speed: dict[str, Any] | None, report: str, scenario: str, steps: int, seeds: int,
-              episode_steps: int | None, failed: list[dict[str, Any]]) -> str:
+def _markdown(
+    speed: dict[str, Any] | None,
+    report: str,
+    scenario: str,
+    steps: int,
+    seeds: int,
+    episode_steps: int | None,
+    failed: list[dict[str, Any]],
+) -> str:
     lines = [f"# marl bench learn {scenario}", ""]
     if speed is not None:
         lines += [
             "## Speed (same process; reference = env with the "
-            f"`{speed['reference_controller']}` controller, mean of before/after)", "",
+            f"`{speed['reference_controller']}` controller, mean of before/after)",
+            "",
             "| algo | protocol | steps | env steps/s | train steps/s | ratio (target >= 0.7) "
             "| env share of training time |",
             "|---|---|---|---|---|---|---|",
             f"| {speed['algo']} | {speed['protocol']} | {speed['steps']} | {speed['env_steps_per_second']:.1f} "
-            f"| {speed['train_steps_per_second']:.1f} | {speed['ratio']:.2f} | {speed['env_time_fraction']:.2f} |", "",
+            f"| {speed['train_steps_per_second']:.1f} | {speed['ratio']:.2f} | {speed['env_time_fraction']:.2f} |",
+            "",
         ]
     if report:
         budget = f"{steps} env steps per learner and seed"
         if episode_steps:
             budget += f" (= {steps / episode_steps:.1f} episodes of {episode_steps} decisions; RESCO: 100)"
-        lines += [f"## Quality: {seeds} seeds per method, same evaluation episodes per seed; training budget {budget}",
-                  ""]
+        lines += [
+            f"## Quality: {seeds} seeds per method, same evaluation episodes per seed; training budget {budget}",
+            "",
+        ]
         if failed:
-            lines += [f"**{len(failed)} job(s) failed** (their rows are missing): "
-                      + ", ".join(f"{f['job']} (exit {f['exit_code']}, log {f['log']})" for f in failed), ""]
+            lines += [
+                f"**{len(failed)} job(s) failed** (their rows are missing): "
+                + ", ".join(f"{f['job']} (exit {f['exit_code']}, log {f['log']})" for f in failed),
+                "",
+            ]
         lines.append(report)
     return "\n".join(lines) + "\n"
 
@@ -238,23 +321,47 @@ def _learners(methods: str, scenario: str) -> list[tuple[str, str]]:
 
 @click.command("learn", context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("scenario")
-@click.option("--methods", default="preset",
-              help="Comma-separated learners, algo or algo+protocol ('preset': the scenario's training preset).")
-@click.option("--steps", type=int, default=None, help="Training budget per learner and seed (env steps); default: the preset's.")
+@click.option(
+    "--methods",
+    default="preset",
+    help="Comma-separated learners, algo or algo+protocol ('preset': the scenario's training preset).",
+)
+@click.option(
+    "--steps", type=int, default=None, help="Training budget per learner and seed (env steps); default: the preset's."
+)
 @click.option("--seeds", type=int, default=3, help="Seeds per method (0..K-1); >= 3 for a confidence interval.")
 @click.option("--jobs", type=int, default=2, help="Processes at once (each job is one marl train / marl run).")
-@click.option("--baselines", default="all", help="Comma-separated classical controllers; 'all': every one of the domain.")
+@click.option(
+    "--baselines", default="all", help="Comma-separated classical controllers; 'all': every one of the domain."
+)
 @click.option("--eval-episodes", type=int, default=3, help="Evaluation episodes per method and seed (same seeds).")
 @click.option("--speed-steps", type=int, default=2048, help="Env steps for the speed measurement (0: skip).")
 @click.option("--speed-algo", default=None, help="Algorithm of the speed measurement; default: the first learner.")
 @click.option("--quality/--no-quality", default=True, help="Run the learning-quality comparison.")
 @click.option("--set", "set_", multiple=True, metavar="KEY=VALUE", help="Scenario parameter override.")
-@click.option("--algo-set", "algo_set", multiple=True, metavar="KEY=VALUE",
-              help="Algorithm hyper-parameter for every learner (and the speed run).")
+@click.option(
+    "--algo-set",
+    "algo_set",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Algorithm hyper-parameter for every learner (and the speed run).",
+)
 @click.option("--out", default=None, help="Output directory; default results/bench-learn-<scenario>-<time>.")
-def command(scenario: str, methods: str, steps: int | None, seeds: int, jobs: int, baselines: str,
-            eval_episodes: int, speed_steps: int, speed_algo: str | None, quality: bool, set_: tuple[str, ...],
-            algo_set: tuple[str, ...], out: str | None) -> None:
+def command(
+    scenario: str,
+    methods: str,
+    steps: int | None,
+    seeds: int,
+    jobs: int,
+    baselines: str,
+    eval_episodes: int,
+    speed_steps: int,
+    speed_algo: str | None,
+    quality: bool,
+    set_: tuple[str, ...],
+    algo_set: tuple[str, ...],
+    out: str | None,
+) -> None:
     """Learning speed (train vs env steps/s) and quality (learners over seeds vs every classical
     controller, same evaluation episodes, marl report's statistics) on SCENARIO."""
     import os
@@ -272,16 +379,25 @@ def command(scenario: str, methods: str, steps: int | None, seeds: int, jobs: in
     cfg = registry.scenario_config(scenario, overrides)
     learners = _learners(methods, scenario)
     steps = spec.training.steps if steps is None else steps
-    names = [n for (_, n) in registry.controllers(spec.domain)] if baselines.strip() == "all" \
+    names = (
+        [n for (_, n) in registry.controllers(spec.domain)]
+        if baselines.strip() == "all"
         else [b.strip() for b in baselines.split(",") if b.strip()]
+    )
     for b in names:
         registry.controller_spec(spec.domain, b)
     most = PROCESSES_PER_CORE * (os.cpu_count() or 1)
     if steps < 1 or eval_episodes < 1 or speed_steps < 0 or seeds < 1 or not 1 <= jobs <= most:
-        raise ConfigError(f"bad budget (--steps {steps}, --eval-episodes {eval_episodes}, --seeds {seeds}, "
-                          f"--speed-steps {speed_steps}, --jobs {jobs}); allowed: steps, episodes, seeds >= 1, "
-                          f"speed steps >= 0, jobs 1..{most}")
-    out_dir = Path(out) if out else Path("results") / f"bench-learn-{scenario.replace('/', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+        raise ConfigError(
+            f"bad budget (--steps {steps}, --eval-episodes {eval_episodes}, --seeds {seeds}, "
+            f"--speed-steps {speed_steps}, --jobs {jobs}); allowed: steps, episodes, seeds >= 1, "
+            f"speed steps >= 0, jobs 1..{most}"
+        )
+    out_dir = (
+        Path(out)
+        if out
+        else Path("results") / f"bench-learn-{scenario.replace('/', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
     episode_steps = None
     if hasattr(cfg, "end") and hasattr(cfg, "begin") and hasattr(cfg, "delta_time"):
         episode_steps = int((cfg.end - cfg.begin) // cfg.delta_time)
@@ -291,9 +407,11 @@ def command(scenario: str, methods: str, steps: int | None, seeds: int, jobs: in
         algo = speed_algo or learners[0][0]
         with err.status(f"speed: {speed_steps} steps of env alone, then {algo} training, then env again"):
             speed = measure_speed(scenario, overrides, algo, "none", speed_steps, algo_overrides, 0, out_dir)
-        console.print(f"speed: env {speed['env_steps_per_second']:.1f} steps/s, training "
-                      f"{speed['train_steps_per_second']:.1f} steps/s, ratio {speed['ratio']:.2f} (target >= 0.7); "
-                      f"env share of training time {speed['env_time_fraction']:.2f}")
+        console.print(
+            f"speed: env {speed['env_steps_per_second']:.1f} steps/s, training "
+            f"{speed['train_steps_per_second']:.1f} steps/s, ratio {speed['ratio']:.2f} (target >= 0.7); "
+            f"env share of training time {speed['env_time_fraction']:.2f}"
+        )
     report, done = "", []
     if quality:
         plan = plan_jobs(scenario, learners, names, seeds, steps, eval_episodes, out_dir, set_, algo_set)
@@ -312,9 +430,18 @@ def command(scenario: str, methods: str, steps: int | None, seeds: int, jobs: in
             report, _ = build_report(out_dir, formats=["md", "csv"], metrics=[], figures=True)
     failed = [d for d in done if d["exit_code"] != 0]
     text = _markdown(speed, report, scenario, steps, seeds, episode_steps, failed)
-    atomic_write_json(out_dir / "learn_bench.json", {
-        "speed": speed, "jobs": done, "steps": steps, "seeds": seeds, "episode_steps": episode_steps,
-        "methods": [f"{a}+{p}" if p != "none" else a for a, p in learners], "baselines": names})
+    atomic_write_json(
+        out_dir / "learn_bench.json",
+        {
+            "speed": speed,
+            "jobs": done,
+            "steps": steps,
+            "seeds": seeds,
+            "episode_steps": episode_steps,
+            "methods": [f"{a}+{p}" if p != "none" else a for a, p in learners],
+            "baselines": names,
+        },
+    )
     atomic_write_text(out_dir / "learn_bench.md", text)
     console.print(text, markup=False, highlight=False, soft_wrap=True)
     console.print(f"written: {out_dir / 'learn_bench.md'}")

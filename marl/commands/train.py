@@ -32,20 +32,40 @@ __all__ = ["command"]
 
 @click.command("train", context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("scenario")
-@click.option("--algo", default=request_default("algo"), show_default=False,
-              help="Learning algorithm (see 'marl list algorithms'); default: the scenario's training preset.")
+@click.option(
+    "--algo",
+    default=request_default("algo"),
+    show_default=False,
+    help="Learning algorithm (see 'marl list algorithms'); default: the scenario's training preset.",
+)
 @protocol_option
 @channel_option
-@click.option("--steps", type=int, default=request_default("steps"), show_default=False,
-              help="Environment steps to train for (total over ranks); default: the scenario's training preset.")
+@click.option(
+    "--steps",
+    type=int,
+    default=request_default("steps"),
+    show_default=False,
+    help="Environment steps to train for (total over ranks); default: the scenario's training preset.",
+)
 @seed_option
 @click.option("--out", default=None, help="Results directory; default results/train-<scenario>-<algo>-<time>.")
-@click.option("--resume", default=None, help="Continue from a checkpoint (training output dir, checkpoints dir or .pt).")
+@click.option(
+    "--resume", default=None, help="Continue from a checkpoint (training output dir, checkpoints dir or .pt)."
+)
 @set_option
-@click.option("--algo-set", "algo_set", multiple=True, metavar="KEY=VALUE",
-              help="Override an algorithm hyper-parameter (repeatable); see --show-config.")
-@click.option("--eval-episodes", type=int, default=request_default("eval_episodes"),
-              help="Final evaluation episodes (the episodes of 'marl run --seed SEED --episodes n').")
+@click.option(
+    "--algo-set",
+    "algo_set",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override an algorithm hyper-parameter (repeatable); see --show-config.",
+)
+@click.option(
+    "--eval-episodes",
+    type=int,
+    default=request_default("eval_episodes"),
+    help="Final evaluation episodes (the episodes of 'marl run --seed SEED --episodes n').",
+)
 @click.option("--show-config", is_flag=True, help="Print the algorithm, scenario and distributed config and exit.")
 @click.option("--test", "test_preset", is_flag=True, hidden=True, help="Use the scenario's short test presets.")
 @click.option("--ranks", type=int, default=1, help="MPI ranks; > 1 relaunches under the venv's mpiexec.")
@@ -88,14 +108,32 @@ def command(
 
     console = Console()
     algo, protocol, channel, steps, algo_overrides, preset_note = _preset(
-        scenario, algo, protocol, channel, steps, algo_set, resume)
-    dist_cfg = DistConfig(ranks=ranks, sync=sync, compress=compress, bucket_mb=bucket_mb, overlap=overlap,
-                          fault_tolerance=fault_tolerance, inject_failure=inject_failure)
+        scenario, algo, protocol, channel, steps, algo_set, resume
+    )
+    dist_cfg = DistConfig(
+        ranks=ranks,
+        sync=sync,
+        compress=compress,
+        bucket_mb=bucket_mb,
+        overlap=overlap,
+        fault_tolerance=fault_tolerance,
+        inject_failure=inject_failure,
+    )
     overrides = parse_sets(set_)
     request = TrainRequest(
-        scenario=scenario, algo=algo, protocol=protocol, channel=channel, steps=steps, seed=seed,
-        out=out, overrides=overrides, algo_overrides=algo_overrides, eval_episodes=eval_episodes,
-        resume=resume, test=test_preset, dist=dist_cfg,
+        scenario=scenario,
+        algo=algo,
+        protocol=protocol,
+        channel=channel,
+        steps=steps,
+        seed=seed,
+        out=out,
+        overrides=overrides,
+        algo_overrides=algo_overrides,
+        eval_episodes=eval_episodes,
+        resume=resume,
+        test=test_preset,
+        dist=dist_cfg,
     )
     if show_config:
         config = algorithm_config(algo, algo_overrides)
@@ -126,8 +164,9 @@ def command(
     _summary(console, request, result)
 
 
-def _preset(scenario: str, algo: str, protocol: str, channel: str, steps: int, algo_set: tuple[str, ...],
-            resume: str | None) -> tuple[str, str, str, int, dict[str, Any], str]:
+def _preset(
+    scenario: str, algo: str, protocol: str, channel: str, steps: int, algo_set: tuple[str, ...], resume: str | None
+) -> tuple[str, str, str, int, dict[str, Any], str]:
     """(algo, protocol, channel, steps, algo overrides, note): the options given, the rest from
     the checkpoint when resuming (its algorithm, protocol and channel; its config stays its own),
     else from the scenario's training preset. Click reports whether a value came from the command
@@ -147,12 +186,20 @@ def _preset(scenario: str, algo: str, protocol: str, channel: str, steps: int, a
 
         meta = load_checkpoint(resume)["meta"]
         algo, protocol, steps, _, note = with_preset(
-            scenario, algo if given("algo") else meta["algo"], protocol if given("protocol") else meta["protocol"],
-            steps if given("steps") else None, {})
+            scenario,
+            algo if given("algo") else meta["algo"],
+            protocol if given("protocol") else meta["protocol"],
+            steps if given("steps") else None,
+            {},
+        )
         return algo, protocol, channel if given("channel") else meta["channel"], steps, parse_sets(algo_set), note
     algo, protocol, steps, overrides, note = with_preset(
-        scenario, algo if given("algo") else None, protocol if given("protocol") else None,
-        steps if given("steps") else None, parse_sets(algo_set))
+        scenario,
+        algo if given("algo") else None,
+        protocol if given("protocol") else None,
+        steps if given("steps") else None,
+        parse_sets(algo_set),
+    )
     return algo, protocol, channel, steps, overrides, note
 
 
@@ -193,8 +240,9 @@ def _train_with_progress(plan: Any, err_console: Any) -> Any:
         transient=False,
     )
     with progress:
-        task = progress.add_task(f"{request.algo} {request.scenario}", total=request.steps, sps=0.0,
-                                 ret=float("nan"), kpi="")
+        task = progress.add_task(
+            f"{request.algo} {request.scenario}", total=request.steps, sps=0.0, ret=float("nan"), kpi=""
+        )
 
         def on_progress(info: dict[str, Any]) -> None:
             fields: dict[str, Any] = {}
@@ -215,9 +263,11 @@ def _train_with_progress(plan: Any, err_console: Any) -> Any:
 def _summary(console: Any, request: Any, result: Any) -> None:
     from rich.table import Table
 
-    table = Table(title=f"{request.scenario} — {result.method} after {result.env_steps} steps "
-                        f"({result.updates} updates, {result.seconds:.0f} s, {result.steps_per_second:.0f} steps/s)",
-                  header_style="bold")
+    table = Table(
+        title=f"{request.scenario} — {result.method} after {result.env_steps} steps "
+        f"({result.updates} updates, {result.seconds:.0f} s, {result.steps_per_second:.0f} steps/s)",
+        header_style="bold",
+    )
     table.add_column("KPI (final evaluation, mean)")
     table.add_column("value", justify="right")
     for key, value in result.final_kpis.items():
@@ -226,5 +276,9 @@ def _summary(console: Any, request: Any, result: Any) -> None:
     console.print(f"records: {result.out_dir / 'records.csv'}  (run {result.run_id})")
     if result.checkpoint is not None:
         console.print(f"checkpoint: {result.checkpoint}")
-        console.print(f"evaluate: marl run {shlex.quote(request.scenario)} --policy {shlex.quote(str(result.out_dir))}",
-                      markup=False, highlight=False, soft_wrap=True)  # copy-pastable: never wrapped
+        console.print(
+            f"evaluate: marl run {shlex.quote(request.scenario)} --policy {shlex.quote(str(result.out_dir))}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )  # copy-pastable: never wrapped

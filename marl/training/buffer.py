@@ -21,8 +21,9 @@ class RolloutBuffer:
     reward units, ``raw`` [T,N] unscaled rewards, ``boot`` [T,N] ``gamma * V(s_T)`` added at a
     time-limit truncation (critic units), ``end`` [T] True when an episode ended at step t."""
 
-    def __init__(self, steps: int, n: int, obs_dim: int, critic_dim: int, action_dim: int,
-                 discrete: bool, learned: bool) -> None:
+    def __init__(
+        self, steps: int, n: int, obs_dim: int, critic_dim: int, action_dim: int, discrete: bool, learned: bool
+    ) -> None:
         self.obs = np.zeros((steps, n, obs_dim), np.float32)
         self.critic = np.zeros((steps, n, critic_dim), np.float32)
         self.delivered = np.zeros((steps, n, n), bool) if learned else None
@@ -36,12 +37,26 @@ class RolloutBuffer:
         self.boot = np.zeros((steps, n), np.float64)
         self.end = np.zeros(steps, bool)
 
-    def store(self, t: int, obs: np.ndarray, critic_in: np.ndarray, delivered: np.ndarray | None,
-              amask: np.ndarray | None, action: np.ndarray, logprob: np.ndarray, value: np.ndarray,
-              gate: np.ndarray | None) -> None:
+    def store(
+        self,
+        t: int,
+        obs: np.ndarray,
+        critic_in: np.ndarray,
+        delivered: np.ndarray | None,
+        amask: np.ndarray | None,
+        action: np.ndarray,
+        logprob: np.ndarray,
+        value: np.ndarray,
+        gate: np.ndarray | None,
+    ) -> None:
         """What the policy saw and did at step ``t`` (before the environment answered)."""
         self.obs[t], self.critic[t], self.logp[t], self.values[t], self.actions[t] = (
-            obs, critic_in, logprob, value, action)
+            obs,
+            critic_in,
+            logprob,
+            value,
+            action,
+        )
         if self.delivered is not None and delivered is not None:
             self.delivered[t] = delivered
         if self.amask is not None and amask is not None:
@@ -55,6 +70,7 @@ class RolloutBuffer:
 
     def batch(self, values: np.ndarray, advantages: np.ndarray, returns: np.ndarray) -> Batch:
         """The rollout as torch tensors (copies: the buffer is refilled while they live)."""
+
         def tensor(a: np.ndarray, dtype: Any = None) -> torch.Tensor:
             return torch.from_numpy(a.astype(dtype) if dtype is not None else a.copy())
 
@@ -62,9 +78,14 @@ class RolloutBuffer:
             return None if a is None else tensor(a)
 
         return Batch(
-            obs=tensor(self.obs), critic_in=tensor(self.critic), delivered=optional(self.delivered),
-            action_mask=optional(self.amask), actions=tensor(self.actions),
-            gates=tensor(self.gates) if self.has_gates else None, logprobs=tensor(self.logp),
-            values=tensor(values, np.float32), advantages=tensor(advantages, np.float32),
+            obs=tensor(self.obs),
+            critic_in=tensor(self.critic),
+            delivered=optional(self.delivered),
+            action_mask=optional(self.amask),
+            actions=tensor(self.actions),
+            gates=tensor(self.gates) if self.has_gates else None,
+            logprobs=tensor(self.logp),
+            values=tensor(values, np.float32),
+            advantages=tensor(advantages, np.float32),
             returns=tensor(returns, np.float32),
         )

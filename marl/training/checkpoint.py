@@ -100,8 +100,7 @@ def checked_config(state: dict[str, Any]) -> Any:
         raise CheckpointError(f"checkpoint {file} lacks {', '.join(missing) or 'model'}; not a 'marl train' checkpoint")
     try:
         algo_cls = registry.load(registry.algorithm_spec(meta["algo"]).entry_point)
-        config = build_config(algo_cls.Config, meta["algo_config"],
-                              what="checkpoint algo_config key")
+        config = build_config(algo_cls.Config, meta["algo_config"], what="checkpoint algo_config key")
         layout = TeamLayout(**meta["layout"])
     except (ConcordError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {file} has bad metadata: {_shorten(str(exc))}") from None
@@ -120,9 +119,15 @@ def save_checkpoint(directory: Path, update: int, state: dict[str, Any], keep: i
     directory.mkdir(parents=True, exist_ok=True)
     name = f"update-{update:06d}.pt"
     target = atomic_write(directory / name, lambda fh: torch.save(state, fh))
-    atomic_write_json(directory / LATEST_FILE, {
-        "file": name, "update": update, "env_steps": int(state["env_steps"]), "time": now_iso(),
-    })
+    atomic_write_json(
+        directory / LATEST_FILE,
+        {
+            "file": name,
+            "update": update,
+            "env_steps": int(state["env_steps"]),
+            "time": now_iso(),
+        },
+    )
     for old in sorted(directory.glob("update-*.pt"))[:-keep]:
         old.unlink(missing_ok=True)
     return target

@@ -28,8 +28,16 @@ class Communication:
     """The protocol/channel pair of a policy; ``channel`` is a parsed ChannelSpec or None
     (a perfect channel)."""
 
-    def __init__(self, protocol: str, channel: Any, agents: list[str], obs_dim: int, seed: int,
-                 mode: str = "neighbours", hidden_size: int = 64) -> None:
+    def __init__(
+        self,
+        protocol: str,
+        channel: Any,
+        agents: list[str],
+        obs_dim: int,
+        seed: int,
+        mode: str = "neighbours",
+        hidden_size: int = 64,
+    ) -> None:
         self.protocol, self.mode = protocol, mode
         self.learned = registry.protocol_spec(protocol).learned
         self.runtime: Any = None
@@ -48,8 +56,9 @@ class Communication:
             else:
                 from comms.runtime import build_comms
 
-                self.runtime = build_comms(protocol=protocol, channel=spec, agents=list(agents),
-                                           payload_size=obs_dim, seed=seed)
+                self.runtime = build_comms(
+                    protocol=protocol, channel=spec, agents=list(agents), payload_size=obs_dim, seed=seed
+                )
                 self.message_size = int(self.runtime.output_size)
         self.bytes_module = 0.0  #: learned: bytes the module reported this episode
         self.steps = 0  #: message exchanges this episode

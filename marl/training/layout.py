@@ -88,9 +88,7 @@ class TeamLayout:
             try:
                 state_size = int(np.asarray(env.state()).size)
             except NotImplementedError:
-                raise ConfigError(
-                    f"scenario {scenario_id} has no global state(); use --algo ippo"
-                ) from None
+                raise ConfigError(f"scenario {scenario_id} has no global state(); use --algo ippo") from None
         return cls(agents, obs_sizes, kind, action_sizes, low, high, state_size)
 
     def obs_array(self, observations: Mapping[str, Any]) -> np.ndarray:
@@ -132,7 +130,10 @@ class TeamLayout:
         if sim_ids:
             names.append([sim_ids.get(a, a) for a in self.agents])
         return other.agents in names and (self.obs_sizes, self.action_sizes, self.kind) == (
-            other.obs_sizes, other.action_sizes, other.kind)
+            other.obs_sizes,
+            other.action_sizes,
+            other.kind,
+        )
 
     def to_meta(self) -> dict[str, Any]:
         return asdict(self)

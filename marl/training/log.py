@@ -57,8 +57,7 @@ def drop_superseded_rows(out_dir: Path, run_id: str, after_update: int) -> int:
             lines = [line for line in csv.reader(fh) if line]
         header, rows = lines[0], lines[1:]
         run, episode, metric = (COLUMNS.index(c) for c in ("run_id", "episode", "metric"))
-        keep = [r for r in rows if r[run] != run_id
-                or (is_curve_metric(r[metric]) and int(r[episode]) <= after_update)]
+        keep = [r for r in rows if r[run] != run_id or (is_curve_metric(r[metric]) and int(r[episode]) <= after_update)]
         if len(keep) != len(rows):
             buf = io.StringIO()
             csv.writer(buf, lineterminator="\n").writerows([header, *keep])
@@ -85,9 +84,18 @@ def checkpoint_run_id(out_dir: Path, resumed: dict[str, Any]) -> str | None:
 class TrainLog:
     """Records rows, manifest and progress of one training run (writes only on rank 0)."""
 
-    def __init__(self, plan: TrainPlan, run_id: str, is_root: bool, world_size: int, env: Any,
-                 layout: TeamLayout, update: int, env_steps: int,
-                 on_progress: Callable[[dict[str, Any]], None] | None) -> None:
+    def __init__(
+        self,
+        plan: TrainPlan,
+        run_id: str,
+        is_root: bool,
+        world_size: int,
+        env: Any,
+        layout: TeamLayout,
+        update: int,
+        env_steps: int,
+        on_progress: Callable[[dict[str, Any]], None] | None,
+    ) -> None:
         request = plan.request
         self.request, self.run_id, self.on_progress = request, run_id, on_progress if is_root else None
         self.main_kpi: str = getattr(env, "main_kpi", "") or ""
@@ -123,26 +131,43 @@ class TrainLog:
         if self.writer is not None:
             self.writer.append(rows)
 
-    def update_rows(self, update: int, metrics: dict[str, float], env_steps: int, sps: float,
-                    env_fraction: float, finished: list[tuple[float, dict[str, float]]],
-                    events: list[dict[str, Any]], last_return: float) -> None:
+    def update_rows(
+        self,
+        update: int,
+        metrics: dict[str, float],
+        env_steps: int,
+        sps: float,
+        env_fraction: float,
+        finished: list[tuple[float, dict[str, float]]],
+        events: list[dict[str, Any]],
+        last_return: float,
+    ) -> None:
         """One update's curve rows; ``finished`` = (return, kpis) of training episodes that ended
         during it, ``last_return`` the return of the newest finished episode (for progress)."""
         rows = [self.row(update, f"train_{k}", v) for k, v in metrics.items()]
-        rows += [self.row(update, "train_env_steps", env_steps), self.row(update, "train_steps_per_second", sps),
-                 self.row(update, "train_env_time_fraction", env_fraction)]
+        rows += [
+            self.row(update, "train_env_steps", env_steps),
+            self.row(update, "train_steps_per_second", sps),
+            self.row(update, "train_env_time_fraction", env_fraction),
+        ]
         if finished:
             rows.append(self.row(update, "train_return", float(np.mean([p[0] for p in finished]))))
             values = [p[1][self.main_kpi] for p in finished if self.main_kpi in p[1]]
             if self.main_kpi and values:
                 rows.append(self.row(update, f"train_{self.main_kpi}", float(np.mean(values))))
-        for event in events[len(self.manifest["events"]):]:  # new distributed events only
+        for event in events[len(self.manifest["events"]) :]:  # new distributed events only
             rows.append(self.row(update, "rank_failure", float(event.get("rank", -1))))
             self.manifest["events"].append(event)
         self._append(rows)
         kpis = finished[-1][1] if finished else {}
-        self.progress(phase="train", update=update, env_steps=env_steps, steps_per_second=sps,
-                      episode_return=last_return, kpi_value=kpis.get(self.main_kpi, float("nan")))
+        self.progress(
+            phase="train",
+            update=update,
+            env_steps=env_steps,
+            steps_per_second=sps,
+            episode_return=last_return,
+            kpi_value=kpis.get(self.main_kpi, float("nan")),
+        )
 
     def eval_rows(self, update: int, results: list[dict[str, float]], env_steps: int) -> None:
         """Means of a periodic evaluation's KPIs as ``eval_<kpi>`` rows of ``update``."""
@@ -157,9 +182,13 @@ class TrainLog:
             self._eval_progress(update, env_steps, results)
 
     def _eval_progress(self, update: int, env_steps: int, results: list[dict[str, float]]) -> None:
-        self.progress(phase="eval", update=update, env_steps=env_steps,
-                      eval_return=float(np.mean([k["return"] for k in results])),
-                      kpi_value=float(np.mean([k.get(self.main_kpi, np.nan) for k in results])))
+        self.progress(
+            phase="eval",
+            update=update,
+            env_steps=env_steps,
+            eval_return=float(np.mean([k["return"] for k in results])),
+            kpi_value=float(np.mean([k.get(self.main_kpi, np.nan) for k in results])),
+        )
 
     def progress(self, **info: Any) -> None:
         if self.on_progress is not None:

@@ -56,8 +56,9 @@ from marl.training.rollout import TrainingEpisode
 __all__ = ["train"]
 
 
-def train(request: TrainRequest | TrainPlan,
-          on_progress: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+def train(
+    request: TrainRequest | TrainPlan, on_progress: Callable[[dict[str, Any]], None] | None = None
+) -> TrainResult:
     """Train ``request.algo`` on ``request.scenario``; write records, checkpoints and a manifest.
 
     ``request`` may already be validated (:func:`~marl.training.request.prepare`, as the CLI does
@@ -87,8 +88,15 @@ def train(request: TrainRequest | TrainPlan,
         sync = make_sync(world, dist_cfg, env.topology, prescaled=True)
         check_ranks(config, world.size)
         torch.manual_seed(req.seed)  # identical initial weights on every rank
-        comm = Communication(req.protocol, plan.channel_spec, layout.agents, layout.obs_dim,
-                             rank_seed(req.seed, world.rank), mode=config.comm_mode, hidden_size=config.hidden_size)
+        comm = Communication(
+            req.protocol,
+            plan.channel_spec,
+            layout.agents,
+            layout.obs_dim,
+            rank_seed(req.seed, world.rank),
+            mode=config.comm_mode,
+            hidden_size=config.hidden_size,
+        )
         model = build_model(algo_cls, config, layout, comm)
         # Adam eps 1e-5 (Huang et al. 2022, detail 3).
         optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=1e-5, foreach=True)
@@ -103,9 +111,15 @@ def train(request: TrainRequest | TrainPlan,
         run_id = new_run_id()
         log = TrainLog(plan, run_id, world.is_root, world.size, env, layout, update, env_steps, on_progress)
         policy = PolicyController(model, layout, comm, plan.method, deterministic=config.deterministic_eval)
-        buf = RolloutBuffer(config.num_steps, layout.n, layout.obs_dim + comm.message_size,
-                            critic_input_size(algo_cls, layout, comm), layout.action_dim,
-                            layout.kind == "discrete", comm.learned)
+        buf = RolloutBuffer(
+            config.num_steps,
+            layout.n,
+            layout.obs_dim + comm.message_size,
+            critic_input_size(algo_cls, layout, comm),
+            layout.action_dim,
+            layout.kind == "discrete",
+            comm.learned,
+        )
         returns: list[float] = []  # of every finished training episode
         finished: list[tuple[float, dict[str, float]]] = []  # (return, kpis) during this update
         busy = env_seconds = 0.0  # rollout + update time, and the part of it inside the env
@@ -124,21 +138,37 @@ def train(request: TrainRequest | TrainPlan,
                 if cout is not None:
                     comm.count_bytes(cout.bytes_sent)
                 gate = None if cout is None or cout.gate is None else cout.gate[0].numpy()
-                buf.store(t, obs, critic_in, delivered, amask, action.numpy(), logprob.numpy(),
-                          _denormalise(value.numpy(), value_rms), gate)
+                buf.store(
+                    t,
+                    obs,
+                    critic_in,
+                    delivered,
+                    amask,
+                    action.numpy(),
+                    logprob.numpy(),
+                    _denormalise(value.numpy(), value_rms),
+                    gate,
+                )
                 t_env = time.perf_counter()
                 out = episode.step(model.clip_action(action).numpy())
                 env_seconds += time.perf_counter() - t_env
                 local_steps += 1
-                boot = 0.0 if out.final_critic_in is None else \
-                    config.gamma * _value(model, out.final_critic_in, value_rms) * out.truncated
+                boot = (
+                    0.0
+                    if out.final_critic_in is None
+                    else config.gamma * _value(model, out.final_critic_in, value_rms) * out.truncated
+                )
                 buf.record(t, out.reward, out.ended, boot)
                 if out.ended:
                     returns.append(float(episode.episode_return.mean()))
                     finished.append((returns[-1], episode.kpis()))
                     if eval_due and world.is_root and req.periodic_eval_episodes > 0:
                         busy += time.perf_counter() - tick  # evaluation time is not training time
-                        log.eval_rows(update, evaluate(env, policy, periodic_seeds(req.seed, update, req.periodic_eval_episodes)), env_steps)
+                        log.eval_rows(
+                            update,
+                            evaluate(env, policy, periodic_seeds(req.seed, update, req.periodic_eval_episodes)),
+                            env_steps,
+                        )
                         tick = time.perf_counter()
                     eval_due = False
                     t_env = time.perf_counter()
@@ -158,15 +188,24 @@ def train(request: TrainRequest | TrainPlan,
             # ---- update and sync: a peer's death (ULFM) makes the survivors shrink, re-broadcast
             # the lowest survivor's parameters and redo the update with the new world's scale
             model.train()
-            metrics = _with_recovery(world, model, optimizer, RankFailure, _update,
-                                     algo_cls, model, optimizer, batch, config, sync, world)
+            metrics = _with_recovery(
+                world, model, optimizer, RankFailure, _update, algo_cls, model, optimizer, batch, config, sync, world
+            )
             update += 1
             env_steps += config.num_steps * world.size
             busy += time.perf_counter() - tick
 
             # ---- log
-            log.update_rows(update, metrics, env_steps, local_steps / busy, env_seconds / busy, finished,
-                            world.events, returns[-1] if returns else float("nan"))
+            log.update_rows(
+                update,
+                metrics,
+                env_steps,
+                local_steps / busy,
+                env_seconds / busy,
+                finished,
+                world.events,
+                returns[-1] if returns else float("nan"),
+            )
             finished = []
             done = env_steps >= req.steps
             # due evaluations run at the next episode end (a rollout may end none)
@@ -176,11 +215,28 @@ def train(request: TrainRequest | TrainPlan,
             if update % config.checkpoint_every == 0 or done:
                 agreed = _with_recovery(world, model, optimizer, RankFailure, world.agree, update)
                 if world.is_root:
-                    state = _state(plan, layout, run_id, model, optimizer, scaler, value_rms, episode,
-                                   update, agreed, env_steps, world.size, eval_due)
+                    state = _state(
+                        plan,
+                        layout,
+                        run_id,
+                        model,
+                        optimizer,
+                        scaler,
+                        value_rms,
+                        episode,
+                        update,
+                        agreed,
+                        env_steps,
+                        world.size,
+                        eval_due,
+                    )
                     last_ckpt = save_checkpoint(plan.out_dir / CHECKPOINT_DIR, update, state, config.keep_checkpoints)
-                    log.save_manifest(updates_completed=update, env_steps=env_steps,
-                                      last_checkpoint=str(last_ckpt), agreed_update=int(agreed))
+                    log.save_manifest(
+                        updates_completed=update,
+                        env_steps=env_steps,
+                        last_checkpoint=str(last_ckpt),
+                        agreed_update=int(agreed),
+                    )
 
         # ---- final evaluation on marl run's episodes
         train_seconds = time.perf_counter() - start
@@ -191,13 +247,27 @@ def train(request: TrainRequest | TrainPlan,
         sps = local_steps / busy if busy > 0 else 0.0
         fraction = env_seconds / busy if busy > 0 else float("nan")
         final_kpis = {k: float(np.mean([f[k] for f in final])) for k in (final[0] if final else {})}
-        log.save_manifest(updates_completed=update, env_steps=env_steps, train_seconds=train_seconds,
-                          steps_per_second=sps, final_kpis=final_kpis,
-                          env_time_fraction=None if np.isnan(fraction) else fraction)
+        log.save_manifest(
+            updates_completed=update,
+            env_steps=env_steps,
+            train_seconds=train_seconds,
+            steps_per_second=sps,
+            final_kpis=final_kpis,
+            env_time_fraction=None if np.isnan(fraction) else fraction,
+        )
         return TrainResult(
-            run_id=run_id, out_dir=plan.out_dir, method=plan.method, checkpoint=last_ckpt, updates=update,
-            env_steps=env_steps, seconds=train_seconds, steps_per_second=sps, final_kpis=final_kpis,
-            env_fraction=fraction, train_returns=returns, events=list(world.events),
+            run_id=run_id,
+            out_dir=plan.out_dir,
+            method=plan.method,
+            checkpoint=last_ckpt,
+            updates=update,
+            env_steps=env_steps,
+            seconds=train_seconds,
+            steps_per_second=sps,
+            final_kpis=final_kpis,
+            env_fraction=fraction,
+            train_returns=returns,
+            events=list(world.events),
         )
     finally:
         env.close()
@@ -217,8 +287,14 @@ def _value(model: ActorCritic, critic_in: np.ndarray, value_rms: RunningMeanStd 
         return _denormalise(model.value(torch.from_numpy(critic_in)[None])[0].numpy(), value_rms)
 
 
-def _with_recovery(world: Any, model: ActorCritic, optimizer: torch.optim.Optimizer,
-                   failure: type[Exception], collective: Callable[..., Any], *args: Any) -> Any:
+def _with_recovery(
+    world: Any,
+    model: ActorCritic,
+    optimizer: torch.optim.Optimizer,
+    failure: type[Exception],
+    collective: Callable[..., Any],
+    *args: Any,
+) -> Any:
     """``collective(*args)``; after a rank failure, recover the world and call it again."""
     while True:
         try:
@@ -227,23 +303,43 @@ def _with_recovery(world: Any, model: ActorCritic, optimizer: torch.optim.Optimi
             world.recover(model, optimizer)
 
 
-def _update(algo_cls: Any, model: ActorCritic, optimizer: torch.optim.Optimizer, batch: Any, config: Any,
-            sync: Any, world: Any) -> dict[str, float]:
+def _update(
+    algo_cls: Any, model: ActorCritic, optimizer: torch.optim.Optimizer, batch: Any, config: Any, sync: Any, world: Any
+) -> dict[str, float]:
     """The algorithm's update on this rank's batch, gradients synced; metrics averaged over ranks.
     The loss scale is read per call: a recovery may have shrunk the world."""
     metrics = algo_cls.update(model, optimizer, batch, config, sync_grads=sync, grad_scale=sync.grad_scale)
     return world.mean_metrics(metrics)
 
 
-def _state(plan: TrainPlan, layout: TeamLayout, run_id: str, model: ActorCritic, optimizer: torch.optim.Optimizer,
-           scaler: RewardScaler | None, value_rms: RunningMeanStd | None, episode: TrainingEpisode,
-           update: int, agreed: int, env_steps: int, world_size: int, eval_due: bool) -> dict[str, Any]:
+def _state(
+    plan: TrainPlan,
+    layout: TeamLayout,
+    run_id: str,
+    model: ActorCritic,
+    optimizer: torch.optim.Optimizer,
+    scaler: RewardScaler | None,
+    value_rms: RunningMeanStd | None,
+    episode: TrainingEpisode,
+    update: int,
+    agreed: int,
+    env_steps: int,
+    world_size: int,
+    eval_due: bool,
+) -> dict[str, Any]:
     """Everything a checkpoint holds (see :mod:`marl.training.checkpoint` for the format)."""
     state: dict[str, Any] = {
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "update": update,
-        "agreed_update": int(agreed), "env_steps": env_steps, "episodes": episode.episodes_done,
-        "world_size": world_size, "torch_rng": torch.get_rng_state(), "run_id": run_id,
-        "episode": episode.state_dict(), "eval_due": eval_due,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "update": update,
+        "agreed_update": int(agreed),
+        "env_steps": env_steps,
+        "episodes": episode.episodes_done,
+        "world_size": world_size,
+        "torch_rng": torch.get_rng_state(),
+        "run_id": run_id,
+        "episode": episode.state_dict(),
+        "eval_due": eval_due,
         "meta": json.dumps(checkpoint_meta(plan.request, plan.config, layout)),
     }
     if scaler is not None:
@@ -253,9 +349,15 @@ def _state(plan: TrainPlan, layout: TeamLayout, run_id: str, model: ActorCritic,
     return state
 
 
-def _restore(resumed: dict[str, Any] | None, model: ActorCritic, optimizer: torch.optim.Optimizer,
-             scaler: RewardScaler | None, value_rms: RunningMeanStd | None, episode: TrainingEpisode,
-             rank: int) -> tuple[int, int, bool]:
+def _restore(
+    resumed: dict[str, Any] | None,
+    model: ActorCritic,
+    optimizer: torch.optim.Optimizer,
+    scaler: RewardScaler | None,
+    value_rms: RunningMeanStd | None,
+    episode: TrainingEpisode,
+    rank: int,
+) -> tuple[int, int, bool]:
     """Load a checkpoint into the fresh learner and episode stream (or start the first episode);
     returns (update, env_steps, evaluation due)."""
     if resumed is None:

@@ -44,8 +44,9 @@ def build_model(algo_cls: Any, config: Any, layout: TeamLayout, comm: Communicat
             bytes_per_value=bits / 8.0,
         )
         # Channel byte model per message = header + scale + payload (comms.channel.message_bytes).
-        comm.payload_size = int(getattr(comms_module, "key_size", 0) + getattr(comms_module, "value_size", 0)) \
-            or config.hidden_size
+        comm.payload_size = (
+            int(getattr(comms_module, "key_size", 0) + getattr(comms_module, "value_size", 0)) or config.hidden_size
+        )
     action = ActionSpec(kind=layout.kind, size=layout.action_dim, low=tuple(layout.low), high=tuple(layout.high))
     return ActorCritic(
         n_agents=layout.n,
@@ -59,8 +60,14 @@ def build_model(algo_cls: Any, config: Any, layout: TeamLayout, comm: Communicat
     )
 
 
-def act(model: ActorCritic, obs: np.ndarray, delivered: np.ndarray | None, amask: np.ndarray | None,
-        deterministic: bool, critic_in: np.ndarray | None = None) -> tuple[Any, Any, Any, Any]:
+def act(
+    model: ActorCritic,
+    obs: np.ndarray,
+    delivered: np.ndarray | None,
+    amask: np.ndarray | None,
+    deterministic: bool,
+    critic_in: np.ndarray | None = None,
+) -> tuple[Any, Any, Any, Any]:
     """One batched no-grad forward for the whole team: (action [N..], logprob [N], comms output,
     value [N] or None). The value is computed in the same pass when ``critic_in`` is given."""
     with torch.inference_mode():
@@ -73,8 +80,11 @@ def act(model: ActorCritic, obs: np.ndarray, delivered: np.ndarray | None, amask
         if isinstance(dist, Categorical):
             # Straight from the logits: cheaper than Categorical.sample/log_prob per step.
             logp_all = dist.logits  # normalised log-probabilities
-            action = logp_all.argmax(-1) if deterministic else torch.multinomial(
-                logp_all.reshape(-1, logp_all.shape[-1]).exp(), 1).reshape(logp_all.shape[:-1])
+            action = (
+                logp_all.argmax(-1)
+                if deterministic
+                else torch.multinomial(logp_all.reshape(-1, logp_all.shape[-1]).exp(), 1).reshape(logp_all.shape[:-1])
+            )
             logprob = logp_all.gather(-1, action.unsqueeze(-1)).squeeze(-1)
         else:
             action = dist.mean if deterministic else dist.sample()

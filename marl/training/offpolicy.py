@@ -82,15 +82,19 @@ def train_offpolicy(plan: TrainPlan, on_progress: Callable[[dict[str, Any]], Non
         env.reset(seed=req.seed)  # some scenarios know their spaces only after a reset
         layout = TeamLayout.of(env, req.scenario, need_state=False)
         if layout.kind != "discrete":
-            raise ConfigError(f"bad --algo {req.algo} for {req.scenario}: its actions are continuous (Box); "
-                              "allowed: ippo or mappo")
+            raise ConfigError(
+                f"bad --algo {req.algo} for {req.scenario}: its actions are continuous (Box); allowed: ippo or mappo"
+            )
         torch.manual_seed(req.seed)
-        comm = Communication(req.protocol, plan.channel_spec, layout.agents, layout.obs_dim, req.seed,
-                             hidden_size=config.hidden_size)
+        comm = Communication(
+            req.protocol, plan.channel_spec, layout.agents, layout.obs_dim, req.seed, hidden_size=config.hidden_size
+        )
         model = build_model(algo_cls, config, layout, comm)
         target = copy.deepcopy(model).requires_grad_(False)
         learner = Learner(
-            model, target, torch.optim.Adam(model.parameters(), lr=config.learning_rate, foreach=True),
+            model,
+            target,
+            torch.optim.Adam(model.parameters(), lr=config.learning_rate, foreach=True),
             ReplayBuffer(config.buffer_size, layout.n, layout.obs_dim + comm.message_size, layout.action_dim),
             NStepAssembler(config.n_step, config.gamma),
             np.random.default_rng(np.random.SeedSequence([req.seed, EXPLORE])),
@@ -105,8 +109,16 @@ def train_offpolicy(plan: TrainPlan, on_progress: Callable[[dict[str, Any]], Non
         env.close()
 
 
-def _run(plan: TrainPlan, env: Any, layout: TeamLayout, episode: TrainingEpisode, ln: Learner,
-         log: TrainLog, policy: PolicyController, run_id: str) -> TrainResult:
+def _run(
+    plan: TrainPlan,
+    env: Any,
+    layout: TeamLayout,
+    episode: TrainingEpisode,
+    ln: Learner,
+    log: TrainLog,
+    policy: PolicyController,
+    run_id: str,
+) -> TrainResult:
     """The loop itself, top to bottom (setup and teardown are :func:`train_offpolicy`)."""
     req, config, algo_cls = plan.request, plan.config, plan.algo_cls
     returns: list[float] = []  # of every finished training episode
@@ -141,7 +153,11 @@ def _run(plan: TrainPlan, env: Any, layout: TeamLayout, episode: TrainingEpisode
                 finished.append((returns[-1], episode.kpis()))
                 if ln.eval_due and req.periodic_eval_episodes > 0:
                     busy += time.perf_counter() - tick  # evaluation time is not training time
-                    log.eval_rows(ln.update, evaluate(env, policy, periodic_seeds(req.seed, ln.update, req.periodic_eval_episodes)), ln.env_steps)
+                    log.eval_rows(
+                        ln.update,
+                        evaluate(env, policy, periodic_seeds(req.seed, ln.update, req.periodic_eval_episodes)),
+                        ln.env_steps,
+                    )
                     tick = time.perf_counter()
                 ln.eval_due = False
                 t_env = time.perf_counter()
@@ -155,10 +171,14 @@ def _run(plan: TrainPlan, env: Any, layout: TeamLayout, episode: TrainingEpisode
                 obs, amask = next_obs, next_mask
 
             # ---- learn: one double-DQN step every train_every env steps, then the target copy
-            if (ln.env_steps > config.learning_starts and ln.env_steps % config.train_every == 0
-                    and ln.replay.size >= config.batch_size):
-                metrics = algo_cls.update(ln.model, ln.target, ln.optimizer,
-                                          ln.replay.sample(config.batch_size, ln.rng), config)
+            if (
+                ln.env_steps > config.learning_starts
+                and ln.env_steps % config.train_every == 0
+                and ln.replay.size >= config.batch_size
+            ):
+                metrics = algo_cls.update(
+                    ln.model, ln.target, ln.optimizer, ln.replay.sample(config.batch_size, ln.rng), config
+                )
                 for key, value in metrics.items():
                     sums[key] = sums.get(key, 0.0) + value
                 updates_here += 1
@@ -172,20 +192,39 @@ def _run(plan: TrainPlan, env: Any, layout: TeamLayout, episode: TrainingEpisode
         ln.update += 1
         busy += time.perf_counter() - tick
         metrics = {k: v / updates_here for k, v in sums.items()}
-        metrics.update(epsilon=epsilon_at(ln.env_steps, req.steps, config), grad_steps=float(ln.grad_steps),
-                       replay_size=float(ln.replay.size))
-        log.update_rows(ln.update, metrics, ln.env_steps, local_steps / busy, env_seconds / busy, finished, [],
-                        returns[-1] if returns else float("nan"))
+        metrics.update(
+            epsilon=epsilon_at(ln.env_steps, req.steps, config),
+            grad_steps=float(ln.grad_steps),
+            replay_size=float(ln.replay.size),
+        )
+        log.update_rows(
+            ln.update,
+            metrics,
+            ln.env_steps,
+            local_steps / busy,
+            env_seconds / busy,
+            finished,
+            [],
+            returns[-1] if returns else float("nan"),
+        )
         finished = []
         done = ln.env_steps >= req.steps
         ln.eval_due = ln.eval_due or bool(config.eval_every and ln.update % config.eval_every == 0 and not done)
 
         # ---- checkpoint
         if ln.update % config.checkpoint_every == 0 or done:
-            last_ckpt = save_checkpoint(plan.out_dir / CHECKPOINT_DIR, ln.update,
-                                        _state(plan, layout, run_id, ln, episode), config.keep_checkpoints)
-            log.save_manifest(updates_completed=ln.update, env_steps=ln.env_steps, last_checkpoint=str(last_ckpt),
-                              agreed_update=ln.update)
+            last_ckpt = save_checkpoint(
+                plan.out_dir / CHECKPOINT_DIR,
+                ln.update,
+                _state(plan, layout, run_id, ln, episode),
+                config.keep_checkpoints,
+            )
+            log.save_manifest(
+                updates_completed=ln.update,
+                env_steps=ln.env_steps,
+                last_checkpoint=str(last_ckpt),
+                agreed_update=ln.update,
+            )
 
     # ---- final evaluation on marl run's episodes
     train_seconds = time.perf_counter() - start
@@ -196,13 +235,27 @@ def _run(plan: TrainPlan, env: Any, layout: TeamLayout, episode: TrainingEpisode
     sps = local_steps / busy if busy > 0 else 0.0
     fraction = env_seconds / busy if busy > 0 else float("nan")
     final_kpis = {k: float(np.mean([f[k] for f in final_eval])) for k in (final_eval[0] if final_eval else {})}
-    log.save_manifest(updates_completed=ln.update, env_steps=ln.env_steps, train_seconds=train_seconds,
-                      steps_per_second=sps, final_kpis=final_kpis, grad_steps=ln.grad_steps,
-                      env_time_fraction=None if np.isnan(fraction) else fraction)
+    log.save_manifest(
+        updates_completed=ln.update,
+        env_steps=ln.env_steps,
+        train_seconds=train_seconds,
+        steps_per_second=sps,
+        final_kpis=final_kpis,
+        grad_steps=ln.grad_steps,
+        env_time_fraction=None if np.isnan(fraction) else fraction,
+    )
     return TrainResult(
-        run_id=run_id, out_dir=plan.out_dir, method=plan.method, checkpoint=last_ckpt, updates=ln.update,
-        env_steps=ln.env_steps, seconds=train_seconds, steps_per_second=sps, final_kpis=final_kpis,
-        env_fraction=fraction, train_returns=returns,
+        run_id=run_id,
+        out_dir=plan.out_dir,
+        method=plan.method,
+        checkpoint=last_ckpt,
+        updates=ln.update,
+        env_steps=ln.env_steps,
+        seconds=train_seconds,
+        steps_per_second=sps,
+        final_kpis=final_kpis,
+        env_fraction=fraction,
+        train_returns=returns,
     )
 
 
@@ -216,10 +269,20 @@ def _state(plan: TrainPlan, layout: TeamLayout, run_id: str, ln: Learner, episod
     """Everything a checkpoint holds (format of :mod:`marl.training.checkpoint`, plus ``target``,
     ``replay`` (when ``save_replay``), ``nstep``, ``rng`` (JSON) and ``grad_steps``)."""
     state: dict[str, Any] = {
-        "model": ln.model.state_dict(), "target": ln.target.state_dict(), "optimizer": ln.optimizer.state_dict(),
-        "update": ln.update, "agreed_update": ln.update, "env_steps": ln.env_steps, "grad_steps": ln.grad_steps,
-        "episodes": episode.episodes_done, "world_size": 1, "torch_rng": torch.get_rng_state(), "run_id": run_id,
-        "episode": episode.state_dict(), "eval_due": ln.eval_due, "nstep": ln.nstep.state_dict(),
+        "model": ln.model.state_dict(),
+        "target": ln.target.state_dict(),
+        "optimizer": ln.optimizer.state_dict(),
+        "update": ln.update,
+        "agreed_update": ln.update,
+        "env_steps": ln.env_steps,
+        "grad_steps": ln.grad_steps,
+        "episodes": episode.episodes_done,
+        "world_size": 1,
+        "torch_rng": torch.get_rng_state(),
+        "run_id": run_id,
+        "episode": episode.state_dict(),
+        "eval_due": ln.eval_due,
+        "nstep": ln.nstep.state_dict(),
         "rng": json.dumps(ln.rng.bit_generator.state),
         "meta": json.dumps(checkpoint_meta(plan.request, plan.config, layout)),
     }
@@ -245,8 +308,10 @@ def _restore(resumed: dict[str, Any] | None, ln: Learner, episode: TrainingEpiso
     except (RuntimeError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {resumed['path']} does not fit: {str(exc).splitlines()[0]}") from None
     if "replay" not in resumed:
-        sys.stderr.write(f"warning: checkpoint {resumed['path']} holds no replay buffer (save_replay=false); "
-                         "resuming with an empty one, so this run will not match an uninterrupted one\n")
+        sys.stderr.write(
+            f"warning: checkpoint {resumed['path']} holds no replay buffer (save_replay=false); "
+            "resuming with an empty one, so this run will not match an uninterrupted one\n"
+        )
     torch.set_rng_state(resumed["torch_rng"])
     ln.update, ln.env_steps = int(resumed["update"]), int(resumed["env_steps"])
     ln.grad_steps, ln.eval_due = int(resumed["grad_steps"]), bool(resumed.get("eval_due", False))

@@ -27,8 +27,9 @@ class PolicyController(Controller):
 
     payload_size = 0  # talks through its own channel, not the runner's
 
-    def __init__(self, model: ActorCritic, layout: TeamLayout, comm: Communication, method: str,
-                 deterministic: bool = True) -> None:
+    def __init__(
+        self, model: ActorCritic, layout: TeamLayout, comm: Communication, method: str, deterministic: bool = True
+    ) -> None:
         super().__init__(None)
         self.model, self.layout, self.comm = model, layout, comm
         self.method_name = method
@@ -37,8 +38,9 @@ class PolicyController(Controller):
     def reset(self, env: Any, seed: int | None = None) -> None:
         self.comm.reset(env, 0 if seed is None else int(seed))
 
-    def act(self, observations: dict[str, np.ndarray], env: Any,
-            messages: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    def act(
+        self, observations: dict[str, np.ndarray], env: Any, messages: dict[str, np.ndarray] | None = None
+    ) -> dict[str, Any]:
         obs = self.comm.augment(self.layout.obs_array(observations), env)
         delivered = self.comm.delivered(env)
         amask = self.layout.action_masks(getattr(env, "infos", None), env)
@@ -53,8 +55,9 @@ class PolicyController(Controller):
         return self.comm.stats()
 
 
-def policy_from_checkpoint(state: dict[str, Any], env: Any, scenario_id: str, seed: int = 0,
-                           channel: Any = None) -> PolicyController:
+def policy_from_checkpoint(
+    state: dict[str, Any], env: Any, scenario_id: str, seed: int = 0, channel: Any = None
+) -> PolicyController:
     """The policy of a loaded checkpoint on ``env``; ``channel`` (a parsed ChannelSpec) replaces
     the channel it was trained with. A checkpoint written before agents had Concord ids (saved
     agents = the simulator's ids, ``env.sim_ids``) still loads."""
@@ -75,16 +78,26 @@ def policy_from_checkpoint(state: dict[str, Any], env: Any, scenario_id: str, se
         from comms.channel import parse_channel
 
         channel = parse_channel(meta["channel"])
-    comm = Communication(meta["protocol"], channel, layout.agents, layout.obs_dim, seed,
-                         mode=getattr(config, "comm_mode", "neighbours"), hidden_size=config.hidden_size)
+    comm = Communication(
+        meta["protocol"],
+        channel,
+        layout.agents,
+        layout.obs_dim,
+        seed,
+        mode=getattr(config, "comm_mode", "neighbours"),
+        hidden_size=config.hidden_size,
+    )
     model = build_model(algo_cls, config, layout, comm)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint {state['path']} does not fit the model: {str(exc).splitlines()[0]}") from None
+        raise CheckpointError(
+            f"checkpoint {state['path']} does not fit the model: {str(exc).splitlines()[0]}"
+        ) from None
     model.eval()
-    return PolicyController(model, layout, comm, method_name(meta["algo"], meta["protocol"]),
-                            deterministic=config.deterministic_eval)
+    return PolicyController(
+        model, layout, comm, method_name(meta["algo"], meta["protocol"]), deterministic=config.deterministic_eval
+    )
 
 
 def policy_controller(path: str | Path, env: Any, scenario_id: str, channel: Any = None) -> PolicyController:

@@ -74,8 +74,13 @@ def request_default(name: str) -> Any:
     raise KeyError(name)
 
 
-def with_preset(scenario: str, algo: str | None = None, protocol: str | None = None, steps: int | None = None,
-                algo_overrides: Mapping[str, Any] | None = None) -> tuple[str, str, int, dict[str, Any], str]:
+def with_preset(
+    scenario: str,
+    algo: str | None = None,
+    protocol: str | None = None,
+    steps: int | None = None,
+    algo_overrides: Mapping[str, Any] | None = None,
+) -> tuple[str, str, int, dict[str, Any], str]:
     """``(algo, protocol, steps, algo_overrides, note)`` for ``marl train scenario``: what the
     user gave (None: not given) over the scenario's :class:`~marl.core.registry.TrainingPreset`.
 
@@ -96,9 +101,16 @@ def with_preset(scenario: str, algo: str | None = None, protocol: str | None = N
     given = dict(algo_overrides or {})
     from_preset = {k: v for k, v in preset.algo_set.items() if same and k not in given}
     used += [f"--algo-set {k}={v}" for k, v in from_preset.items()]
-    note = f"{scenario} training preset: {' '.join(used)}" + (f" ({preset.note})" if preset.note else "") if used else ""
-    return (chosen, protocol if protocol is not None else (preset.protocol if same else "none"),
-            steps if steps is not None else preset.steps, {**from_preset, **given}, note)
+    note = (
+        f"{scenario} training preset: {' '.join(used)}" + (f" ({preset.note})" if preset.note else "") if used else ""
+    )
+    return (
+        chosen,
+        protocol if protocol is not None else (preset.protocol if same else "none"),
+        steps if steps is not None else preset.steps,
+        {**from_preset, **given},
+        note,
+    )
 
 
 @dataclass
@@ -173,8 +185,14 @@ def check_out_is_free(out_dir: Path, request: TrainRequest) -> None:
         return
     key = [request.scenario, request.algo, request.protocol, request.channel, str(request.seed)]
     with path.open(newline="") as fh:
-        taken = next((r["run_id"] for r in csv.DictReader(fh)
-                      if [r["scenario"], r["method"], r["protocol"], r["channel"], r["seed"]] == key), None)
+        taken = next(
+            (
+                r["run_id"]
+                for r in csv.DictReader(fh)
+                if [r["scenario"], r["method"], r["protocol"], r["channel"], r["seed"]] == key
+            ),
+            None,
+        )
     if taken is not None:
         raise ConcordError(
             f"bad --out {out_dir}: it already holds {request.algo} seed {request.seed} on {request.scenario} "
@@ -186,11 +204,15 @@ def _check_off_policy(request: TrainRequest, learned: bool, ranks: int) -> None:
     """What the off-policy loop (:mod:`marl.training.offpolicy`) does not do: learned protocols
     (their messages are trained through the PPO loss) and several MPI ranks."""
     if learned:
-        raise ConfigError(f"bad --protocol {request.protocol} with --algo {request.algo}; allowed: none or a "
-                          "rule-based protocol (learned protocols need --algo ippo or mappo)")
+        raise ConfigError(
+            f"bad --protocol {request.protocol} with --algo {request.algo}; allowed: none or a "
+            "rule-based protocol (learned protocols need --algo ippo or mappo)"
+        )
     if ranks > 1:
-        raise ConfigError(f"bad --ranks {ranks} with --algo {request.algo}; allowed: 1 "
-                          "(off-policy training runs in one process; use ippo or mappo for several ranks)")
+        raise ConfigError(
+            f"bad --ranks {ranks} with --algo {request.algo}; allowed: 1 "
+            "(off-policy training runs in one process; use ippo or mappo for several ranks)"
+        )
 
 
 def prepare(request: TrainRequest) -> TrainPlan:
@@ -205,8 +227,11 @@ def prepare(request: TrainRequest) -> TrainPlan:
     registry.scenario_spec(request.scenario)
     proto_spec = registry.protocol_spec(request.protocol)
     if request.channel and request.protocol == "none":
-        raise ConfigError(f"--channel '{request.channel}' needs a --protocol (allowed: "
-                          + ", ".join(sorted(n for n in registry.protocols() if n != "none")) + ")")
+        raise ConfigError(
+            f"--channel '{request.channel}' needs a --protocol (allowed: "
+            + ", ".join(sorted(n for n in registry.protocols() if n != "none"))
+            + ")"
+        )
     channel_spec = None
     if request.channel:
         from comms.channel import parse_channel
@@ -217,8 +242,12 @@ def prepare(request: TrainRequest) -> TrainPlan:
     if request.resume is not None:
         resumed = load_checkpoint(request.resume)
         meta = resumed["meta"]
-        for key, mine in (("scenario", request.scenario), ("algo", request.algo),
-                          ("protocol", request.protocol), ("channel", request.channel)):
+        for key, mine in (
+            ("scenario", request.scenario),
+            ("algo", request.algo),
+            ("protocol", request.protocol),
+            ("channel", request.channel),
+        ):
             if meta[key] != mine:
                 raise CheckpointError(
                     f"cannot resume: checkpoint {resumed['path']} has {key} '{meta[key]}', this run '{mine}'"

@@ -40,8 +40,17 @@ class StepOutcome:
 class TrainingEpisode:
     """One rank's stream of training episodes on ``env``."""
 
-    def __init__(self, env: Any, layout: TeamLayout, comm: Communication, scenario_id: str, seed: int,
-                 rank: int, centralised_critic: bool, episodes_done: int = 0) -> None:
+    def __init__(
+        self,
+        env: Any,
+        layout: TeamLayout,
+        comm: Communication,
+        scenario_id: str,
+        seed: int,
+        rank: int,
+        centralised_critic: bool,
+        episodes_done: int = 0,
+    ) -> None:
         self.env, self.layout, self.comm, self.scenario_id = env, layout, comm, scenario_id
         self.seed, self.rank, self.centralised = seed, rank, centralised_critic
         self.episodes_done = episodes_done  #: finished training episodes (numbers the next one)
@@ -87,8 +96,7 @@ class TrainingEpisode:
             self.episodes_done += 1
             # Time-limit truncation is not a terminal state: the caller bootstraps with V(s_T)
             # (Pardo et al. 2018, "Time Limits in Reinforcement Learning").
-            truncated = np.array([bool(truncs.get(a, False)) and not bool(terms.get(a, False))
-                                  for a in layout.agents])
+            truncated = np.array([bool(truncs.get(a, False)) and not bool(terms.get(a, False)) for a in layout.agents])
             if truncated.any():
                 final = self._final_critic_input()
         return StepOutcome(reward, ended, truncated, final)
@@ -96,8 +104,11 @@ class TrainingEpisode:
     def _final_critic_input(self) -> np.ndarray:
         if self.centralised:
             return self._state()
-        final = self.layout.obs_array(self.observations) if self.observations else \
-            np.zeros((self.layout.n, self.layout.obs_dim), np.float32)
+        final = (
+            self.layout.obs_array(self.observations)
+            if self.observations
+            else np.zeros((self.layout.n, self.layout.obs_dim), np.float32)
+        )
         if self.comm.message_size:  # no messages are drawn for a state nobody acts in
             final = np.concatenate([final, np.zeros((self.layout.n, self.comm.message_size), np.float32)], 1)
         return final
@@ -108,7 +119,7 @@ class TrainingEpisode:
         ``last_obs`` (the rollout's last actor input) stand in for them."""
         if self.centralised:
             return self._state()
-        return np.concatenate([self.layout.obs_array(self.observations), last_obs[:, self.layout.obs_dim:]], 1)
+        return np.concatenate([self.layout.obs_array(self.observations), last_obs[:, self.layout.obs_dim :]], 1)
 
     def kpis(self) -> dict[str, float]:
         """KPIs of the episode that just ended, with the channel's statistics."""
@@ -121,8 +132,11 @@ class TrainingEpisode:
         """The episode in progress: its number, the actions so far, the learned bytes counted."""
         shape = (0, self.layout.n) if self.layout.kind == "discrete" else (0, self.layout.n, self.layout.action_dim)
         actions = np.stack(self.actions) if self.actions else np.zeros(shape)
-        return {"number": self.episodes_done, "actions": torch.from_numpy(actions),
-                "bytes_module": self.comm.bytes_module}
+        return {
+            "number": self.episodes_done,
+            "actions": torch.from_numpy(actions),
+            "bytes_module": self.comm.bytes_module,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Start episode ``state['number']`` again and replay its saved actions."""
@@ -131,6 +145,8 @@ class TrainingEpisode:
         for action in state["actions"].numpy():
             self.inputs()  # the channel draws what it drew in the interrupted run
             if self.step(action).ended:
-                raise ConcordError("cannot resume: the saved episode ended early on replay "
-                                   "(the simulator is not deterministic for this scenario)")
+                raise ConcordError(
+                    "cannot resume: the saved episode ended early on replay "
+                    "(the simulator is not deterministic for this scenario)"
+                )
         self.comm.bytes_module = float(state["bytes_module"])

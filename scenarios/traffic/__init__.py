@@ -22,8 +22,14 @@ _ENV = "scenarios.traffic.env:TrafficSignalEnv"
 _SIM = "SUMO (libsumo)"
 
 
-def _register(name: str, description: str, n_agents: int, kwargs: dict[str, Any], test_end: int,
-              training: TrainingPreset | None = None) -> None:
+def _register(
+    name: str,
+    description: str,
+    n_agents: int,
+    kwargs: dict[str, Any],
+    test_end: int,
+    training: TrainingPreset | None = None,
+) -> None:
     """Register ``traffic/<name>``; tests run it up to ``test_end`` simulated seconds; ``training``
     is what ``marl train traffic/<name>`` uses without options (default: IPPO, not measured)."""
     register_scenario(
@@ -42,8 +48,14 @@ def _register(name: str, description: str, n_agents: int, kwargs: dict[str, Any]
 
 
 def _resco(
-    name: str, route: str, n_agents: int, begin: int, description: str, test_s: int = 300,
-    training: TrainingPreset | None = None, **extra: Any
+    name: str,
+    route: str,
+    n_agents: int,
+    begin: int,
+    description: str,
+    test_s: int = 300,
+    training: TrainingPreset | None = None,
+    **extra: Any,
 ) -> None:
     """A RESCO map (Ault & Sharon 2021): 1 h window, decisions every 10 s incl. 3 s yellow.
 

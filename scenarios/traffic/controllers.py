@@ -75,9 +75,7 @@ class FixedTime(SignalController):
 
     runs_program = True
 
-    def act(
-        self, observations: dict[str, np.ndarray], env: Any, messages: Any = None
-    ) -> dict[str, Any]:
+    def act(self, observations: dict[str, np.ndarray], env: Any, messages: Any = None) -> dict[str, Any]:
         return {agent: env.current_phase(agent) for agent in env.agents}
 
 
@@ -93,9 +91,7 @@ class MaxPressure(SignalController):
 
     Config = MaxPressureConfig
 
-    def act(
-        self, observations: dict[str, np.ndarray], env: Any, messages: Any = None
-    ) -> dict[str, Any]:
+    def act(self, observations: dict[str, np.ndarray], env: Any, messages: Any = None) -> dict[str, Any]:
         actions = {}
         for agent in env.agents:
             scores = env.phase_pressures(agent, self.config.measure)
@@ -106,9 +102,7 @@ class MaxPressure(SignalController):
 class MaxWave(SignalController):
     """Green to the phase whose green incoming lanes hold the most vehicles."""
 
-    def act(
-        self, observations: dict[str, np.ndarray], env: Any, messages: Any = None
-    ) -> dict[str, Any]:
+    def act(self, observations: dict[str, np.ndarray], env: Any, messages: Any = None) -> dict[str, Any]:
         actions = {}
         for agent in env.agents:
             sig = env.signals[agent]
@@ -131,7 +125,5 @@ class RandomPhases(SignalController):
         super().reset(env, seed)
         self._rng = np.random.default_rng(seed)
 
-    def act(
-        self, observations: dict[str, np.ndarray], env: Any, messages: Any = None
-    ) -> dict[str, Any]:
+    def act(self, observations: dict[str, np.ndarray], env: Any, messages: Any = None) -> dict[str, Any]:
         return {a: int(self._rng.choice(np.flatnonzero(env.action_mask(a)))) for a in env.agents}

@@ -65,9 +65,7 @@ class CoordinatedMaxPressure(SignalController):
         super().__init__(env, config)
         signals = env.signals
         owner = {lane: a for a, sig in signals.items() for lane in sig.in_lanes}
-        internal = sorted(
-            {lane for a, sig in signals.items() for lane in sig.out_lanes if owner.get(lane, a) != a}
-        )
+        internal = sorted({lane for a, sig in signals.items() for lane in sig.out_lanes if owner.get(lane, a) != a})
         slot = {lane: i for i, lane in enumerate(internal)}
         self.payload_size = len(internal)
         self._plans: dict[str, _Plan] = {}
@@ -130,9 +128,7 @@ class CoordinatedMaxPressure(SignalController):
         down[plan.recv_pos] = np.where(age <= self.config.max_age, last, 0.0)
         return down
 
-    def act(
-        self, observations: dict[str, np.ndarray], env: Any, messages: Any = None
-    ) -> dict[str, Any]:
+    def act(self, observations: dict[str, np.ndarray], env: Any, messages: Any = None) -> dict[str, Any]:
         read = self._read(env)
         actions = {}
         for agent in env.agents:

@@ -151,9 +151,7 @@ class Config:
         default="wait", metadata=_help("reward per light (see the env card)")
     )
     use_libsumo: bool = field(default=True, metadata=_help("libsumo in-process; false: TraCI"))
-    sumo_seed: int | None = field(
-        default=None, metadata=_help("fixed SUMO --seed; None: the seed given to reset()")
-    )
+    sumo_seed: int | None = field(default=None, metadata=_help("fixed SUMO --seed; None: the seed given to reset()"))
     neighbour_max_m: float = field(
         default=1000.0, metadata=_help("max road metres between two lights joined in topology")
     )
@@ -166,8 +164,7 @@ class Config:
             raise ConfigError(f"bad delta_time {self.delta_time}; expected an integer >= 1")
         if not 0 <= self.yellow_time < self.delta_time:
             raise ConfigError(
-                f"bad yellow_time {self.yellow_time}; expected 0 <= yellow_time < delta_time "
-                f"({self.delta_time})"
+                f"bad yellow_time {self.yellow_time}; expected 0 <= yellow_time < delta_time ({self.delta_time})"
             )
         if self.begin < 0:
             raise ConfigError(f"bad begin {self.begin}; expected a simulation time >= 0 s")
@@ -336,15 +333,11 @@ class TrafficSignalEnv(Scenario):
         self._lane_index = {l: i for i, l in enumerate(self._lanes)}
         pad = len(self._lanes)  # index of a padding slot that always holds 0
         lengths = {l: ln for s in sigs for l, ln in s.lane_length.items()}
-        self._capacity = np.array(
-            [max(lengths.get(l, 0.0) / VEHICLE_SPACE_M, 1.0) for l in self._lanes] + [1.0]
-        )
+        self._capacity = np.array([max(lengths.get(l, 0.0) / VEHICLE_SPACE_M, 1.0) for l in self._lanes] + [1.0])
         self._in_idx = np.full((len(sigs), L), pad, dtype=np.int64)
         for i, s in enumerate(sigs):
             self._in_idx[i, : len(s.in_lanes)] = [self._lane_index[l] for l in s.in_lanes]
-        self._out_idx = [
-            np.array([self._lane_index[l] for l in s.out_lanes], dtype=np.int64) for s in sigs
-        ]
+        self._out_idx = [np.array([self._lane_index[l] for l in s.out_lanes], dtype=np.int64) for s in sigs]
         self._n_phases = np.array([s.n_phases for s in sigs])
         self._program_to_green = [(s.id, s.program_to_green) for s in sigs]
         self._inv_capacity = 1.0 / self._capacity[self._in_idx]
@@ -442,8 +435,7 @@ class TrafficSignalEnv(Scenario):
             raise unknown("control mode", str(mode), ["agents", "program"])
         if self._sim is None or not self.agents or self._stepped:
             raise SimulatorError(
-                f"set_control('{mode}') outside an episode's start; call it after reset() and "
-                "before the first step()"
+                f"set_control('{mode}') outside an episode's start; call it after reset() and before the first step()"
             )
         if (mode == "program") == self._program_mode:
             return
@@ -627,8 +619,7 @@ class TrafficSignalEnv(Scenario):
                         detail = " ".join(re.sub(r"\s*In file '[^']*'", ";", text).split())
                         return ConfigError(f"bad {key} '{given}': SUMO rejected it: {detail}")
         return SimulatorError(
-            f"SUMO could not load net_file '{cfg.net_file}' with route_file '{cfg.route_file}': "
-            f"{message}"
+            f"SUMO could not load net_file '{cfg.net_file}' with route_file '{cfg.route_file}': {message}"
         )
 
     def _lane_getters(self) -> tuple[Any, Any, Any]:
@@ -684,9 +675,7 @@ class TrafficSignalEnv(Scenario):
     def _read_program_phases(self) -> None:
         """In programme mode, the green phase each light's own programme is in (or follows)."""
         get_phase = self._get_phase
-        self._green[:] = [
-            to_green[get_phase(a) % len(to_green)] for a, to_green in self._program_to_green
-        ]
+        self._green[:] = [to_green[get_phase(a) % len(to_green)] for a, to_green in self._program_to_green]
 
     def _set_state(self, agent: str, state: str) -> None:
         self._sim.trafficlight.setRedYellowGreenState(self._sim_ids[agent], state)

@@ -94,9 +94,7 @@ def resolve_path(path: str, what: str) -> Path:
     bundled = sumo_rl_nets_dir() / path
     if bundled.is_file():
         return bundled
-    raise ConfigError(
-        f"bad {what} '{path}': no such file (nor under sumo-rl's nets, {sumo_rl_nets_dir()})"
-    )
+    raise ConfigError(f"bad {what} '{path}': no such file (nor under sumo-rl's nets, {sumo_rl_nets_dir()})")
 
 
 @dataclass
@@ -163,9 +161,7 @@ def read_net(net_file: str, max_road_m: float = 1000.0) -> NetInfo:
         elif tag == "tlLogic":
             tl = elem.get("id", "")
             if tl not in programs:  # SUMO starts the first programme of each light
-                programs[tl] = [
-                    (p.get("state", ""), float(p.get("duration", "0"))) for p in elem.iter("phase")
-                ]
+                programs[tl] = [(p.get("state", ""), float(p.get("duration", "0"))) for p in elem.iter("phase")]
             elem.clear()
         elif tag == "connection":
             src, dst = elem.get("from", ""), elem.get("to", "")
@@ -193,9 +189,7 @@ def read_net(net_file: str, max_road_m: float = 1000.0) -> NetInfo:
         out_lanes = list(dict.fromkeys(b for _, b in links if b))
         link_in = np.array([in_lanes.index(a) if a else -1 for a, _ in links], dtype=np.int64)
         link_out = np.array([out_lanes.index(b) if b else -1 for _, b in links], dtype=np.int64)
-        phase_links = np.array(
-            [[c in "Gg" and links[i][0] != "" for i, c in enumerate(s)] for s in phases], dtype=bool
-        )
+        phase_links = np.array([[c in "Gg" and links[i][0] != "" for i, c in enumerate(s)] for s in phases], dtype=bool)
         to_green, last = [], 0
         for state, _ in program:
             if _is_green(state):

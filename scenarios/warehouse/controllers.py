@@ -125,7 +125,9 @@ class PrioritizedController(Controller):
         self._n_cells = lay.n_cells
         self._width = lay.width
         # Python lists: the search reads them per node, where list indexing beats numpy scalars.
-        self._moves = [sorted(set(row), key=s.__ne__) for s, row in enumerate(lay.neighbours.tolist())]  # own cell first
+        self._moves = [
+            sorted(set(row), key=s.__ne__) for s, row in enumerate(lay.neighbours.tolist())
+        ]  # own cell first
         self._failed = np.zeros(env.n, dtype=bool)
         self._waited = np.zeros(env.n, dtype=np.int64)
         self._steps = 0

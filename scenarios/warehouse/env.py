@@ -191,9 +191,7 @@ class WarehouseEnv(Scenario):
         lay = self.layout
         n = cfg.n_robots
         if n > lay.spawn_cells.size:
-            raise ConfigError(
-                f"bad n_robots {n}; the map '{cfg.map_file}' has only {lay.spawn_cells.size} free cells"
-            )
+            raise ConfigError(f"bad n_robots {n}; the map '{cfg.map_file}' has only {lay.spawn_cells.size} free cells")
         self.n = n
         self.possible_agents = [f"robot_{i}" for i in range(n)]
         self.agents: list[str] = []
@@ -284,9 +282,7 @@ class WarehouseEnv(Scenario):
 
     def step(
         self, actions: dict[str, Any]
-    ) -> tuple[
-        dict[str, np.ndarray], dict[str, float], dict[str, bool], dict[str, bool], dict[str, dict[str, Any]]
-    ]:
+    ) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, bool], dict[str, bool], dict[str, dict[str, Any]]]:
         if not self.agents:
             raise SimulatorError("step() called after the episode ended; call reset() first")
         try:  # map() over dict.__getitem__ runs in C; a missing agent falls back to "stay"
