@@ -37,6 +37,12 @@ class RolloutBuffer:
         self.boot = np.zeros((steps, n), np.float64)
         self.end = np.zeros(steps, bool)
 
+    @classmethod
+    def for_team(cls, steps: int, layout: Any, comm: Any, critic_dim: int) -> RolloutBuffer:
+        """A buffer for ``steps`` steps of the team ``layout`` talking through ``comm``."""
+        obs_dim = layout.obs_dim + comm.message_size  # rule-based messages extend the observation
+        return cls(steps, layout.n, obs_dim, critic_dim, layout.action_dim, layout.kind == "discrete", comm.learned)
+
     def store(
         self,
         t: int,

@@ -28,6 +28,11 @@ class Communication:
     """The protocol/channel pair of a policy; ``channel`` is a parsed ChannelSpec or None
     (a perfect channel)."""
 
+    @classmethod
+    def for_policy(cls, protocol: str, channel: Any, layout: Any, seed: int, config: Any) -> Communication:
+        """The pair for a policy over ``layout`` with the algorithm ``config``'s comm settings."""
+        return cls(protocol, channel, layout.agents, layout.obs_dim, seed, config.comm_mode, config.hidden_size)
+
     def __init__(
         self,
         protocol: str,

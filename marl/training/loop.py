@@ -88,14 +88,8 @@ def train(
         sync = make_sync(world, dist_cfg, env.topology, prescaled=True)
         check_ranks(config, world.size)
         torch.manual_seed(req.seed)  # identical initial weights on every rank
-        comm = Communication(
-            req.protocol,
-            plan.channel_spec,
-            layout.agents,
-            layout.obs_dim,
-            rank_seed(req.seed, world.rank),
-            mode=config.comm_mode,
-            hidden_size=config.hidden_size,
+        comm = Communication.for_policy(
+            req.protocol, plan.channel_spec, layout, rank_seed(req.seed, world.rank), config
         )
         model = build_model(algo_cls, config, layout, comm)
         # Adam eps 1e-5 (Huang et al. 2022, detail 3).
@@ -111,15 +105,7 @@ def train(
         run_id = new_run_id()
         log = TrainLog(plan, run_id, world.is_root, world.size, env, layout, update, env_steps, on_progress)
         policy = PolicyController(model, layout, comm, plan.method, deterministic=config.deterministic_eval)
-        buf = RolloutBuffer(
-            config.num_steps,
-            layout.n,
-            layout.obs_dim + comm.message_size,
-            critic_input_size(algo_cls, layout, comm),
-            layout.action_dim,
-            layout.kind == "discrete",
-            comm.learned,
-        )
+        buf = RolloutBuffer.for_team(config.num_steps, layout, comm, critic_input_size(algo_cls, layout, comm))
         returns: list[float] = []  # of every finished training episode
         finished: list[tuple[float, dict[str, float]]] = []  # (return, kpis) during this update
         busy = env_seconds = 0.0  # rollout + update time, and the part of it inside the env
@@ -138,37 +124,20 @@ def train(
                 if cout is not None:
                     comm.count_bytes(cout.bytes_sent)
                 gate = None if cout is None or cout.gate is None else cout.gate[0].numpy()
-                buf.store(
-                    t,
-                    obs,
-                    critic_in,
-                    delivered,
-                    amask,
-                    action.numpy(),
-                    logprob.numpy(),
-                    _denormalise(value.numpy(), value_rms),
-                    gate,
-                )
+                v = _denormalise(value.numpy(), value_rms)
+                buf.store(t, obs, critic_in, delivered, amask, action.numpy(), logprob.numpy(), v, gate)
                 t_env = time.perf_counter()
                 out = episode.step(model.clip_action(action).numpy())
                 env_seconds += time.perf_counter() - t_env
                 local_steps += 1
-                boot = (
-                    0.0
-                    if out.final_critic_in is None
-                    else config.gamma * _value(model, out.final_critic_in, value_rms) * out.truncated
-                )
-                buf.record(t, out.reward, out.ended, boot)
+                buf.record(t, out.reward, out.ended, _bootstrap(model, out, config.gamma, value_rms))
                 if out.ended:
                     returns.append(float(episode.episode_return.mean()))
                     finished.append((returns[-1], episode.kpis()))
                     if eval_due and world.is_root and req.periodic_eval_episodes > 0:
                         busy += time.perf_counter() - tick  # evaluation time is not training time
-                        log.eval_rows(
-                            update,
-                            evaluate(env, policy, periodic_seeds(req.seed, update, req.periodic_eval_episodes)),
-                            env_steps,
-                        )
+                        seeds = periodic_seeds(req.seed, update, req.periodic_eval_episodes)
+                        log.eval_rows(update, evaluate(env, policy, seeds), env_steps)
                         tick = time.perf_counter()
                     eval_due = False
                     t_env = time.perf_counter()
@@ -196,16 +165,9 @@ def train(
             busy += time.perf_counter() - tick
 
             # ---- log
-            log.update_rows(
-                update,
-                metrics,
-                env_steps,
-                local_steps / busy,
-                env_seconds / busy,
-                finished,
-                world.events,
-                returns[-1] if returns else float("nan"),
-            )
+            last_return = returns[-1] if returns else float("nan")
+            log.update_rows(update, metrics, env_steps, local_steps / busy, env_seconds / busy, finished,
+                            world.events, last_return)  # fmt: skip
             finished = []
             done = env_steps >= req.steps
             # due evaluations run at the next episode end (a rollout may end none)
@@ -215,28 +177,11 @@ def train(
             if update % config.checkpoint_every == 0 or done:
                 agreed = _with_recovery(world, model, optimizer, RankFailure, world.agree, update)
                 if world.is_root:
-                    state = _state(
-                        plan,
-                        layout,
-                        run_id,
-                        model,
-                        optimizer,
-                        scaler,
-                        value_rms,
-                        episode,
-                        update,
-                        agreed,
-                        env_steps,
-                        world.size,
-                        eval_due,
-                    )
+                    state = _state(plan, layout, run_id, model, optimizer, scaler, value_rms, episode, update,
+                                   agreed, env_steps, world.size, eval_due)  # fmt: skip
                     last_ckpt = save_checkpoint(plan.out_dir / CHECKPOINT_DIR, update, state, config.keep_checkpoints)
-                    log.save_manifest(
-                        updates_completed=update,
-                        env_steps=env_steps,
-                        last_checkpoint=str(last_ckpt),
-                        agreed_update=int(agreed),
-                    )
+                    log.save_manifest(updates_completed=update, env_steps=env_steps,
+                                      last_checkpoint=str(last_ckpt), agreed_update=int(agreed))  # fmt: skip
 
         # ---- final evaluation on marl run's episodes
         train_seconds = time.perf_counter() - start
@@ -247,28 +192,13 @@ def train(
         sps = local_steps / busy if busy > 0 else 0.0
         fraction = env_seconds / busy if busy > 0 else float("nan")
         final_kpis = {k: float(np.mean([f[k] for f in final])) for k in (final[0] if final else {})}
-        log.save_manifest(
-            updates_completed=update,
-            env_steps=env_steps,
-            train_seconds=train_seconds,
-            steps_per_second=sps,
-            final_kpis=final_kpis,
-            env_time_fraction=None if np.isnan(fraction) else fraction,
-        )
-        return TrainResult(
-            run_id=run_id,
-            out_dir=plan.out_dir,
-            method=plan.method,
-            checkpoint=last_ckpt,
-            updates=update,
-            env_steps=env_steps,
-            seconds=train_seconds,
-            steps_per_second=sps,
-            final_kpis=final_kpis,
-            env_fraction=fraction,
-            train_returns=returns,
-            events=list(world.events),
-        )
+        log.save_manifest(updates_completed=update, env_steps=env_steps, train_seconds=train_seconds,
+                          steps_per_second=sps, final_kpis=final_kpis,
+                          env_time_fraction=None if np.isnan(fraction) else fraction)  # fmt: skip
+        return TrainResult(run_id=run_id, out_dir=plan.out_dir, method=plan.method, checkpoint=last_ckpt,
+                           updates=update, env_steps=env_steps, seconds=train_seconds, steps_per_second=sps,
+                           final_kpis=final_kpis, env_fraction=fraction, train_returns=returns,
+                           events=list(world.events))  # fmt: skip
     finally:
         env.close()
         if world is not None:
@@ -285,6 +215,14 @@ def _value(model: ActorCritic, critic_in: np.ndarray, value_rms: RunningMeanStd 
     """V(s) [N] in reward units for one step's critic input [N, C]."""
     with torch.inference_mode():
         return _denormalise(model.value(torch.from_numpy(critic_in)[None])[0].numpy(), value_rms)
+
+
+def _bootstrap(model: ActorCritic, out: Any, gamma: float, value_rms: RunningMeanStd | None) -> Any:
+    """gamma * V(s_T) for agents whose episode was truncated by the time limit, else 0: a time
+    limit is not a terminal state (Pardo et al. 2018, "Time Limits in Reinforcement Learning")."""
+    if out.final_critic_in is None:
+        return 0.0
+    return gamma * _value(model, out.final_critic_in, value_rms) * out.truncated
 
 
 def _with_recovery(
