@@ -111,7 +111,8 @@ class ActorCritic(nn.Module):
 
     ``obs_dim``: padded local observation size (plus any rule-based message vector);
     ``critic_dim``: size of the critic's input (local obs for IPPO, global state for MAPPO);
-    ``comms``: a learned protocol module or None.
+    ``comms``: a learned protocol module or None; ``init_logstd``: initial log std of continuous
+    actions (a small value starts the policy near its mean action, e.g. near volt-var on the grid).
     """
 
     low: torch.Tensor  #: continuous actions: the box's lower bound (a registered buffer)
@@ -128,6 +129,7 @@ class ActorCritic(nn.Module):
         shared: bool = True,
         agent_id: bool = True,
         comms: nn.Module | None = None,
+        init_logstd: float = 0.0,
     ) -> None:
         super().__init__()
         self.n_agents = n_agents
@@ -142,7 +144,7 @@ class ActorCritic(nn.Module):
         self.actor_head = MLP(groups, [hidden, action.size], out_std=0.01)
         if action.kind == "continuous":
             # State-independent log std (detail "continuous actions", Huang et al. 2022).
-            self.actor_logstd = nn.Parameter(torch.zeros(groups, action.size))
+            self.actor_logstd = nn.Parameter(torch.full((groups, action.size), float(init_logstd)))
             self.register_buffer("low", torch.tensor(action.low, dtype=torch.float32))
             self.register_buffer("high", torch.tensor(action.high, dtype=torch.float32))
         self.critic = MLP(groups, [critic_dim, hidden, hidden, 1], out_std=1.0, id_agents=ids)

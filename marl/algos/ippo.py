@@ -68,12 +68,17 @@ class IPPOConfig:
     ent_coef: float = field(default=0.01, metadata=_help("entropy bonus weight"))
     vf_coef: float = field(default=0.5, metadata=_help("value loss weight"))
     max_grad_norm: float = field(default=0.5, metadata=_help("global gradient norm clip"))
-    target_kl: float | None = field(default=None, metadata=_help("stop an update's epochs early above this KL (None: never)"))
+    target_kl: float | None = field(
+        default=None, metadata=_help("stop an update's epochs early above this KL (None: never)")
+    )
     norm_reward: bool = field(default=True, metadata=_help("scale rewards by the running std of the discounted return"))
     norm_value: bool = field(default=False, metadata=_help("train the critic on normalised returns (Yu et al. 2022)"))
     hidden_size: int = field(default=64, metadata=_help("width of encoder, critic and message vectors"))
     shared_parameters: bool = field(default=True, metadata=_help("one network for all agents (false: one per agent)"))
     agent_id: bool = field(default=True, metadata=_help("append a one-hot agent id to actor and critic inputs"))
+    init_logstd: float = field(
+        default=0.0, metadata=_help("initial log std of continuous actions (e.g. -1.5: start near the mean action)")
+    )
     comm_rounds: int = field(default=1, metadata=_help("communication rounds per step of a learned protocol"))
     comm_mode: Literal["neighbours", "broadcast"] = field(
         default="neighbours", metadata=_help("who a learned protocol's messages go to: topology neighbours or all")
@@ -85,8 +90,17 @@ class IPPOConfig:
     torch_threads: int = field(default=1, metadata=_help("torch intra-op threads (small nets: 1 is fastest)"))
 
     def __post_init__(self) -> None:
-        positive = ["learning_rate", "num_steps", "update_epochs", "num_minibatches", "hidden_size",
-                    "comm_rounds", "checkpoint_every", "keep_checkpoints", "torch_threads"]
+        positive = [
+            "learning_rate",
+            "num_steps",
+            "update_epochs",
+            "num_minibatches",
+            "hidden_size",
+            "comm_rounds",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "torch_threads",
+        ]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"bad {name}={getattr(self, name)}; allowed: a value > 0")
@@ -94,9 +108,7 @@ class IPPOConfig:
             if getattr(self, name) > most:
                 raise ConfigError(f"bad {name}={getattr(self, name)}; allowed: 1..{most}")
         if self.num_steps < self.num_minibatches:
-            raise ConfigError(
-                f"bad num_steps={self.num_steps}; allowed: >= num_minibatches ({self.num_minibatches})"
-            )
+            raise ConfigError(f"bad num_steps={self.num_steps}; allowed: >= num_minibatches ({self.num_minibatches})")
         for name in ("gamma", "gae_lambda"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"bad {name}={getattr(self, name)}; allowed: a value in [0, 1]")

@@ -57,6 +57,7 @@ def build_model(algo_cls: Any, config: Any, layout: TeamLayout, comm: Communicat
         shared=config.shared_parameters,
         agent_id=config.agent_id,
         comms=comms_module,
+        init_logstd=getattr(config, "init_logstd", 0.0),  # continuous actions only (IPPO/MAPPO)
     )
 
 

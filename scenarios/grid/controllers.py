@@ -4,8 +4,9 @@
 * :class:`VoltVar` — the IEEE 1547-2018 default volt-var curve for Category B DER (IEEE Std
   1547-2018, Table 8): Q = +0.44 S at V ≤ 0.92, 0 between 0.98 and 1.02, −0.44 S at V ≥ 1.08
   (p.u. of nominal voltage; Q in p.u. of nameplate apparent power S, positive = injection),
-  linear in between. Each inverter reads only its own bus voltage (observation entry 0, measured
-  at the start of the interval with the previous set-point held) and its available reactive
+  linear in between. Each inverter reads only its own bus voltage (observation entry 0, in p.u.
+  via ``env.observed_voltages()``, measured at the start of the interval with the previous
+  set-point held) and its available reactive
   power; the command is limited to sqrt(S² − P²).
 * :class:`OptimalDispatch` — the full-information upper reference: every step it chooses all
   reactive powers (and curtailments when the env allows them) by sequential linear
@@ -44,7 +45,8 @@ class NoControl(Controller):
 
     def act(self, observations: dict[str, np.ndarray], env: Any, messages: Any = None) -> dict[str, np.ndarray]:
         shape = env.action_space(env.possible_agents[0]).shape
-        return {agent: np.zeros(shape, dtype=np.float32) for agent in env.agents}
+        a = env.encode_actions(np.zeros((len(env.possible_agents), *shape)))
+        return {agent: a[i] for i, agent in enumerate(env.possible_agents) if agent in env.agents}
 
 
 class VoltVar(Controller):
@@ -55,15 +57,17 @@ class VoltVar(Controller):
         p = env.pv_available()
         q_avail = np.sqrt(np.maximum(env.agent_s_mva**2 - p**2, 0.0))
         live = [i for i, agent in enumerate(env.possible_agents) if agent in observations]
-        v = np.array([observations[env.possible_agents[i]][0] for i in live], dtype=np.float64)
-        q = volt_var_curve(v) * env.agent_s_mva[live]
-        room = q_avail[live]
-        a = np.zeros((len(live), dim), dtype=np.float32)
-        a[:, 0] = np.clip(np.divide(q, room, out=np.zeros_like(q), where=room > 0), -1.0, 1.0)
-        return {env.possible_agents[i]: a[k] for k, i in enumerate(live)}
+        v = env.observed_voltages().astype(np.float64)  # observation entry 0, in p.u.
+        q = volt_var_curve(v) * env.agent_s_mva
+        a = np.zeros((len(v), dim))
+        a[:, 0] = np.clip(np.divide(q, q_avail, out=np.zeros_like(q), where=q_avail > 0), -1.0, 1.0)
+        a = env.encode_actions(a)  # the same set-points in residual action mode
+        return {env.possible_agents[i]: a[i] for i in live}
 
 
-def voltage_sensitivities(ybus: Any, v: np.ndarray, slack: int, buses: np.ndarray, sn_mva: float) -> tuple[np.ndarray, np.ndarray]:
+def voltage_sensitivities(
+    ybus: Any, v: np.ndarray, slack: int, buses: np.ndarray, sn_mva: float
+) -> tuple[np.ndarray, np.ndarray]:
     """dVm/dQ and dVm/dP (p.u. per MVar / MW injected at ``buses``) at the solution ``v``.
 
     From the polar Newton-Raphson Jacobian of the power-flow equations (every bus but the slack is
@@ -81,10 +85,8 @@ def voltage_sensitivities(ybus: Any, v: np.ndarray, slack: int, buses: np.ndarra
     ds_dvm = diag_v @ (y @ sp.diags(vnorm)).conj() + sp.diags(np.conj(current) * vnorm)
     ds_dva = 1j * diag_v @ (sp.diags(current) - y @ diag_v).conj()
     pq = np.array([b for b in range(n) if b != slack])
-    sub = lambda m: m.tocsr()[pq][:, pq]  # noqa: E731
-    jac = sp.bmat(
-        [[sub(ds_dva).real, sub(ds_dvm).real], [sub(ds_dva).imag, sub(ds_dvm).imag]], format="csc"
-    )
+    sub = lambda m: m.tocsr()[pq][:, pq]
+    jac = sp.bmat([[sub(ds_dva).real, sub(ds_dvm).real], [sub(ds_dva).imag, sub(ds_dvm).imag]], format="csc")
     pos = {b: i for i, b in enumerate(pq)}
     m = len(pq)
     k = len(buses)
@@ -182,7 +184,9 @@ class OptimalDispatch(Controller):
                 + ([cfg.curtail_weight / s] if curtail else [])
                 + [np.full(2 * m, cfg.violation_weight)]
             )
-            bounds = [(0, qm) for qm in q_max] * 2 + ([(0, pa) for pa in p_avail] if curtail else []) + [(0, None)] * (2 * m)
+            bounds = (
+                [(0, qm) for qm in q_max] * 2 + ([(0, pa) for pa in p_avail] if curtail else []) + [(0, None)] * (2 * m)
+            )
             res = linprog(c, A_ub=a_ub, b_ub=b_ub, bounds=bounds, method="highs")
             if res.status != 0:
                 break
@@ -198,13 +202,9 @@ class OptimalDispatch(Controller):
         q, cut = (best[1], best[2]) if best is not None else (np.zeros(n_a), np.zeros(n_a))
         self._q_prev = q
         q_room = np.sqrt(np.maximum(s**2 - (p_avail - cut) ** 2, 0.0))  # what the env scales a[0] by
-        actions = {}
-        for i, agent in enumerate(env.possible_agents):
-            if agent not in observations:
-                continue
-            a = np.zeros(2 if curtail else 1, dtype=np.float32)
-            a[0] = np.clip(q[i] / q_room[i], -1, 1) if q_room[i] > 0 else 0.0
-            if curtail:
-                a[1] = np.clip(cut[i] / p_avail[i], 0, 1) if p_avail[i] > 0 else 0.0
-            actions[agent] = a
-        return actions
+        a = np.zeros((n_a, 2 if curtail else 1))
+        a[:, 0] = np.clip(np.divide(q, q_room, out=np.zeros_like(q), where=q_room > 0), -1, 1)
+        if curtail:
+            a[:, 1] = np.clip(np.divide(cut, p_avail, out=np.zeros_like(cut), where=p_avail > 0), 0, 1)
+        a = env.encode_actions(a)  # the same set-points in residual action mode
+        return {agent: a[i] for i, agent in enumerate(env.possible_agents) if agent in observations}

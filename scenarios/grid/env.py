@@ -20,7 +20,10 @@ Observation (float32 Box, 7 values, or 8 with ``curtail``), per agent:
     ``v`` is the agent's bus voltage (p.u., clipped to [0, 2]) measured at the start of the
     interval with the previous set-points held; ``p_load``/``q_load`` the load at its bus and
     ``p_pv`` its available PV power in the interval, all divided by the inverter rating ``S``
-    (clipped to [-50, 50]); ``tod`` the time of day (2π·k/96); last actions as sent (clipped).
+    (clipped to [-50, 50]); ``tod`` the time of day (2π·k/96); last actions as applied (clipped;
+    in residual mode the resulting absolute ``q/q_avail``). With ``v_obs=deviation`` entry 0 is
+    ``(v − 1)/h`` with ``h`` the band's half-width (±1 at the band edges): the same information,
+    scaled so that a network sees the 5 % band as O(1) (``observed_voltages()`` gives p.u.).
 
 Actions (float32 Box [-1, 1], shape (1,) or (2,) with ``curtail``)
     ``a[0]`` scales the reactive power available after active power:
@@ -29,14 +32,21 @@ Actions (float32 Box [-1, 1], shape (1,) or (2,) with ``curtail``)
     power stays available, above IEEE 1547's 0.44). With ``curtail``, ``a[1]`` > 0 sheds that
     share of the available PV power (``a[1]`` ≤ 0: none); curtailment is applied before ``q``'s
     limit is computed. Values outside [-1, 1] are clipped, NaN counts as 0; nothing is rejected.
+    ``action=residual``: ``a[0]`` is a correction to the local IEEE 1547 volt-var set-point
+    computed from the agent's observed voltage: ``q/q_avail = clip(vv + residual_scale·s(a[0]))``
+    with ``s`` zero for ``|a| ≤ residual_deadband`` and linear to ±1 beyond, so a zero (or small)
+    action is exactly volt-var. Baseline controllers call ``encode_actions`` and act the same in
+    both modes.
 
 Reward
     ``reward="shared"`` (default): every agent gets ``−mean_b β(v_b) − q_weight·mean_i |q_i|/S_i
     − curtail_weight·mean_i c_i/S_i`` over all buses ``b`` and agents ``i``; ``"local"``: each
     agent gets ``−β(v)`` at its own bus minus its own costs. The barrier β is a continuous bowl
     in the percentage deviation ``d = 100·|v − 1|`` with ``h = 100·(v_max − 1)`` the band's
-    half-width (5 %): ``β = 0.1·(d/h)²`` inside the band and ``0.1 + (d − h)`` outside — gentle
-    inside, steep outside (the same shape as MAPDN's "bowl", Wang et al. 2021, §4). A power flow
+    half-width (5 %): ``β = b·(d/h)²`` inside the band and ``b + (d − h)`` outside, with
+    ``b = barrier_inside`` (0.1) — gentle inside, steep outside (the same shape as MAPDN's
+    "bowl", Wang et al. 2021, §4). ``loss_weight`` adds ``− loss_weight·losses/ΣS`` (feeder losses
+    in MW over the agents' total rating) to every agent's reward. A power flow
     that does not converge gives every agent ``−nonconverged_penalty`` (200, as MAPDN) and ends
     the episode (termination); ``infos[agent]["nonconverged"]`` is True then.
 
@@ -70,12 +80,15 @@ Arguments (``--set key=value``; types, defaults and help in :class:`GridConfig`)
     ratings and output), ``load_scale``, ``inverter_oversize``, ``curtail``, ``horizon``,
     ``split`` (train|eval|all), ``season`` (all|summer|winter), ``day``, ``holdout_every``,
     ``v_min``/``v_max``, ``reward`` (shared|local), ``q_weight``, ``curtail_weight``,
-    ``nonconverged_penalty``, ``hops`` (topology: agents within k feeder hops are linked, edge
+    ``barrier_inside``, ``loss_weight``, ``action`` (absolute|residual), ``residual_scale``,
+    ``residual_deadband``, ``v_obs`` (pu|deviation), ``nonconverged_penalty``, ``hops`` (topology: agents within k feeder hops are linked, edge
     attribute ``distance`` = Σ|z| in p.u. along the feeder path, ``hops``), ``max_iter``,
     ``solver`` (lightsim2grid | pandapower — the runpp reference, ~100x slower).
 
 Version history
     v0 (issue 7): first version.
+    v1 (issue 15): ``action=residual``, ``residual_*``, ``v_obs``, ``barrier_inside``, ``loss_weight``;
+    defaults unchanged (grid/ieee33's preset selects the residual interface).
 """
 
 from __future__ import annotations
@@ -97,20 +110,25 @@ __all__ = ["GridConfig", "GridVoltageEnv", "barrier", "SUMMER_DAYS", "days_of"]
 #: Days of the 2016 profile year from 1 June to 31 August (0-based, leap year).
 SUMMER_DAYS = range(152, 244)
 #: Days of the profile year from 1 December to the end of February.
-WINTER_DAYS = tuple(range(0, 60)) + tuple(range(335, 366))
+WINTER_DAYS = tuple(range(60)) + tuple(range(335, 366))
 HOURS_PER_STEP = 0.25
 
 
 @dataclass
 class GridConfig:
-    feeder: str = field(default="1-MV-rural--0-sw", metadata={"help": "any SimBench MV or LV code (1-MV-semiurb--0-sw, ...) or 'ieee33'"})
+    feeder: str = field(
+        default="1-MV-rural--0-sw",
+        metadata={"help": "any SimBench MV or LV code (1-MV-semiurb--0-sw, ...) or 'ieee33'"},
+    )
     pv_scale: float = field(default=1.0, metadata={"help": "PV penetration: factor on every agent's rating and output"})
     load_scale: float = field(default=1.0, metadata={"help": "factor on every load"})
     inverter_oversize: float = field(default=1.1, metadata={"help": "inverter rating S / PV rated power"})
     curtail: bool = field(default=False, metadata={"help": "agents may also curtail active power (2nd action)"})
     horizon: int = field(default=96, metadata={"help": "steps of 15 min per episode"})
     split: Literal["train", "eval", "all"] = field(default="train", metadata={"help": "which days episodes start on"})
-    season: Literal["all", "summer", "winter"] = field(default="all", metadata={"help": "restrict days to Jun-Aug or Dec-Feb"})
+    season: Literal["all", "summer", "winter"] = field(
+        default="all", metadata={"help": "restrict days to Jun-Aug or Dec-Feb"}
+    )
     day: int = field(default=-1, metadata={"help": "fixed start day 0..365 (-1: drawn from the seed)"})
     holdout_every: int = field(default=5, metadata={"help": "every n-th day is held out for evaluation"})
     v_min: float = field(default=0.95, metadata={"help": "lower voltage limit, p.u."})
@@ -118,11 +136,26 @@ class GridConfig:
     reward: Literal["shared", "local"] = field(default="shared", metadata={"help": "shared or local reward"})
     q_weight: float = field(default=0.1, metadata={"help": "cost per |q|/S"})
     curtail_weight: float = field(default=0.5, metadata={"help": "cost per curtailed p/S"})
+    barrier_inside: float = field(
+        default=0.1, metadata={"help": "barrier value at the band edge (bowl inside the band); 0: flat in band"}
+    )
+    loss_weight: float = field(default=0.0, metadata={"help": "cost per MW of feeder losses / total inverter rating"})
+    action: Literal["absolute", "residual"] = field(
+        default="absolute", metadata={"help": "a[0] is q/q_avail, or a correction added to local volt-var's"}
+    )
+    v_obs: Literal["pu", "deviation"] = field(
+        default="pu", metadata={"help": "observed voltage: p.u., or (v - 1) / half-band (±1 at the band edges)"}
+    )
+    residual_scale: float = field(default=1.0, metadata={"help": "residual mode: q/q_avail = volt-var + scale*a[0]"})
+    residual_deadband: float = field(
+        default=0.0, metadata={"help": "residual mode: |a[0]| below this is no correction (then linear to ±scale)"}
+    )
     nonconverged_penalty: float = field(default=200.0, metadata={"help": "reward when the power flow fails"})
     hops: int = field(default=3, metadata={"help": "agents within this many feeder hops are linked"})
     max_iter: int = field(default=20, metadata={"help": "Newton-Raphson iterations per solve"})
     solver: Literal["lightsim2grid", "pandapower"] = field(
-        default="lightsim2grid", metadata={"help": "power-flow engine; pandapower (runpp) is the ~100x slower reference"}
+        default="lightsim2grid",
+        metadata={"help": "power-flow engine; pandapower (runpp) is the ~100x slower reference"},
     )
 
     def __post_init__(self) -> None:
@@ -130,10 +163,23 @@ class GridConfig:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"bad value for {name}: {getattr(self, name)}; expected > 0")
 
-        for name in ("pv_scale", "load_scale", "horizon", "holdout_every", "max_iter", "nonconverged_penalty"):
+        for name in (
+            "pv_scale",
+            "load_scale",
+            "horizon",
+            "holdout_every",
+            "max_iter",
+            "nonconverged_penalty",
+            "residual_scale",
+        ):
             positive(name)
+        for name in ("barrier_inside", "loss_weight", "q_weight", "curtail_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"bad value for {name}: {getattr(self, name)}; expected >= 0")
         if self.inverter_oversize < 1.0:
             raise ConfigError(f"bad value for inverter_oversize: {self.inverter_oversize}; expected >= 1")
+        if not 0 <= self.residual_deadband < 1:
+            raise ConfigError(f"bad value for residual_deadband: {self.residual_deadband}; expected 0 <= x < 1")
         if not 0 < self.v_min < 1 < self.v_max:
             raise ConfigError(f"bad voltage band [{self.v_min}, {self.v_max}]; expected v_min < 1 < v_max")
         if self.hops < 0:
@@ -162,11 +208,11 @@ def days_of(config: GridConfig, n_days: int = 366) -> np.ndarray:
     return days
 
 
-def barrier(v: np.ndarray, v_min: float, v_max: float) -> np.ndarray:
-    """The voltage bowl β(v) of the env card (0 at 1 p.u., 0.1 at the band edge, slope 1 per % outside)."""
+def barrier(v: np.ndarray, v_min: float, v_max: float, inside: float = 0.1) -> np.ndarray:
+    """The voltage bowl β(v) of the env card (0 at 1 p.u., ``inside`` at the band edge, slope 1 per % outside)."""
     d = 100.0 * np.abs(v - 1.0)
     h = np.where(v >= 1.0, 100.0 * (v_max - 1.0), 100.0 * (1.0 - v_min))
-    return np.where(d <= h, 0.1 * (d / h) ** 2, 0.1 + (d - h))
+    return np.where(d <= h, inside * (d / h) ** 2, inside + (d - h))
 
 
 @functools.lru_cache(maxsize=8)
@@ -230,9 +276,12 @@ class GridVoltageEnv(Scenario):
         self._pv_factor = np.ones(len(f.sgen_bus))
         self._pv_factor[f.agent_sgens] = config.pv_scale
         self._act_dim = 2 if config.curtail else 1
+        self._half_band = 0.5 * (config.v_max - config.v_min)
         self._obs_dim = 6 + self._act_dim
         low = np.array([0.0, -50, -50, 0, -1, -1] + [-1.0] * self._act_dim, dtype=np.float32)
         high = np.array([2.0, 50, 50, 50, 1, 1] + [1.0] * self._act_dim, dtype=np.float32)
+        if config.v_obs == "deviation":  # (v - 1) / half-band, over the same 0..2 p.u. range
+            low[0], high[0] = -1.0 / self._half_band, 1.0 / self._half_band
         self._obs_low, self._obs_high = low, high
         self._obs_space = spaces.Box(low, high, dtype=np.float32)
         self._act_space = spaces.Box(-1.0, 1.0, shape=(self._act_dim,), dtype=np.float32)
@@ -263,6 +312,7 @@ class GridVoltageEnv(Scenario):
         self._horizon = config.horizon
         #: bus voltages (p.u.) right after the last step's set-points were applied
         self.step_voltages = np.ones(f.n_bus)
+        self._v_obs = np.ones(n, dtype=np.float32)  #: each agent's voltage as last observed
         self._reset_kpis()
 
     # ------------------------------------------------------------------ spaces
@@ -310,7 +360,40 @@ class GridVoltageEnv(Scenario):
         p_avail = self.pv_available()
         p = p_avail * (1.0 - np.maximum(a[:, 1], 0.0)) if self._act_dim == 2 else p_avail
         q_avail = np.sqrt(np.maximum(self.agent_s_mva**2 - p**2, 0.0))
+        if self.config.action == "residual":
+            c = self.config
+            shrunk = (
+                np.sign(a[:, 0]) * np.maximum(np.abs(a[:, 0]) - c.residual_deadband, 0.0) / (1.0 - c.residual_deadband)
+            )
+            a[:, 0] = np.clip(self.volt_var_share(q_avail) + c.residual_scale * shrunk, -1.0, 1.0)
         return a, p, a[:, 0] * q_avail
+
+    def observed_voltages(self) -> np.ndarray:
+        """Each agent's bus voltage (p.u., float32) as in its last observation (whatever ``v_obs``)."""
+        return self._v_obs.copy()
+
+    def volt_var_share(self, q_avail: np.ndarray) -> np.ndarray:
+        """Local IEEE 1547 Cat. B volt-var reactive power as a share of ``q_avail``, from each
+        agent's observed voltage (the residual mode's base; equals the ``volt-var`` controller)."""
+        from scenarios.grid.controllers import volt_var_curve
+
+        q = volt_var_curve(self._v_obs.astype(np.float64)) * self.agent_s_mva
+        return np.clip(np.divide(q, q_avail, out=np.zeros_like(q), where=q_avail > 0), -1.0, 1.0)
+
+    def encode_actions(self, a: np.ndarray) -> np.ndarray:
+        """Actions ``[N, dim]`` giving the absolute set-points ``a`` (a[:, 0] = q/q_avail) in this
+        env's action mode; baselines call this so they act the same in either mode."""
+        a = np.array(a, dtype=np.float64, copy=True)
+        if self.config.action == "residual":
+            p_avail = self.pv_available()
+            p = p_avail * (1.0 - np.maximum(a[:, 1], 0.0)) if self._act_dim == 2 else p_avail
+            q_avail = np.sqrt(np.maximum(self.agent_s_mva**2 - p**2, 0.0))
+            c = self.config
+            x = (a[:, 0] - self.volt_var_share(q_avail)) / c.residual_scale
+            a[:, 0] = np.where(
+                x == 0, 0.0, np.sign(x) * (c.residual_deadband + (1.0 - c.residual_deadband) * np.abs(x))
+            )
+        return np.clip(a, -1.0, 1.0).astype(np.float32)
 
     # ------------------------------------------------------------------ PettingZoo API
     def reset(self, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[dict, dict]:
@@ -320,7 +403,9 @@ class GridVoltageEnv(Scenario):
         if day is None:
             day = self.config.day if self.config.day >= 0 else int(self._rng.choice(self.days))
         elif int(day) not in self.days:
-            raise ConfigError(f"bad reset day {day}: not a day of split={self.config.split} season={self.config.season}")
+            raise ConfigError(
+                f"bad reset day {day}: not a day of split={self.config.split} season={self.config.season}"
+            )
         self.day = int(day)
         self._start = self.day * STEPS_PER_DAY
         self._horizon = min(self.config.horizon, self.feeder.n_steps - self._start)
@@ -373,13 +458,14 @@ class GridVoltageEnv(Scenario):
         s = self.agent_s_mva
         q_cost = c.q_weight * np.abs(q) / s
         cut_cost = c.curtail_weight * (p_avail - p) / s
-        beta = barrier(v, c.v_min, c.v_max)
+        loss_cost = c.loss_weight * losses / float(s.sum())
+        beta = barrier(v, c.v_min, c.v_max, c.barrier_inside)
         if c.reward == "shared":
             n = len(agents)
-            r = -float(beta.sum()) / len(beta) - float(q_cost.sum() + cut_cost.sum()) / n
+            r = -float(beta.sum()) / len(beta) - float(q_cost.sum() + cut_cost.sum()) / n - loss_cost
             rewards = dict.fromkeys(agents, r)
         else:
-            local = -beta[self.agent_bus] - q_cost - cut_cost
+            local = -beta[self.agent_bus] - q_cost - cut_cost - loss_cost
             rewards = dict(zip(self.possible_agents, local.tolist()))
 
         self._k += 1
@@ -442,6 +528,10 @@ class GridVoltageEnv(Scenario):
         obs[:, 4] = np.sin(tod)
         obs[:, 5] = np.cos(tod)
         obs[:, 6:] = self._last_action
+        obs[:, 0] = np.clip(obs[:, 0], 0.0, 2.0)
+        self._v_obs = obs[:, 0].astype(np.float32)  # what volt-var reads, in p.u.
+        if self.config.v_obs == "deviation":
+            obs[:, 0] = (obs[:, 0] - 1.0) / self._half_band
         obs = np.clip(obs, self._obs_low, self._obs_high).astype(np.float32)
         return dict(zip(self.possible_agents, obs))
 
@@ -451,8 +541,12 @@ class GridVoltageEnv(Scenario):
         then sin/cos of the time of day; float32 of length 3·n_bus + 2."""
         f = self.feeder
         load_p, load_q, sgen_p, sgen_q = self._inj
-        p = np.bincount(f.sgen_bus, sgen_p, minlength=self._n_bus) - np.bincount(f.load_bus, load_p, minlength=self._n_bus)
-        q = np.bincount(f.sgen_bus, sgen_q, minlength=self._n_bus) - np.bincount(f.load_bus, load_q, minlength=self._n_bus)
+        p = np.bincount(f.sgen_bus, sgen_p, minlength=self._n_bus) - np.bincount(
+            f.load_bus, load_p, minlength=self._n_bus
+        )
+        q = np.bincount(f.sgen_bus, sgen_q, minlength=self._n_bus) - np.bincount(
+            f.load_bus, load_q, minlength=self._n_bus
+        )
         tod = 2 * np.pi * (self.t % STEPS_PER_DAY) / STEPS_PER_DAY
         b = self._state_bound
         vm = np.clip(self.pf.vm, 0.0, 2.0)

@@ -369,8 +369,11 @@ class PowerFlow:
         self._q = np.zeros(self._n_load + n_sgen, dtype=np.float32)
         # Base case from pandapower: the one start point Newton-Raphson is known to converge from.
         ref = pandapower_net_at(
-            feeder, feeder.net.load.p_mw.to_numpy(), feeder.net.load.q_mvar.to_numpy(),
-            feeder.net.sgen.p_mw.to_numpy(), np.zeros(n_sgen),
+            feeder,
+            feeder.net.load.p_mw.to_numpy(),
+            feeder.net.load.q_mvar.to_numpy(),
+            feeder.net.sgen.p_mw.to_numpy(),
+            np.zeros(n_sgen),
         )
         pp.runpp(ref, numba=False)
         va = np.deg2rad(ref.res_bus.va_degree.to_numpy())
@@ -429,8 +432,11 @@ class PandapowerFlow:
         self.tol = tol
         n_sgen = len(feeder.net.sgen)
         self.net = pandapower_net_at(
-            feeder, feeder.net.load.p_mw.to_numpy(), feeder.net.load.q_mvar.to_numpy(),
-            feeder.net.sgen.p_mw.to_numpy(), np.zeros(n_sgen),
+            feeder,
+            feeder.net.load.p_mw.to_numpy(),
+            feeder.net.load.q_mvar.to_numpy(),
+            feeder.net.sgen.p_mw.to_numpy(),
+            np.zeros(n_sgen),
         )
         self.vm = np.ones(feeder.n_bus)
         self.losses = 0.0
