@@ -27,7 +27,11 @@ demo: $(STAMP)
 	    --seeds 5 --jobs 2 --out results/demo
 	$(BIN)/marl report results/demo --metric delay --metric throughput
 
+# Lint, format and type checks first (seconds), then the whole pytest suite.
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
