@@ -296,6 +296,7 @@ def test_local_process_limit() -> None:
         ["compare", SCENARIO, "--controllers", "greedy", "--jobs", "100000"],
         ["compare", SCENARIO, "--controllers", "greedy", "--seeds", "100000"],
         ["train", "traffic/2x2grid", "--ranks", "100000", "--steps", "2000", "--set", "end=300"],
+        ["train", "traffic/2x2grid", "--ranks", "100000", "--oversubscribe", "--steps", "2000"],
     ],
 )
 def test_resource_limits_refused_before_anything_starts(
@@ -405,3 +406,22 @@ def test_ranks_die_with_their_launcher_and_write_no_colour_codes(tmp_path: Path)
     finally:
         if launcher.poll() is None:
             launcher.kill()
+
+
+def test_train_refuses_an_empty_out_and_canonicalises_the_channel(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["train", "traffic/2x2grid", "--out", ""]) == 2
+    assert "bad --out ''" in _error_line(capsys)
+    # The channel is recorded in marl run's one spelling, so a report never splits one setting in two.
+    import csv
+
+    from comms.channel import parse_channel
+
+    out = tmp_path / "tr"
+    argv = ["train", "traffic/2x2grid", "--test", "--no-preset", "--steps", "64", "--algo-set", "num_steps=32",
+            "--protocol", "neighbours", "--channel", "drop=0.2,bits=8", "--eval-episodes", "1", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    with (out / "records.csv").open() as fh:
+        channels = {row["channel"] for row in csv.DictReader(fh)}
+    assert channels == {parse_channel("drop=0.2,bits=8").canonical()} != {"drop=0.2,bits=8"}

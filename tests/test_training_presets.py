@@ -178,3 +178,13 @@ def test_resume_without_options_continues_the_checkpoints_algorithm(tmp_path, ca
     state = load_checkpoint(tmp_path / "r")
     assert state["meta"]["algo"] == "idqn" and state["env_steps"] == 128
     assert state["meta"]["algo_config"]["learning_starts"] == 16
+
+
+def test_no_preset_gives_the_bare_defaults(capsys):
+    """grid/ieee33's preset sets learning_rate=1e-3 and init_logstd=-1.5; --no-preset does not."""
+    assert main(["train", "grid/ieee33", "--show-config"]) == 0
+    with_preset_out = capsys.readouterr().out
+    assert "learning_rate = 0.001" in with_preset_out and "init_logstd = -1.5" in with_preset_out
+    assert main(["train", "grid/ieee33", "--no-preset", "--show-config"]) == 0
+    bare = capsys.readouterr().out
+    assert "learning_rate = 0.0003" in bare and "init_logstd = 0.0" in bare

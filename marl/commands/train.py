@@ -24,7 +24,7 @@ from typing import Any
 
 import click
 
-from marl.options import channel_option, protocol_option, seed_option, set_option
+from marl.options import channel_option, out_option, protocol_option, seed_option, set_option
 from marl.training.request import request_default
 
 __all__ = ["command"]
@@ -48,7 +48,7 @@ __all__ = ["command"]
     help="Environment steps to train for (total over ranks); default: the scenario's training preset.",
 )
 @seed_option
-@click.option("--out", default=None, help="Results directory; default results/train-<scenario>-<algo>-<time>.")
+@out_option("Results directory; default results/train-<scenario>-<algo>-<time>.")
 @click.option(
     "--resume", default=None, help="Continue from a checkpoint (training output dir, checkpoints dir or .pt)."
 )
@@ -66,9 +66,15 @@ __all__ = ["command"]
     default=request_default("eval_episodes"),
     help="Final evaluation episodes (the episodes of 'marl run --seed SEED --episodes n').",
 )
+@click.option(
+    "--preset/--no-preset",
+    default=True,
+    help="Take options not given from the scenario's training preset; --no-preset: the bare defaults.",
+)
 @click.option("--show-config", is_flag=True, help="Print the algorithm, scenario and distributed config and exit.")
 @click.option("--test", "test_preset", is_flag=True, hidden=True, help="Use the scenario's short test presets.")
 @click.option("--ranks", type=int, default=1, help="MPI ranks; > 1 relaunches under the venv's mpiexec.")
+@click.option("--oversubscribe", is_flag=True, help="Allow more --ranks than 4 per core (up to what memory holds).")
 @click.option("--sync", default="allreduce", help="Gradient sync: allreduce, ring, ps, gossip.")
 @click.option("--compress", default="none", help="Gradient compression: none, fp16, topk:RATIO, powersgd:RANK.")
 @click.option("--bucket-mb", type=float, default=25.0, help="Fused gradient bucket size, MB.")
@@ -87,9 +93,11 @@ def command(
     set_: tuple[str, ...],
     algo_set: tuple[str, ...],
     eval_episodes: int,
+    preset: bool,
     show_config: bool,
     test_preset: bool,
     ranks: int,
+    oversubscribe: bool,
     sync: str,
     compress: str,
     bucket_mb: float,
@@ -107,11 +115,19 @@ def command(
     from marl.training import TrainRequest, algorithm_config, prepare, train
 
     console = Console()
-    algo, protocol, channel, steps, algo_overrides, preset_note = _preset(
-        scenario, algo, protocol, channel, steps, algo_set, resume
-    )
+    if preset:
+        algo, protocol, channel, steps, algo_overrides, preset_note = _preset(
+            scenario, algo, protocol, channel, steps, algo_set, resume
+        )
+    else:  # the bare defaults of TrainRequest and the algorithm's Config, under what was given
+        algo_overrides, preset_note = parse_sets(algo_set), ""
+    if channel:  # one spelling per channel setting, as marl run records it (sorted keys, defaults dropped)
+        from comms.channel import parse_channel
+
+        channel = parse_channel(channel).canonical()
     dist_cfg = DistConfig(
         ranks=ranks,
+        oversubscribe=oversubscribe,
         sync=sync,
         compress=compress,
         bucket_mb=bucket_mb,
