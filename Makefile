@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-gym-lower bench clean
 
 install: $(STAMP)
 
@@ -34,8 +34,17 @@ test: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
+# The oldest gymnasium Concord declares (RLlib 2.60's): the ecosystem-facing tests on it, about a
+# minute. gymnasium 1.2.2 goes into .gym-lower/ (git-ignored) and shadows the venv's copy.
+GYM_LOWER := 1.2.2
+test-gym-lower: $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps --target .gym-lower gymnasium==$(GYM_LOWER)
+	PYTHONPATH=.gym-lower $(BIN)/python -c "import gymnasium as g; assert g.__version__ == '$(GYM_LOWER)', g.__version__"
+	PYTHONPATH=.gym-lower $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_conformance.py \
+	    tests/test_examples.py -k "aec or state or supersuit or examples or torchrl or sb3"
+
 bench: $(STAMP)
 	$(BIN)/marl bench traffic traffic/grid4x4
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .gym-lower .pytest_cache build *.egg-info
