@@ -74,38 +74,10 @@ def test_bench_plan_covers_every_controller_and_seed(tmp_path):
 
 def test_bench_learn_writes_records_and_report(tmp_path, capsys):
     out = tmp_path / "bench"
-    assert (
-        main(
-            [
-                "bench",
-                "learn",
-                "traffic/single-intersection",
-                "--methods",
-                "idqn",
-                "--steps",
-                "64",
-                "--seeds",
-                "2",
-                "--jobs",
-                "1",
-                "--baselines",
-                "fixed-time,max-wave",
-                "--eval-episodes",
-                "1",
-                "--speed-steps",
-                "0",
-                "--set",
-                "end=320",
-                "--algo-set",
-                "num_steps=64",
-                "--algo-set",
-                "learning_starts=16",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    argv = ["bench", "learn", "traffic/single-intersection", "--methods", "idqn", "--steps", "64", "--seeds", "2",
+            "--jobs", "1", "--baselines", "fixed-time,max-wave", "--eval-episodes", "1", "--speed-steps", "0",
+            "--set", "end=320", "--algo-set", "num_steps=64", "--algo-set", "learning_starts=16", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
     summary = json.loads((out / "learn_bench.json").read_text())
     assert [j["exit_code"] for j in summary["jobs"]] == [0] * 6
     rows = (out / "records.csv").read_text().splitlines()
@@ -115,38 +87,7 @@ def test_bench_learn_writes_records_and_report(tmp_path, capsys):
     assert "2 seeds per method" in text and "idqn" in text and "max-wave" in text
     assert (out / "report" / "summary.csv").exists()
     # a rerun finds every cell done and runs nothing again
-    assert (
-        main(
-            [
-                "bench",
-                "learn",
-                "traffic/single-intersection",
-                "--methods",
-                "idqn",
-                "--steps",
-                "64",
-                "--seeds",
-                "2",
-                "--jobs",
-                "1",
-                "--baselines",
-                "fixed-time,max-wave",
-                "--eval-episodes",
-                "1",
-                "--speed-steps",
-                "0",
-                "--set",
-                "end=320",
-                "--algo-set",
-                "num_steps=64",
-                "--algo-set",
-                "learning_starts=16",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert main(argv) == 0
     again = json.loads((out / "learn_bench.json").read_text())
     assert all(j.get("skipped") for j in again["jobs"])
     assert (out / "records.csv").read_text() == "\n".join(rows) + "\n"

@@ -121,10 +121,6 @@ def command(
         )
     else:  # the bare defaults of TrainRequest and the algorithm's Config, under what was given
         algo_overrides, preset_note = parse_sets(algo_set), ""
-    if channel:  # one spelling per channel setting, as marl run records it (sorted keys, defaults dropped)
-        from comms.channel import parse_channel
-
-        channel = parse_channel(channel).canonical()
     dist_cfg = DistConfig(
         ranks=ranks,
         oversubscribe=oversubscribe,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import time
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -232,11 +232,13 @@ def prepare(request: TrainRequest) -> TrainPlan:
             + ", ".join(sorted(n for n in registry.protocols() if n != "none"))
             + ")"
         )
-    channel_spec = None
-    if request.channel:
-        from comms.channel import parse_channel
+    from comms.channel import parse_channel
 
-        channel_spec = parse_channel(request.channel)
+    def canonical(spec: str) -> str:  # one spelling per setting, as marl run records it
+        return parse_channel(spec).canonical() if spec else ""
+
+    channel_spec = parse_channel(request.channel) if request.channel else None
+    request = replace(request, channel=channel_spec.canonical() if channel_spec is not None else "")
     resumed = None
     layers: list[Mapping[str, Any] | None] = []
     if request.resume is not None:
@@ -248,7 +250,8 @@ def prepare(request: TrainRequest) -> TrainPlan:
             ("protocol", request.protocol),
             ("channel", request.channel),
         ):
-            if meta[key] != mine:
+            theirs = canonical(meta[key]) if key == "channel" else meta[key]
+            if theirs != mine:
                 raise CheckpointError(
                     f"cannot resume: checkpoint {resumed['path']} has {key} '{meta[key]}', this run '{mine}'"
                 )
