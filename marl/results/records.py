@@ -28,7 +28,7 @@ import platform
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
@@ -118,12 +118,24 @@ class RecordWriter:
         """Add ``rows`` to the file (under the directory lock) and replace it atomically."""
         new = [[_fmt(v) for v in row.as_list()] for row in rows]
         with _locked(self.out_dir / ".records.lock"):
-            lines = self._read() + new
-            buf = io.StringIO()
-            writer = csv.writer(buf, lineterminator="\n")
-            writer.writerow(COLUMNS)
-            writer.writerows(lines)
-            atomic_write_text(self.path, buf.getvalue())
+            self._write(self._read() + new)
+
+    def drop(self, drop: Callable[[list[str]], bool]) -> int:
+        """Remove the rows (field lists in :data:`COLUMNS` order) for which ``drop`` is true, under
+        the directory lock, replacing the file atomically; returns how many were removed."""
+        with _locked(self.out_dir / ".records.lock"):
+            lines = self._read()
+            keep = [fields for fields in lines if not drop(fields)]
+            if len(keep) != len(lines):
+                self._write(keep)
+        return len(lines) - len(keep)
+
+    def _write(self, lines: list[list[str]]) -> None:
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(COLUMNS)
+        writer.writerows(lines)
+        atomic_write_text(self.path, buf.getvalue())
 
     def write_manifest(self, run_id: str, manifest: Mapping[str, Any]) -> Path:
         return atomic_write_json(self.out_dir / MANIFEST_DIR / f"{run_id}.json", dict(manifest))

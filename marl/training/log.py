@@ -15,8 +15,6 @@ update and the directory never holds two final evaluations of one run.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import asdict
@@ -25,13 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from marl.results.io import atomic_write_text
 from marl.results.records import (
     COLUMNS,
     RECORDS_FILE,
     RecordWriter,
     Row,
-    _locked,
     environment_info,
     now_iso,
 )
@@ -49,20 +45,14 @@ def is_curve_metric(metric: str) -> bool:
 def drop_superseded_rows(out_dir: Path, run_id: str, after_update: int) -> int:
     """Remove run ``run_id``'s curve rows of updates ``> after_update`` and its final-evaluation
     rows from ``out_dir/records.csv`` (atomically, under the records lock); returns how many."""
-    path = out_dir / RECORDS_FILE
-    if not path.exists():
+    if not (out_dir / RECORDS_FILE).exists():
         return 0
-    with _locked(out_dir / ".records.lock"):
-        with path.open(newline="") as fh:
-            lines = [line for line in csv.reader(fh) if line]
-        header, rows = lines[0], lines[1:]
-        run, episode, metric = (COLUMNS.index(c) for c in ("run_id", "episode", "metric"))
-        keep = [r for r in rows if r[run] != run_id or (is_curve_metric(r[metric]) and int(r[episode]) <= after_update)]
-        if len(keep) != len(rows):
-            buf = io.StringIO()
-            csv.writer(buf, lineterminator="\n").writerows([header, *keep])
-            atomic_write_text(path, buf.getvalue())
-    return len(rows) - len(keep)
+    run, episode, metric = (COLUMNS.index(c) for c in ("run_id", "episode", "metric"))
+
+    def superseded(r: list[str]) -> bool:
+        return r[run] == run_id and not (is_curve_metric(r[metric]) and int(r[episode]) <= after_update)
+
+    return RecordWriter(out_dir).drop(superseded)
 
 
 def checkpoint_run_id(out_dir: Path, resumed: dict[str, Any]) -> str | None:
