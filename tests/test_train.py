@@ -145,7 +145,7 @@ def test_mappo_with_gated_comms_writes_records(tmp_path):
     assert 0 < kpis["bytes_per_agent_step"] <= 64 * 1.0  # 8-bit values: 1 byte each, 64 per speaker
     assert kpis["delivery_rate"] < 1.0
     text = (tmp_path / "m" / "records.csv").read_text()
-    assert ",mappo,ic3net,\"bits=8,drop=0.2\"," in text  # recorded in marl run's canonical spelling
+    assert ',mappo,ic3net,"bits=8,drop=0.2",' in text  # recorded in marl run's canonical spelling
     # The saved policy can be evaluated under another channel: here one that loses everything.
     env = registry.make_scenario("traffic/2x2grid", {"end": "320"})
     try:
