@@ -131,3 +131,23 @@ for _name, _entry, _text, _talks in (
      "max-pressure using neighbours' queue messages", True),
 ):  # fmt: skip
     register_controller(ControllerSpec("traffic", _name, _entry, _text, uses_messages=_talks))
+
+
+def _generated_grid(rows: int, cols: int, description: str, test_s: int) -> None:
+    """A synthetic city grid built by SUMO's netgenerate + randomTrips at first use and cached
+    (``scenarios.traffic.nets.GridRecipe``, seed 0): 1 h, 10 s decisions incl. 3 s yellow, as
+    RESCO. Test presets keep ``test_s`` simulated seconds (vehicles reach the centre by then)."""
+    name = f"grid{rows}x{cols}"
+    kwargs = {
+        "net_file": f"generated/{name}-seed0/grid.net.xml",
+        "route_file": f"generated/{name}-seed0/grid.rou.xml",
+        "begin": 0,
+        "end": 3600,
+        "delta_time": 10,
+        "yellow_time": 3,
+    }
+    _register(name, description, rows * cols, kwargs, test_end=test_s)
+
+
+_generated_grid(10, 10, "synthetic 10x10 city grid, 100 lights, 2 lanes, 3000 veh/h (netgenerate, seed 0)", 300)
+_generated_grid(20, 20, "synthetic 20x20 city grid, 400 lights, 2 lanes, 12000 veh/h (netgenerate, seed 0)", 200)
