@@ -52,6 +52,7 @@ __all__ = [
     "build_controller",
     "default_out_dir",
     "method_label",
+    "policy_overrides",
     "run",
     "run_episode",  # re-exported from marl.episodes, where the loop lives
 ]
@@ -115,6 +116,17 @@ class RunResult:
 def default_out_dir(scenario: str) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return Path("results") / f"{scenario.replace('/', '-')}-{stamp}"
+
+
+def policy_overrides(request: RunRequest) -> dict[str, Any]:
+    """The scenario options a ``--policy`` run uses: those the policy was trained with (its
+    checkpoint's ``--set`` values, e.g. ``action=residual``: the observations and actions it
+    learned on), under the run's own ``--set`` (e.g. ``split=eval``), which win key by key."""
+    from marl.training.checkpoint import load_checkpoint
+
+    assert request.policy is not None
+    trained = load_checkpoint(request.policy)["meta"].get("overrides") or {}
+    return {**trained, **request.overrides}
 
 
 def build_controller(scenario_id: str, name: str, env: Any, overrides: Mapping[str, Any] | None = None) -> Controller:
@@ -191,7 +203,8 @@ def run(
     out_dir = Path(request.out) if request.out else default_out_dir(request.scenario)
     check_out_dir(out_dir)
     channel = request.channel_spec.canonical() if request.channel_spec is not None else ""
-    env = registry.make_scenario(request.scenario, request.overrides, test=request.test)
+    overrides = policy_overrides(request) if request.policy is not None else request.overrides
+    env = registry.make_scenario(request.scenario, overrides, test=request.test)
     try:
         if request.policy is not None:
             from marl.training import policy_controller

@@ -33,6 +33,18 @@ def test_checkpoint_written_before_the_split_still_acts_the_same(tmp_path, capsy
     assert delay == [75.35320312500001]  # what the old code scored with this file (README.md)
 
 
+def test_policy_runs_on_the_scenario_options_it_was_trained_with(tmp_path, capsys):
+    # The fixture was trained with --set end=320; marl run --policy applies that by itself...
+    out = tmp_path / "run"
+    assert main(["run", SCENARIO, "--policy", str(FIXTURE), "--out", str(out)]) == 0
+    assert [float(r[-1]) for r in _rows(out) if r[7] == "delay"] == [75.35320312500001]
+    # ...and the run's own --set wins key by key.
+    out = tmp_path / "longer"
+    assert main(["run", SCENARIO, "--set", "end=400", "--policy", str(FIXTURE), "--out", str(out)]) == 0
+    manifest = json.loads(next((out / "manifests").glob("*.json")).read_text())
+    assert manifest["scenario_config"]["end"] == 400
+
+
 def _copy_with(tmp_path: Path, edit) -> Path:
     """The fixture's checkpoint with its state edited by ``edit(state, meta)``."""
     state = torch.load(FIXTURE / "checkpoints" / "update-000002.pt", weights_only=True)
