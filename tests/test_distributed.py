@@ -64,6 +64,11 @@ def run_mpi(n: int, *args: str, ulfm: bool = False, timeout: float = 150) -> tup
         ({"fault_tolerance": "ulfn"}, "did you mean 'ulfm'"),
         ({"inject_failure": "1-3"}, "RANK:UPDATE"),
         ({"bucket_mb": 0}, "bucket_mb"),
+        ({"ranks": 5, "host": "localhost:2,127.0.0.1:2"}, "have 4 slots"),
+        ({"ranks": 2, "host": "node1:0"}, "bad slot count '0' for host 'node1'"),
+        ({"ranks": 2, "host": "a b"}, "bad host 'a b'"),
+        ({"ranks": 2, "hostfile": "/no/such/hostfile"}, "no such file"),
+        ({"ranks": 2, "host": "a", "hostfile": "h"}, "--hostfile with --host"),
     ],
 )
 def test_bad_config_is_a_one_line_concord_error(kwargs: dict, fragment: str) -> None:
@@ -103,6 +108,24 @@ def test_launcher_detection_and_command() -> None:
     assert cmd[-2:] == ["train", "x"]
     cmd = mpiexec_command(DistConfig(ranks=2), [str(SCRIPT), "train"], cores=2)
     assert "--oversubscribe" not in cmd and "--with-ft" not in cmd
+
+
+def test_hosts_reach_mpiexec_and_only_local_ranks_count_against_this_machine(tmp_path: Path) -> None:
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("# two nodes\nnode1 slots=32 max_slots=64\nnode2 slots=32\n\n")
+    cfg = DistConfig(ranks=64, hostfile=str(hostfile))
+    assert cfg.hosts == [("node1", 32), ("node2", 32)] and cfg.local_ranks() == 0
+    # 64 ranks on a 2-core machine would be refused locally; on two remote nodes they are fine,
+    # and MPI traffic may not be pinned to loopback there.
+    cmd = mpiexec_command(cfg, [str(SCRIPT), "train"], cores=2)
+    assert cmd[cmd.index("--hostfile") + 1] == str(hostfile) and "btl_tcp_if_include" not in cmd
+    assert "--oversubscribe" not in cmd
+    local = DistConfig(ranks=6, host="localhost:2,node9:2,127.0.0.1:2")
+    assert local.local_ranks() == 4  # by-slot mapping: 2 on localhost, 2 on node9, 2 on 127.0.0.1
+    with pytest.raises(ConcordError, match=r"allowed: 1\.\.8"):
+        mpiexec_command(DistConfig(ranks=12, host="localhost:12"), [str(SCRIPT)], cores=2)
+    cmd = mpiexec_command(DistConfig(ranks=4, host="localhost:2,127.0.0.1:2"), [str(SCRIPT)], cores=2)
+    assert cmd[cmd.index("--host") + 1] == "localhost:2,127.0.0.1:2" and "btl_tcp_if_include" in cmd
 
 
 def test_ranks_without_launcher_is_an_error() -> None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 import re
+import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from marl.core.errors import ConfigError, show, unknown
 
@@ -21,6 +23,9 @@ __all__ = [
     "FAULT_TOLERANCE",
     "parse_compress",
     "parse_inject_failure",
+    "parse_hosts",
+    "read_hostfile",
+    "is_local_host",
 ]
 
 #: Gradient synchronisation methods (see marl/distributed/sync.py).
@@ -57,6 +62,61 @@ def parse_compress(spec: str) -> tuple[str, float]:
     if name == "powersgd" and (value < 1 or not value.is_integer()):
         raise ConfigError(f"bad compressor {show(spec)}: PowerSGD rank must be an integer >= 1, e.g. powersgd:2")
     return name, value
+
+
+#: Largest hostfile read, bytes: a hostfile of 10,000 nodes is ~300 KB.
+MAX_HOSTFILE_BYTES = 1_000_000
+#: Largest slot count of one host (a safety bound on a typo such as slots=20000000).
+MAX_SLOTS = 4096
+_HOST_NAME = re.compile(r"^[A-Za-z0-9_.:\[\]-]+$")
+
+
+def _host_entry(name: str, slots: str, where: str) -> tuple[str, int]:
+    """One validated (host, slots) pair; ``where`` names its origin in the error message."""
+    if not _HOST_NAME.match(name):
+        raise ConfigError(f"bad host {show(name)} in {where}; expected a host name or address")
+    if not slots.isdigit() or not 1 <= int(slots) <= MAX_SLOTS:
+        raise ConfigError(f"bad slot count {show(slots)} for host {show(name)} in {where}; allowed: 1..{MAX_SLOTS}")
+    return name, int(slots)
+
+
+def parse_hosts(spec: str) -> list[tuple[str, int]]:
+    """``"node1:4,node2:4"`` (mpiexec's ``--host`` syntax; ``node`` alone is one slot; IPv6 in
+    brackets, ``[::1]:2``) -> ``[("node1", 4), ("node2", 4)]``."""
+    hosts = []
+    for item in spec.split(","):
+        item = item.strip()
+        name, sep, slots = item.rpartition(":")
+        if not sep or not slots.isdigit():  # "node" alone, or a bracketed IPv6 address "[::1]"
+            name, slots = item, "1"
+        hosts.append(_host_entry(name, slots, "--host"))
+    return hosts
+
+
+def read_hostfile(path: str) -> list[tuple[str, int]]:
+    """The (host, slots) pairs of an Open MPI hostfile: one host per line, ``name [slots=N]``,
+    ``#`` starts a comment. Other keywords (``max_slots=``) are left to mpiexec."""
+    file = Path(path)
+    where = f"hostfile {show(path)}"
+    if not file.is_file():
+        raise ConfigError(f"bad hostfile {show(path)}: no such file")
+    if file.stat().st_size > MAX_HOSTFILE_BYTES:
+        raise ConfigError(f"bad hostfile {show(path)}: larger than {MAX_HOSTFILE_BYTES} bytes")
+    hosts = []
+    for line in file.read_text(errors="replace").splitlines():
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        slots = next((w.split("=", 1)[1] for w in words[1:] if w.startswith("slots=")), "1")
+        hosts.append(_host_entry(words[0], slots, where))
+    if not hosts:
+        raise ConfigError(f"bad hostfile {show(path)}: it lists no host")
+    return hosts
+
+
+def is_local_host(name: str) -> bool:
+    """True when ``name`` is this machine (loopback names, its host name or fully qualified name)."""
+    return name.strip("[]") in ("localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn())
 
 
 _INJECT = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
@@ -118,6 +178,14 @@ class DistConfig:
         },
     )
 
+    hostfile: str = field(
+        default="",
+        metadata={"help": "Open MPI hostfile ('name slots=N' per line): spread the ranks over these hosts."},
+    )
+    host: str = field(
+        default="", metadata={"help": "Hosts as mpiexec --host takes them, e.g. node1:4,node2:4 (or a hostfile)."}
+    )
+
     def __post_init__(self) -> None:
         if isinstance(self.ranks, bool) or not isinstance(self.ranks, int) or self.ranks < 1:
             raise ConfigError(f"bad value for ranks: {show(self.ranks)}; expected an integer >= 1")
@@ -138,6 +206,37 @@ class DistConfig:
         if self.overlap and (self.sync != "allreduce" or name != "none"):
             raise ConfigError("bad value for overlap: 'true'; overlap works with sync=allreduce and compress=none only")
         parse_inject_failure(self.inject_failure)
+        if self.hostfile and self.host:
+            raise ConfigError("bad combination --hostfile with --host; give one of them")
+        hosts = self.hosts
+        if hosts and not self.oversubscribe and self.ranks > sum(n for _, n in hosts):
+            raise ConfigError(
+                f"bad value for ranks: {self.ranks}; the hosts given have {sum(n for _, n in hosts)} slots "
+                "(add slots, or --oversubscribe)"
+            )
+
+    @property
+    def hosts(self) -> list[tuple[str, int]]:
+        """The (host, slots) pairs of ``--hostfile`` or ``--host``; [] for this machine only."""
+        if self.hostfile:
+            return read_hostfile(self.hostfile)
+        return parse_hosts(self.host) if self.host else []
+
+    def local_ranks(self) -> int:
+        """How many of the ranks mpiexec puts on this machine: it fills the hosts' slots in order
+        (Open MPI's default by-slot mapping); ranks beyond every slot (``--oversubscribe``) are
+        counted as local when a local host is listed, the conservative bound."""
+        hosts = self.hosts
+        if not hosts:
+            return self.ranks
+        left, local = self.ranks, 0
+        for name, slots in hosts:
+            placed = min(slots, left)
+            left -= placed
+            local += placed if is_local_host(name) else 0
+        if left and any(is_local_host(name) for name, _ in hosts):
+            local += left
+        return local
 
     @property
     def compressor(self) -> tuple[str, float]:

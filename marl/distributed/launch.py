@@ -16,6 +16,9 @@ Flags we add, and why (facts measured on this machine; docs/ARCHITECTURE.md, "De
 * ``--bind-to none --mca mpi_yield_when_idle 1``: on a node shared with other work (or with the
   ranks' own simulators) pinned, spinning ranks lose throughput; see :func:`mpiexec_flags`;
 * ``--mca btl_tcp_if_include lo``: MPI traffic stays on loopback (single-node jobs);
+* ``--hostfile F`` / ``--host LIST`` for a job over several machines: the rank cap then counts
+  only the ranks mapped to this machine, and the loopback restriction is dropped unless every
+  host is this machine (a cluster names its interface in ``$CONCORD_MPIEXEC_FLAGS``);
 * ``$CONCORD_MPIEXEC_FLAGS``: extra site flags, appended last;
 * ``--with-ft ulfm --mca btl tcp,self`` for ``fault_tolerance=ulfm``: ULFM needs the launcher's
   fault-tolerance mode; the shared-memory transport does not survive a dead peer.
@@ -43,7 +46,7 @@ from pathlib import Path
 
 from marl.core.config import check_local_processes
 from marl.core.errors import ConfigError, SimulatorError, show
-from marl.distributed.config import DistConfig
+from marl.distributed.config import DistConfig, is_local_host
 
 __all__ = [
     "launch_if_needed",
@@ -132,20 +135,30 @@ def mpiexec_flags(cfg: DistConfig, cores: int | None = None, *, shared_node: boo
     steals CPU from its own peer's simulator. Microbenchmarks of MPI latency pass False.
     """
     cores = cores if cores is not None else (os.cpu_count() or 1)
-    # Before anything starts: every rank is a full process with its own simulator.
-    check_local_processes("--ranks", cfg.ranks, oversubscribe=cfg.oversubscribe, cores=cores)
+    hosts = cfg.hosts
+    # Before anything starts: every rank is a full process with its own simulator. With a
+    # hostfile only the ranks placed on this machine count against its cores.
+    local = cfg.local_ranks()
+    if local:
+        check_local_processes("--ranks", local, oversubscribe=cfg.oversubscribe, cores=cores)
     cmd = [str(mpiexec_path()), "-n", str(cfg.ranks)]
-    if cfg.ranks > cores or cfg.oversubscribe:
-        # Open MPI refuses more ranks than cores without it; it also makes idle ranks yield
-        # the CPU while polling (mpi_yield_when_idle), which is what an oversubscribed node needs.
+    if cfg.hostfile:
+        cmd += ["--hostfile", str(Path(cfg.hostfile).resolve())]
+    elif cfg.host:
+        cmd += ["--host", ",".join(f"{name}:{slots}" for name, slots in hosts)]
+    if cfg.oversubscribe or (not hosts and cfg.ranks > cores):
+        # Open MPI refuses more ranks than cores (or listed slots) without it; it also makes idle
+        # ranks yield the CPU while polling (mpi_yield_when_idle), which an oversubscribed node needs.
         cmd.append("--oversubscribe")
     if cfg.fault_tolerance == "ulfm":
         cmd += ["--with-ft", "ulfm", "--mca", "btl", "tcp,self"]
     if shared_node:
         cmd += ["--bind-to", "none", "--mca", "mpi_yield_when_idle", "1"]
-    # Keep MPI traffic on loopback. (PRRTE's own out-of-band channel rejects
-    # oob_tcp_if_include=lo on Open MPI 5; it already binds to 127.0.0.1 for a local job.)
-    cmd += ["--mca", "btl_tcp_if_include", "lo"]
+    # Keep MPI traffic on loopback when every rank is on this machine. (PRRTE's own out-of-band
+    # channel rejects oob_tcp_if_include=lo on Open MPI 5; it already binds to 127.0.0.1 for a
+    # local job.) Across hosts the site chooses the interface: $CONCORD_MPIEXEC_FLAGS.
+    if all(is_local_host(name) for name, _ in hosts):
+        cmd += ["--mca", "btl_tcp_if_include", "lo"]
     cmd += ["-x", LAUNCHED_ENV, "-x", LAUNCHER_PID_ENV]
     # Site-specific extra flags (e.g. "--bind-to core" on a dedicated node), appended last.
     cmd += shlex.split(os.environ.get(EXTRA_FLAGS_ENV, ""))
