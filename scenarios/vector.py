@@ -38,7 +38,7 @@ from marl.core import registry
 from marl.core.errors import ConfigError, SimulatorError
 from marl.core.seeding import episode_seed
 
-__all__ = ["SubprocVectorEnv"]
+__all__ = ["ProcessEnv", "SubprocVectorEnv"]
 
 
 class _MakeScenario:
@@ -57,6 +57,14 @@ def _rows(env: Any, observations: Mapping[str, Any], obs_shape: tuple[int, ...])
     for i, agent in enumerate(env.possible_agents):
         if agent in observations:
             out[i] = observations[agent]
+    return out
+
+
+def _extras(env: Any, wanted: tuple[str, ...]) -> dict[str, Any]:
+    """``agents`` and the attributes in ``wanted`` (``state`` is called) after a call."""
+    out: dict[str, Any] = {"agents": list(env.agents)}
+    for name in wanted:
+        out[name] = env.state() if name == "state" else getattr(env, name)
     return out
 
 
@@ -92,6 +100,10 @@ def _worker(conn: Connection, make_env: Callable[[], Any]) -> None:
                     for a, info in zip(agents, infos):
                         info.update({k: v for k, v in reset_infos.get(a, {}).items() if k == "action_mask"})
                 conn.send(("ok", (obs, rew, term, trunc, infos)))
+            elif command == "call":  # ProcessEnv: a method, then the attributes asked for
+                method, args, kwargs, wanted = arg
+                result = getattr(env, method)(*args, **kwargs)
+                conn.send(("ok", (result, _extras(env, wanted))))
             elif command == "attr":
                 conn.send(("ok", getattr(env, arg)))
             elif command == "cpu":
@@ -254,6 +266,127 @@ class SubprocVectorEnv(gymnasium.vector.VectorEnv):
             if proc.is_alive():
                 proc.terminate()
             conn.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+class ProcessEnv:
+    """One scenario in its own worker process, driven like the PettingZoo ``ParallelEnv`` it
+    holds; any call can be split into :meth:`send` and :meth:`receive` so several copies step
+    (or reset) at once. Concord's training (``marl train --envs K``) runs env 0 in its own
+    process and envs 1..K-1 behind this proxy.
+
+    ``wanted`` names attributes copied back with every ``reset``/``step`` answer, so reading them
+    costs no extra round trip: ``"topology"`` (read when messages flow) and ``"state"``
+    (``env.state()``, for a centralised critic); ``agents`` is always copied. Other calls
+    (``episode_kpis``) are one round trip each. The worker starts at construction; the first
+    call waits for it, so several copies start in parallel.
+    """
+
+    def __init__(
+        self,
+        scenario: str,
+        overrides: Mapping[str, Any] | None = None,
+        *,
+        test: bool = False,
+        wanted: tuple[str, ...] = (),
+        context: str = "forkserver",
+    ) -> None:
+        ctx: Any = mp.get_context(context)
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_worker, args=(child, _MakeScenario(scenario, overrides, test)), daemon=True)
+        self._proc.start()
+        child.close()
+        self.wanted = tuple(wanted)
+        self._started = False
+        self._closed = False
+        self._pending = False
+        self.possible_agents: list[str] = []
+        self.agents: list[str] = []
+        self._extras: dict[str, Any] = {}
+
+    def _receive(self) -> Any:
+        try:
+            status, payload = self._conn.recv()
+        except EOFError:
+            status, payload = "error", ("EOFError", "the worker process died", "")
+        if status == "error":
+            name, message, trace = payload
+            self.close()
+            raise SimulatorError(f"an env worker failed: {name}: {message}\n{trace}".rstrip())
+        return payload
+
+    def _ready(self) -> None:
+        if not self._started:
+            self.possible_agents = list(self._receive()[0])
+            self._started = True
+
+    def send(self, method: str, *args: Any, **kwargs: Any) -> None:
+        """Ask the worker to call ``env.<method>(*args, **kwargs)``; :meth:`receive` returns the
+        result. The worker runs while the caller does other work (other copies step meanwhile)."""
+        if self._pending:
+            raise SimulatorError(f"send({method!r}) before the previous answer was received")
+        self._ready()
+        self._conn.send(("call", (method, args, kwargs, self.wanted)))
+        self._pending = True
+
+    def receive(self) -> Any:
+        """The result of the call sent last (the attributes in ``wanted`` are refreshed too)."""
+        if not self._pending:
+            raise SimulatorError("receive() without send()")
+        self._pending = False
+        result, self._extras = self._receive()
+        self.agents = self._extras["agents"]
+        return result
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        self.send(method, *args, **kwargs)
+        return self.receive()
+
+    def reset(self, seed: int | None = None, options: dict[str, Any] | None = None) -> Any:
+        return self._call("reset", seed=seed, options=options)
+
+    def step(self, actions: Mapping[str, Any]) -> Any:
+        return self._call("step", dict(actions))
+
+    @property
+    def topology(self) -> Any:
+        """The topology after the last reset/step (fetched then if ``"topology"`` is wanted)."""
+        if "topology" in self._extras:
+            return self._extras["topology"]
+        if self._pending:
+            raise SimulatorError("topology read while a call is in flight")
+        self._ready()
+        self._conn.send(("attr", "topology"))
+        return self._receive()
+
+    def state(self) -> Any:
+        if "state" in self._extras:
+            return self._extras["state"]
+        return self._call("state")
+
+    def episode_kpis(self) -> dict[str, float]:
+        return dict(self._call("episode_kpis"))
+
+    def close(self) -> None:
+        """Stop the worker (it closes its simulation); safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(BrokenPipeError, OSError):
+            self._conn.send(("close", None))
+        try:
+            # drain unread answers (a step in flight, the hello) until the worker exits (EOF)
+            while self._conn.poll(30):
+                self._conn.recv()
+        except (EOFError, OSError):
+            pass
+        self._proc.join(timeout=30)
+        if self._proc.is_alive():
+            self._proc.terminate()
+        self._conn.close()
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):

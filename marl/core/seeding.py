@@ -12,6 +12,11 @@ Streams (all seeds are 31-bit, since SUMO takes a signed 32-bit int):
 * **training episodes** — episode ``k`` of rank ``r`` of a training run seeded ``s``:
   ``SeedSequence([s, r, k, TRAIN])`` (:func:`train_episode_seed`), a stream disjoint from the
   evaluation stream, so evaluation episodes are held out from training.
+* **vectorised training** (``marl train --envs K``) — episode ``k`` of env ``j`` of rank ``r``:
+  env 0 plays exactly rank ``r``'s stream above (so ``--envs 1`` is unchanged), env ``j > 0``
+  ``SeedSequence([s, r, k, TRAIN, j])`` (:func:`train_env_episode_seed`): the training entropy
+  extended by the env index, so every (rank, env) pair has its own stream, independent of ``K``
+  (adding envs never changes the episodes of the others), and all of them stay held out.
 * **periodic evaluation** during training — ``SeedSequence([s, u, e, PERIODIC])`` for update ``u``
   (:func:`periodic_eval_seed`): also held out, and not the final evaluation's episodes.
 * **ranks** — rank ``r`` seeds its action sampling with :func:`rank_seed` (rank 0: ``s``).
@@ -21,7 +26,14 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["episode_seed", "episode_seeds", "train_episode_seed", "periodic_eval_seed", "rank_seed"]
+__all__ = [
+    "episode_seed",
+    "episode_seeds",
+    "train_episode_seed",
+    "train_env_episode_seed",
+    "periodic_eval_seed",
+    "rank_seed",
+]
 
 #: Stream tags: a SeedSequence entropy word that keeps the streams apart.
 TRAIN = 0x7452  # "tR"
@@ -50,6 +62,14 @@ def episode_seeds(seed: int, episodes: int) -> list[int]:
 def train_episode_seed(seed: int, rank: int, episode: int) -> int:
     """The env seed of training episode ``episode`` on rank ``rank`` (held out from evaluation)."""
     return _draw(seed, rank, episode, TRAIN)
+
+
+def train_env_episode_seed(seed: int, rank: int, env: int, episode: int) -> int:
+    """The env seed of training episode ``episode`` of env ``env`` of rank ``rank`` when one rank
+    rolls out several envs at once; env 0 is :func:`train_episode_seed` itself."""
+    if env == 0:
+        return train_episode_seed(seed, rank, episode)
+    return _draw(seed, rank, episode, TRAIN, env)
 
 
 def periodic_eval_seed(seed: int, update: int, episode: int) -> int:
