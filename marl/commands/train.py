@@ -7,6 +7,7 @@ Examples::
     marl train traffic/2x2grid --show-config          # print every option with its default
     marl train traffic/2x2grid --resume results/train-traffic-2x2grid-ippo-.../
     marl train traffic/grid4x4 --ranks 4 --sync allreduce --compress fp16
+    marl train traffic/grid4x4 --envs 2                # two simulations at once on one rank
 
 Options not given come from the scenario's training preset (``TrainingPreset`` in its
 registration: the algorithm, protocol, budget and ``--algo-set`` values that measured best there),
@@ -74,6 +75,7 @@ __all__ = ["command"]
 @click.option("--show-config", is_flag=True, help="Print the algorithm, scenario and distributed config and exit.")
 @click.option("--test", "test_preset", is_flag=True, hidden=True, help="Use the scenario's short test presets.")
 @click.option("--ranks", type=int, default=1, help="MPI ranks; > 1 relaunches under the venv's mpiexec.")
+@click.option("--envs", type=int, default=1, help="Envs each rank steps at once (all but one in worker processes).")
 @click.option("--oversubscribe", is_flag=True, help="Allow more --ranks than 4 per core (up to what memory holds).")
 @click.option("--sync", default="allreduce", help="Gradient sync: allreduce, ring, ps, gossip.")
 @click.option("--compress", default="none", help="Gradient compression: none, fp16, topk:RATIO, powersgd:RANK.")
@@ -97,6 +99,7 @@ def command(
     show_config: bool,
     test_preset: bool,
     ranks: int,
+    envs: int,
     oversubscribe: bool,
     sync: str,
     compress: str,
@@ -146,6 +149,7 @@ def command(
         resume=resume,
         test=test_preset,
         dist=dist_cfg,
+        envs=envs,
     )
     if show_config:
         config = algorithm_config(algo, algo_overrides)

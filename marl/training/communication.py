@@ -44,6 +44,7 @@ class Communication:
         hidden_size: int = 64,
     ) -> None:
         self.protocol, self.mode = protocol, mode
+        self._args = (protocol, channel, list(agents), obs_dim, seed, mode, hidden_size)
         self.learned = registry.protocol_spec(protocol).learned
         self.runtime: Any = None
         self.channel: Any = None
@@ -67,6 +68,13 @@ class Communication:
                 self.message_size = int(self.runtime.output_size)
         self.bytes_module = 0.0  #: learned: bytes the module reported this episode
         self.steps = 0  #: message exchanges this episode
+
+    def copy(self) -> Communication:
+        """A fresh pair with the same settings (another env's: ``marl train --envs``); the channel
+        has the same seed, and draws per episode from (that seed, the episode's seed)."""
+        twin = Communication(*self._args)
+        twin.payload_size = self.payload_size  # set by build_model for a learned module
+        return twin
 
     @property
     def bits(self) -> int:

@@ -30,13 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from marl.algos.ppo import RewardScaler, RunningMeanStd, compute_gae
+from marl.algos.ppo import RunningMeanStd
 from marl.core import registry
 from marl.core.errors import CheckpointError
 from marl.core.seeding import rank_seed
 from marl.policies import ActorCritic
 from marl.results.records import new_run_id
-from marl.training.buffer import RolloutBuffer
+from marl.training.buffer import EnvRewardScaler, RolloutBuffer, env_advantages
 from marl.training.checkpoint import CHECKPOINT_DIR, checkpoint_meta, save_checkpoint
 from marl.training.communication import Communication
 from marl.training.evaluation import evaluate, final_seeds, periodic_seeds
@@ -51,7 +51,7 @@ from marl.training.request import (
     check_ranks,
     prepare,
 )
-from marl.training.rollout import TrainingEpisode
+from marl.training.rollout import TrainingEpisodes
 
 __all__ = ["train"]
 
@@ -77,7 +77,7 @@ def train(
     req, config, algo_cls = plan.request, plan.config, plan.algo_cls
     torch.set_num_threads(config.torch_threads)
     env = registry.make_scenario(req.scenario, req.overrides, test=req.test)
-    world = None
+    world, envs = None, None
     try:
         # Some scenarios know their state size and topology only after a reset.
         env.reset(seed=req.seed)
@@ -94,10 +94,10 @@ def train(
         model = build_model(algo_cls, config, layout, comm)
         # Adam eps 1e-5 (Huang et al. 2022, detail 3).
         optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=1e-5, foreach=True)
-        scaler = RewardScaler(layout.n, config.gamma) if config.norm_reward else None
+        scaler = EnvRewardScaler(layout.n, config.gamma, req.envs) if config.norm_reward else None
         value_rms = RunningMeanStd() if config.norm_value else None
-        episode = TrainingEpisode(env, layout, comm, req.scenario, req.seed, world.rank, algo_cls.centralised_critic)
-        update, env_steps, eval_due = _restore(plan.resumed, model, optimizer, scaler, value_rms, episode, world.rank)
+        envs = TrainingEpisodes.open(env, layout, comm, req, world.rank, algo_cls.centralised_critic)
+        update, env_steps, eval_due = _restore(plan.resumed, model, optimizer, scaler, value_rms, envs, world.rank)
         world.broadcast_state(model, optimizer)
         world.check_identical(model)
         if world.rank > 0:
@@ -105,10 +105,12 @@ def train(
         run_id = new_run_id()
         log = TrainLog(plan, run_id, world.is_root, world.size, env, layout, update, env_steps, on_progress)
         policy = PolicyController(model, layout, comm, plan.method, deterministic=config.deterministic_eval)
-        buf = RolloutBuffer.for_team(config.num_steps, layout, comm, critic_input_size(algo_cls, layout, comm))
+        buf = RolloutBuffer.for_team(
+            config.num_steps, layout, comm, critic_input_size(algo_cls, layout, comm), req.envs
+        )
         returns: list[float] = []  # of every finished training episode
         finished: list[tuple[float, dict[str, float]]] = []  # (return, kpis) during this update
-        busy = env_seconds = 0.0  # rollout + update time, and the part of it inside the env
+        busy = rollout_seconds = 0.0  # rollout + update time; rollout only (envs.seconds: inside the envs)
         local_steps, last_ckpt, start = 0, None, time.perf_counter()
 
         while env_steps < req.steps:
@@ -118,36 +120,34 @@ def train(
             if config.anneal_lr:  # linear decay to 0 over the run (detail 4), also after --resume
                 optimizer.param_groups[0]["lr"] = config.learning_rate * max(0.0, 1.0 - env_steps / req.steps)
             model.eval()
-            for t in range(config.num_steps):
-                obs, delivered, amask, critic_in = episode.inputs()
+            for t in range(config.num_steps):  # every array has a leading env axis [K, N, ...]
+                obs, delivered, amask, critic_in = envs.inputs()
                 action, logprob, cout, value = act(model, obs, delivered, amask, False, critic_in)
                 if cout is not None:
-                    comm.count_bytes(cout.bytes_sent)
-                gate = None if cout is None or cout.gate is None else cout.gate[0].numpy()
+                    envs.count_bytes(cout.bytes_sent)
+                gate = None if cout is None or cout.gate is None else cout.gate.numpy()
                 v = _denormalise(value.numpy(), value_rms)
                 buf.store(t, obs, critic_in, delivered, amask, action.numpy(), logprob.numpy(), v, gate)
-                t_env = time.perf_counter()
-                out = episode.step(model.clip_action(action).numpy())
-                env_seconds += time.perf_counter() - t_env
-                local_steps += 1
-                buf.record(t, out.reward, out.ended, _bootstrap(model, out, config.gamma, value_rms))
-                if out.ended:
-                    returns.append(float(episode.episode_return.mean()))
-                    finished.append((returns[-1], episode.kpis()))
-                    if eval_due and world.is_root and req.periodic_eval_episodes > 0:
-                        busy += time.perf_counter() - tick  # evaluation time is not training time
-                        seeds = periodic_seeds(req.seed, update, req.periodic_eval_episodes)
-                        log.eval_rows(update, evaluate(env, policy, seeds), env_steps)
-                        tick = time.perf_counter()
-                    eval_due = False
-                    t_env = time.perf_counter()
-                    episode.start()
-                    env_seconds += time.perf_counter() - t_env
+                outs = envs.step(model.clip_action(action).numpy())  # the K envs step at once
+                local_steps += len(outs)
+                buf.record(t, outs, [_bootstrap(model, out, config.gamma, value_rms) for out in outs])
+                ended = [k for k, out in enumerate(outs) if out.ended]
+                for k in ended:
+                    returns.append(float(envs.episodes[k].episode_return.mean()))
+                    finished.append((returns[-1], envs.episodes[k].kpis()))
+                if 0 in ended and eval_due and world.is_root and req.periodic_eval_episodes > 0:
+                    busy += time.perf_counter() - tick  # evaluation (on env 0) is not training time
+                    seeds = periodic_seeds(req.seed, update, req.periodic_eval_episodes)
+                    log.eval_rows(update, evaluate(env, policy, seeds), env_steps)
+                    tick = time.perf_counter()
+                eval_due = eval_due and 0 not in ended
+                envs.start(ended)
+            rollout_seconds += time.perf_counter() - tick
 
-            # ---- advantage: GAE on scaled rewards; the truncation bootstrap is already in critic units
-            last_value = _value(model, episode.critic_after(buf.obs[-1]), value_rms)
+            # ---- advantage: GAE per env on scaled rewards; the truncation bootstrap is already in critic units
+            last_value = _value(model, envs.critic_after(buf.obs[-1]), value_rms)
             rewards = (scaler.scale_rollout(buf.raw, buf.end) if scaler is not None else buf.raw) + buf.boot
-            adv, ret = compute_gae(rewards, buf.values, buf.end, last_value, config.gamma, config.gae_lambda)
+            adv, ret = env_advantages(rewards, buf.values, buf.end, last_value, config.gamma, config.gae_lambda)
             values, targets = buf.values, ret
             if value_rms is not None:
                 value_rms.update(ret)
@@ -161,12 +161,12 @@ def train(
                 world, model, optimizer, RankFailure, _update, algo_cls, model, optimizer, batch, config, sync, world
             )
             update += 1
-            env_steps += config.num_steps * world.size
+            env_steps += config.num_steps * len(envs) * world.size
             busy += time.perf_counter() - tick
 
             # ---- log
             last_return = returns[-1] if returns else float("nan")
-            log.update_rows(update, metrics, env_steps, local_steps / busy, env_seconds / busy, finished,
+            log.update_rows(update, metrics, env_steps, local_steps / busy, envs.seconds / busy, finished,
                             world.events, last_return)  # fmt: skip
             finished = []
             done = env_steps >= req.steps
@@ -177,7 +177,7 @@ def train(
             if update % config.checkpoint_every == 0 or done:
                 agreed = _with_recovery(world, model, optimizer, RankFailure, world.agree, update)
                 if world.is_root:
-                    state = _state(plan, layout, run_id, model, optimizer, scaler, value_rms, episode, update,
+                    state = _state(plan, layout, run_id, model, optimizer, scaler, value_rms, envs, update,
                                    agreed, env_steps, world.size, eval_due)  # fmt: skip
                     last_ckpt = save_checkpoint(plan.out_dir / CHECKPOINT_DIR, update, state, config.keep_checkpoints)
                     log.save_manifest(updates_completed=update, env_steps=env_steps,
@@ -189,17 +189,19 @@ def train(
         if world.is_root and req.eval_episodes > 0:
             final = evaluate(env, policy, final_seeds(req.seed, req.eval_episodes))
             log.final_rows(update, final, env_steps)
-        sps = local_steps / busy if busy > 0 else 0.0
-        fraction = env_seconds / busy if busy > 0 else float("nan")
+        sps, rollout_sps = (local_steps / s if s > 0 else 0.0 for s in (busy, rollout_seconds))
+        fraction = envs.seconds / busy if busy > 0 else float("nan")
         final_kpis = {k: float(np.mean([f[k] for f in final])) for k in (final[0] if final else {})}
         log.save_manifest(updates_completed=update, env_steps=env_steps, train_seconds=train_seconds,
-                          steps_per_second=sps, final_kpis=final_kpis,
+                          steps_per_second=sps, rollout_steps_per_second=rollout_sps, final_kpis=final_kpis,
                           env_time_fraction=None if np.isnan(fraction) else fraction)  # fmt: skip
         return TrainResult(run_id=run_id, out_dir=plan.out_dir, method=plan.method, checkpoint=last_ckpt,
                            updates=update, env_steps=env_steps, seconds=train_seconds, steps_per_second=sps,
                            final_kpis=final_kpis, env_fraction=fraction, train_returns=returns,
-                           events=list(world.events))  # fmt: skip
+                           events=list(world.events), rollout_steps_per_second=rollout_sps)  # fmt: skip
     finally:
+        if envs is not None:
+            envs.close()  # the worker envs
         env.close()
         if world is not None:
             world.close()
@@ -212,8 +214,10 @@ def _denormalise(v: np.ndarray, value_rms: RunningMeanStd | None) -> np.ndarray:
 
 
 def _value(model: ActorCritic, critic_in: np.ndarray, value_rms: RunningMeanStd | None) -> np.ndarray:
-    """V(s) [N] in reward units for one step's critic input [N, C]."""
+    """V(s) [N] in reward units for one step's critic input [N, C] (or [K, N] for [K, N, C])."""
     with torch.inference_mode():
+        if critic_in.ndim == 3:
+            return _denormalise(model.value(torch.from_numpy(critic_in)).numpy(), value_rms)
         return _denormalise(model.value(torch.from_numpy(critic_in)[None])[0].numpy(), value_rms)
 
 
@@ -256,9 +260,9 @@ def _state(
     run_id: str,
     model: ActorCritic,
     optimizer: torch.optim.Optimizer,
-    scaler: RewardScaler | None,
+    scaler: EnvRewardScaler | None,
     value_rms: RunningMeanStd | None,
-    episode: TrainingEpisode,
+    envs: TrainingEpisodes,
     update: int,
     agreed: int,
     env_steps: int,
@@ -272,11 +276,12 @@ def _state(
         "update": update,
         "agreed_update": int(agreed),
         "env_steps": env_steps,
-        "episodes": episode.episodes_done,
+        "episodes": envs.episodes[0].episodes_done,
         "world_size": world_size,
         "torch_rng": torch.get_rng_state(),
         "run_id": run_id,
-        "episode": episode.state_dict(),
+        "episode": envs.episodes[0].state_dict(),
+        "envs": len(envs),  # --resume continues only a one-env run (prepare refuses the others)
         "eval_due": eval_due,
         "meta": json.dumps(checkpoint_meta(plan.request, plan.config, layout)),
     }
@@ -291,16 +296,18 @@ def _restore(
     resumed: dict[str, Any] | None,
     model: ActorCritic,
     optimizer: torch.optim.Optimizer,
-    scaler: RewardScaler | None,
+    scaler: EnvRewardScaler | None,
     value_rms: RunningMeanStd | None,
-    episode: TrainingEpisode,
+    envs: TrainingEpisodes,
     rank: int,
 ) -> tuple[int, int, bool]:
-    """Load a checkpoint into the fresh learner and episode stream (or start the first episode);
-    returns (update, env_steps, evaluation due)."""
+    """Load a checkpoint into the fresh learner and episode stream (or start the first episodes);
+    returns (update, env_steps, evaluation due). Only one-env runs resume (checked by prepare)."""
     if resumed is None:
-        episode.start()
+        envs.start()
+        envs.seconds = 0.0  # env time counts from the first rollout
         return 0, 0, False
+    episode = envs.episodes[0]
     try:
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])

@@ -70,14 +70,21 @@ def act(
     critic_in: np.ndarray | None = None,
 ) -> tuple[Any, Any, Any, Any]:
     """One batched no-grad forward for the whole team: (action [N..], logprob [N], comms output,
-    value [N] or None). The value is computed in the same pass when ``critic_in`` is given."""
+    value [N] or None). The value is computed in the same pass when ``critic_in`` is given.
+
+    With a leading env axis (``obs`` [K, N, D], the other inputs alike: ``marl train --envs K``)
+    the K teams go through one forward as a batch of K (messages stay within each team) and the
+    outputs keep that axis: action [K, N..], logprob [K, N], value [K, N]."""
+    envs = obs.ndim == 3
+
+    def batch(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a) if envs else torch.from_numpy(a)[None]
+
+    def maybe(a: np.ndarray | None) -> torch.Tensor | None:
+        return None if a is None else batch(a)
+
     with torch.inference_mode():
-        dist, cout = model.actor(
-            torch.from_numpy(obs)[None],
-            None if delivered is None else torch.from_numpy(delivered)[None],
-            None if amask is None else torch.from_numpy(amask)[None],
-            deterministic_gate=deterministic,
-        )
+        dist, cout = model.actor(batch(obs), maybe(delivered), maybe(amask), deterministic_gate=deterministic)
         if isinstance(dist, Categorical):
             # Straight from the logits: cheaper than Categorical.sample/log_prob per step.
             logp_all = dist.logits  # normalised log-probabilities
@@ -92,5 +99,7 @@ def act(
             logprob, _ = log_prob_entropy(dist, action)
         if cout is not None and cout.logprob is not None:
             logprob = logprob + cout.logprob
-        value = None if critic_in is None else model.value(torch.from_numpy(critic_in)[None])[0]
-    return action[0], logprob[0], cout, value
+        value = None if critic_in is None else model.value(batch(critic_in))
+    if envs:
+        return action, logprob, cout, value
+    return action[0], logprob[0], cout, None if value is None else value[0]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from marl.core import registry
-from marl.core.config import build_config
+from marl.core.config import build_config, check_local_processes
 from marl.core.errors import CheckpointError, ConcordError, ConfigError
 from marl.results.records import RECORDS_FILE, check_out_dir
 
@@ -53,12 +53,15 @@ class TrainRequest:
     resume: str | None = None  #: checkpoint directory (or file) to continue from
     test: bool = False  #: apply the scenario's short test presets
     dist: Any = None  #: marl.distributed.DistConfig or None (one process)
+    envs: int = 1  #: envs each rank rolls out at once (1 here, K - 1 in worker processes)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ConfigError(f"bad --steps {self.steps}; expected an integer >= 1")
         if self.seed < 0:
             raise ConfigError(f"bad --seed {self.seed}; expected an integer >= 0")
+        if self.envs < 1:
+            raise ConfigError(f"bad --envs {self.envs}; expected an integer >= 1")
         if self.eval_episodes < 0 or self.periodic_eval_episodes < 0:
             raise ConfigError(f"bad --eval-episodes {self.eval_episodes}; expected an integer >= 0")
 
@@ -144,6 +147,7 @@ class TrainResult:
     env_fraction: float = float("nan")  #: share of rollout + update time spent in env.reset/step
     train_returns: list[float] = field(default_factory=list)  #: per finished training episode
     events: list[dict[str, Any]] = field(default_factory=list)  #: distributed events (rank failures)
+    rollout_steps_per_second: float = 0.0  #: env steps (this rank, all envs) per second of rollout alone
 
 
 def algorithm_class(name: str) -> Any:
@@ -213,6 +217,26 @@ def _check_off_policy(request: TrainRequest, learned: bool, ranks: int) -> None:
             f"bad --ranks {ranks} with --algo {request.algo}; allowed: 1 "
             "(off-policy training runs in one process; use ippo or mappo for several ranks)"
         )
+    if request.envs > 1:
+        raise ConfigError(
+            f"bad --envs {request.envs} with --algo {request.algo}; allowed: 1 "
+            "(the off-policy loop steps one env; use ippo or mappo for several envs per rank)"
+        )
+
+
+def check_envs(request: TrainRequest, resumed: dict[str, Any] | None, ranks: int) -> None:
+    """``--envs K`` starts K - 1 worker processes per rank: bound them as ranks are bounded, and
+    refuse ``--resume`` from or into a run with several envs (only env 0's episode is saved)."""
+    if request.envs > 1:
+        oversubscribe = bool(getattr(request.dist, "oversubscribe", False))
+        option = "--envs" if ranks == 1 else f"--ranks {ranks} x --envs"
+        check_local_processes(option, request.envs * ranks, oversubscribe=oversubscribe)
+    theirs = int(resumed.get("envs", 1)) if resumed is not None else 1
+    if resumed is not None and max(request.envs, theirs) > 1:
+        raise CheckpointError(
+            f"cannot resume with --envs {request.envs} from {resumed['path']} (written with --envs {theirs}); "
+            "allowed: --envs 1 from a one-env run (a run with several envs cannot be resumed: start a fresh one)"
+        )
 
 
 def prepare(request: TrainRequest) -> TrainPlan:
@@ -264,6 +288,7 @@ def prepare(request: TrainRequest) -> TrainPlan:
     if proto_spec.learned and not hasattr(config, "comm_rounds"):
         raise ConfigError(f"algorithm {request.algo} cannot use learned protocol {request.protocol}")
     check_ranks(config, ranks)
+    check_envs(request, resumed, ranks)
     registry.scenario_config(request.scenario, request.overrides, test=request.test)
     out_dir = Path(request.out) if request.out else default_out_dir(request)
     check_out_dir(out_dir)
