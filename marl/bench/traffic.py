@@ -27,6 +27,15 @@ is what training and evaluation runs see.
 is not timed; episodes restart inside the timed loop as in training. The CPU seconds the workers
 spend per copy show whether the vector env adds work (it should not): on a machine with fewer
 free cores than copies, the wall-clock gain shrinks although the CPU per copy stays the same.
+
+``--train-envs K`` measures Concord's own training with ``marl train SCENARIO --algo ippo --envs K``
+against ``--envs 1`` in the same run: each run is a separate ``marl train`` process of
+``--train-steps`` env steps (no evaluation), and its manifest gives env-steps per second of
+rollout + update (``steps_per_second``), of the rollout alone (``rollout_steps_per_second``) and
+the share of time spent waiting for the simulations. Agent-samples per second = env-steps per
+second x agents. Start-up (workers, first reset) is not timed. ``--repeat`` runs alternate
+K=1, K, K=1, K, ... and the fastest of each counts; the load average is printed with the table,
+since the gain needs free cores.
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ from typing import Any
 
 import click
 
-__all__ = ["command", "time_env", "time_raw", "time_sumo_rl", "time_vector"]
+__all__ = ["command", "time_env", "time_raw", "time_sumo_rl", "time_train", "time_vector"]
 
 
 def _clock() -> tuple[float, float]:
@@ -224,6 +233,38 @@ def time_vector(scenario: str, overrides: dict[str, Any], copies: int, steps: in
             "worker_cpu": worker_cpu}  # fmt: skip
 
 
+def time_train(scenario: str, overrides: dict[str, Any], envs: int, steps: int, out: str) -> dict[str, Any]:
+    """Run ``marl train SCENARIO --algo ippo --envs ENVS --steps STEPS`` as its own process (no
+    preset: the bare IPPO defaults, no evaluation) and return its manifest's throughput."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from marl.core.errors import ConcordError
+
+    sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
+    cmd = [sys.executable, "-c", "import sys; from marl.cli import main; sys.exit(main())", "train", scenario,
+           "--no-preset", "--algo", "ippo", "--envs", str(envs), "--steps", str(steps), "--eval-episodes", "0",
+           "--algo-set", "eval_every=0", "--out", out, *sets]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise ConcordError(f"marl train --envs {envs} failed (exit {done.returncode}): {last}")
+    manifest = json.loads(next(iter(sorted((Path(out) / "manifests").glob("*.json")))).read_text())
+    agents = len(manifest["layout"]["agents"])
+    return {
+        "envs": envs,
+        "agents": agents,
+        "updates": manifest["updates_completed"],
+        "steps_per_s": manifest["steps_per_second"],
+        "samples_per_s": manifest["steps_per_second"] * agents,
+        "rollout_steps_per_s": manifest["rollout_steps_per_second"],
+        "env_fraction": manifest.get("env_time_fraction") or float("nan"),
+        "seconds": manifest["train_seconds"],
+    }
+
+
 def _random_table(n_lights: int, n_steps: int) -> list[list[int]]:
     """Seeded random integers [light][decision], drawn before the clock starts. Env and sumo-rl
     both pick phase ``table[i][step] % n_phases`` for the i-th light in sorted id order, so both
@@ -268,6 +309,13 @@ def _in_subprocess(fn: Any, args: tuple[Any, ...], episodes: int, clock: str) ->
 )
 @click.option("--vector-steps", type=int, default=200, help="decisions per copy timed with --vector")
 @click.option(
+    "--train-envs",
+    type=int,
+    default=None,
+    help="time 'marl train --algo ippo --envs K' against --envs 1 (env-steps/s, agent-samples/s, rollout only)",
+)
+@click.option("--train-steps", type=int, default=1440, help="env steps per training run timed with --train-envs")
+@click.option(
     "--clock",
     type=click.Choice(["cpu", "wall"]),
     default="cpu",
@@ -280,6 +328,8 @@ def command(
     skip_sumo_rl: bool,
     vector: int | None,
     vector_steps: int,
+    train_envs: int | None,
+    train_steps: int,
     clock: str,
 ) -> None:
     """Time one episode: Concord env vs raw libsumo vs sumo-rl (each in its own process)."""
@@ -301,6 +351,9 @@ def command(
         overrides["end"] = base.begin + horizon
     if vector is not None:
         _vector_table(scenario, overrides, vector, vector_steps)
+        return
+    if train_envs is not None:
+        _train_table(scenario, overrides, train_envs, train_steps, repeat)
         return
     methods: list[tuple[str, Any, str]] = [
         ("raw libsumo, fixed-time", time_raw, "program"),
@@ -373,4 +426,49 @@ def _vector_table(scenario: str, overrides: dict[str, Any], copies: int, steps: 
     console.print(
         "equal worker CPU per copy means no vector-env overhead: wall-clock gains need as many free "
         f"cores as copies (load average now {os.getloadavg()[0]:.1f})"
+    )
+
+
+def _train_table(scenario: str, overrides: dict[str, Any], envs: int, steps: int, repeat: int) -> None:
+    """Print the training throughput of ``marl train --envs envs`` against ``--envs 1``."""
+    import tempfile
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from marl.core.errors import ConfigError
+
+    if envs < 1 or steps < 1:
+        raise ConfigError(f"bad --train-envs {envs} / --train-steps {steps}; expected integers >= 1")
+    console = Console()
+    console = Console(width=max(console.width, 132))  # eight columns: never truncate a header
+    load_before = os.getloadavg()
+    best: dict[int, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp, console.status("timing marl train...") as status:
+        for i in range(repeat):
+            for k in sorted({1, envs}):  # alternate, so a change in the machine's load hits both
+                status.update(f"marl train {scenario} --envs {k} ({i + 1}/{repeat})")
+                r = time_train(scenario, overrides, k, steps, f"{tmp}/{i}-{k}")
+                if k not in best or r["steps_per_s"] > best[k]["steps_per_s"]:
+                    best[k] = r
+    load_after = os.getloadavg()
+    agents = best[1]["agents"]
+    title = (f"marl train {scenario} --algo ippo --envs K: {steps} env steps per run, {agents} agents, "
+             f"fastest of {repeat} ({os.cpu_count()} CPUs)")  # fmt: skip
+    table = Table(title=title)
+    cols = ("K", "updates", "env-steps/s", "agent-samples/s", "x K=1", "rollout env-steps/s", "x K=1 (rollout)",
+            "time in envs")  # fmt: skip
+    for col in cols:
+        table.add_column(col, justify="right")
+    ref = best[1]
+    for k in sorted(best):
+        r = best[k]
+        table.add_row(str(k), str(r["updates"]), f"{r['steps_per_s']:.1f}", f"{r['samples_per_s']:.0f}",
+                      f"{r['steps_per_s'] / ref['steps_per_s']:.2f}", f"{r['rollout_steps_per_s']:.1f}",
+                      f"{r['rollout_steps_per_s'] / ref['rollout_steps_per_s']:.2f}",
+                      f"{r['env_fraction']:.0%}")  # fmt: skip
+    console.print(table)
+    console.print(
+        f"load average (1, 5, 15 min) before {', '.join(f'{x:.2f}' for x in load_before)}; after "
+        f"{', '.join(f'{x:.2f}' for x in load_after)}: the K-fold gain needs K free cores"
     )
