@@ -144,7 +144,7 @@ def test_conservation(controller):
 
 
 def test_rewards_and_kpis_agree():
-    env = make_scenario("warehouse/small", {"horizon": 200, "step_cost": 0.0, "wait_cost": 0.0})
+    env = make_scenario("warehouse/small", {"horizon": 200, "step_cost": 0.0, "wait_cost": 0.0, "shaping": 0.0})
     ctl = build_controller("warehouse/small", "prioritized", env)
     obs, _ = env.reset(seed=1)
     ctl.reset(env, 1)
@@ -377,3 +377,108 @@ def test_ansi_render_draws_the_floor_and_robots() -> None:
     plain = WarehouseEnv(WarehouseConfig(n_robots=2))
     with pytest.warns(UserWarning, match="no render_mode"):
         assert plain.render() is None
+
+
+def _bfs_distances(env: WarehouseEnv, target_cell: int) -> dict[int, int]:
+    """Shortest-path steps from every free cell to ``target_cell`` by a plain BFS over the floor
+    (4-neighbour moves between passable cells), independent of the layout's tables."""
+    lay = env.layout
+    h, w = lay.height, lay.width
+    dist = {target_cell: 0}
+    frontier = [target_cell]
+    while frontier:
+        nxt = []
+        for cell in frontier:
+            r, c = divmod(cell, w)
+            for rr, cc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)):
+                other = rr * w + cc
+                if 0 <= rr < h and 0 <= cc < w and lay.passable[other] and other not in dist:
+                    dist[other] = dist[cell] + 1
+                    nxt.append(other)
+        frontier = nxt
+    return dist
+
+
+def _remaining_path(env: WarehouseEnv, bfs: dict[int, dict[int, int]]) -> np.ndarray:
+    """Per robot: cells still to walk for its task (to pick and on to the station, or to the
+    station when carrying; 0 without a task), from the task table and the BFS above."""
+    tab = env.task_table()
+    out = np.zeros(env.n)
+    for i in range(env.n):
+        task = int(env.task[i])
+        if task < 0:
+            continue
+        pick, station = int(tab["pick_cell"][task]), int(tab["station_cell"][task])
+        for cell in (pick, station):
+            if cell not in bfs:
+                bfs[cell] = _bfs_distances(env, cell)
+        here = int(env.pos[i])
+        out[i] = bfs[station][here] if env.carrying[i] else bfs[pick][here] + bfs[station][pick]
+    return out
+
+
+def test_shaping_is_the_documented_potential_difference():
+    """reward = 1[delivered] - step_cost - wait_cost*1[waited] + w*(gamma*phi(s') - phi(s)) with
+    phi = -(remaining shortest path of the task), for robots moving at random among others."""
+    w, gamma = 0.07, 0.9
+    plain = make_scenario("warehouse/small", {"horizon": 300, "shaping": 0.0})
+    shaped = make_scenario("warehouse/small", {"horizon": 300, "shaping": w, "shaping_gamma": gamma})
+    plain.reset(seed=5)
+    shaped.reset(seed=5)
+    bfs: dict[int, dict[int, int]] = {}
+    rng = np.random.default_rng(0)
+    events = 0
+    for _ in range(300):
+        # Mostly shortest-path moves so that tasks get picked and delivered, some random ones.
+        act = np.where(rng.random(shaped.n) < 0.7, shaped.shortest_path_actions(), rng.integers(0, 5, shaped.n))
+        before = _remaining_path(shaped, bfs)
+        carrying, deliveries = shaped.carrying.copy(), shaped.deliveries
+        base = plain.step_array(act)
+        rew = shaped.step_array(act)
+        after = _remaining_path(shaped, bfs)
+        np.testing.assert_allclose(rew - base, w * (gamma * -after + before), atol=1e-9)
+        events += int((carrying != shaped.carrying).sum())
+        assert np.array_equal(plain.pos, shaped.pos) and plain.deliveries == shaped.deliveries >= deliveries
+    assert events > 10 and shaped.deliveries > 3  # pickups and deliveries were exercised
+    assert plain.episode_kpis() == shaped.episode_kpis()  # shaping never touches the KPIs
+
+
+def test_shaping_pays_w_per_cell_and_telescopes_over_a_task():
+    """One robot on its shortest path with gamma = 1: every step pays exactly w, picking up costs
+    nothing, and the step that delivers pays 1 + w - w * (length of the next task)."""
+    w = 0.05
+    env = make_scenario(
+        "warehouse/small",
+        {"n_robots": 1, "horizon": 400, "shaping": w, "shaping_gamma": 1.0, "step_cost": 0.0, "wait_cost": 0.0},
+    )
+    env.reset(seed=2)
+    bfs: dict[int, dict[int, int]] = {}
+    delivered = picked = 0
+    for _ in range(400):
+        was_carrying = bool(env.carrying[0])
+        rew = float(env.step_array(env.shortest_path_actions())[0])
+        if env.deliveries > delivered:
+            delivered = env.deliveries
+            next_task = float(_remaining_path(env, bfs)[0])
+            assert rew == pytest.approx(1.0 + w - w * next_task)
+        else:
+            picked += int(env.carrying[0] and not was_carrying)
+            assert rew == pytest.approx(w)
+    assert delivered >= 3 and picked >= 3
+
+
+def test_shaping_config_errors():
+    with pytest.raises(ConfigError, match=r"bad shaping -0\.1"):
+        WarehouseConfig(shaping=-0.1)
+    with pytest.raises(ConfigError, match="bad shaping_gamma 0"):
+        WarehouseConfig(shaping_gamma=0.0)
+
+
+def test_action_mask_method_matches_infos():
+    """``marl run --policy`` reads masks from ``env.action_mask`` (it has no infos)."""
+    env = make_scenario("warehouse/small")
+    _, infos = env.reset(seed=1)
+    for _ in range(5):
+        for agent in env.possible_agents:
+            assert np.array_equal(env.action_mask(agent), infos[agent]["action_mask"])
+        _, _, _, _, infos = env.step(dict.fromkeys(env.possible_agents, 4))

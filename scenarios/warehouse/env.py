@@ -52,7 +52,16 @@ col/W, carrying, has-task; then the elapsed share of the horizon. Size ``6*n + 1
 ``#`` obstacle or rack, ``P`` station, ``.`` aisle, a robot as ``r`` (``R`` when carrying).
 
 **Reward** per robot and step: ``+1`` for a delivery, ``-step_cost`` always, ``-wait_cost`` more
-when it has a task and did not move (by choice or blocked).
+when it has a task and did not move (by choice or blocked). With ``shaping = w > 0`` each robot
+also gets the potential-based term ``w * (shaping_gamma * phi(s') - phi(s))`` (Ng, Harada &
+Russell 1999, "Policy invariance under reward transformations"), where ``phi`` is minus the
+remaining shortest-path length of the robot's task in cells (:meth:`WarehouseEnv.potential`:
+to the pick cell plus pick cell to station before picking, to the station when carrying, 0
+without a task), ``s`` the state before the step and ``s'`` after it (after delivery and the new
+assignment). Each step along a shortest path pays about ``w``; the new task handed out at a
+delivery costs ``w`` times its length at once, so over a whole task the term sums to about zero
+and, with ``shaping_gamma`` equal to the learner's discount, the optimal policies are unchanged.
+KPIs never include it.
 
 **KPIs** (``episode_kpis``): ``throughput`` deliveries per step (main, higher is better);
 ``deliveries``; ``service_time`` mean steps from release to delivery over delivered tasks
@@ -110,6 +119,13 @@ class WarehouseConfig:
     )
     step_cost: float = field(default=0.001, metadata={"help": "reward subtracted from every robot every step"})
     wait_cost: float = field(default=0.01, metadata={"help": "extra cost when a robot with a task does not move"})
+    shaping: float = field(
+        default=0.0,
+        metadata={"help": "weight per cell of potential-based shaping on the task's remaining path (0: off)"},
+    )
+    shaping_gamma: float = field(
+        default=0.99, metadata={"help": "discount in the shaping term; set it to the learner's gamma"}
+    )
 
     def __post_init__(self) -> None:
         if self.n_robots < 1:
@@ -124,6 +140,10 @@ class WarehouseConfig:
             raise ConfigError(f"bad backlog {self.backlog}; expected an integer >= 1 or none")
         if self.step_cost < 0 or self.wait_cost < 0:
             raise ConfigError("bad step_cost/wait_cost; expected numbers >= 0 (they are subtracted)")
+        if self.shaping < 0:
+            raise ConfigError(f"bad shaping {self.shaping}; expected a number >= 0 (0 turns shaping off)")
+        if not 0.0 < self.shaping_gamma <= 1.0:
+            raise ConfigError(f"bad shaping_gamma {self.shaping_gamma}; expected a number in (0, 1]")
         resolve_map_path(self.map_file)  # a missing file fails with the config, before any run
 
 
@@ -194,6 +214,7 @@ class WarehouseEnv(Scenario):
             raise ConfigError(f"bad n_robots {n}; the map '{cfg.map_file}' has only {lay.spawn_cells.size} free cells")
         self.n = n
         self.possible_agents = [f"robot_{i}" for i in range(n)]
+        self._agent_index = {a: i for i, a in enumerate(self.possible_agents)}
         self.agents: list[str] = []
         self.backlog = cfg.backlog if cfg.backlog is not None else max(1, n // 4)
         self._idx = np.arange(n)
@@ -312,6 +333,8 @@ class WarehouseEnv(Scenario):
         act = np.asarray(actions, dtype=np.int64)
         if act.shape != (self.n,) or (act.min() < 0) or (act.max() >= N_ACTIONS):
             raise ConfigError(f"bad actions; expected {self.n} integers in 0..{N_ACTIONS - 1}")
+        cfg = self.config
+        phi_before = self.potential() if cfg.shaping else None
         self.t += 1
         old = self.pos
         want = lay.neighbours[old, act]
@@ -333,8 +356,10 @@ class WarehouseEnv(Scenario):
         self._assign()
         self._pickup()  # a robot assigned while standing on its pick cell picks at once
         self._invalidate_topology()
-        cfg = self.config
-        return delivered.astype(np.float64) - cfg.step_cost - cfg.wait_cost * waiting
+        reward = delivered.astype(np.float64) - cfg.step_cost - cfg.wait_cost * waiting
+        if phi_before is not None:
+            reward += cfg.shaping * (cfg.shaping_gamma * self.potential() - phi_before)
+        return reward
 
     # -- tasks ----------------------------------------------------------------------------------
     def _release(self, count: int) -> None:
@@ -420,6 +445,18 @@ class WarehouseEnv(Scenario):
         goal = self.goal_targets()
         return np.where(goal >= 0, self.layout.target_cells[np.maximum(goal, 0)], self.pos)
 
+    def potential(self) -> np.ndarray:
+        """(n,) shaping potential: minus the remaining shortest-path length of each robot's task,
+        in cells (to the pick cell and on to the station before picking, to the station when
+        carrying; 0 without a task). Other robots are ignored (static floor only)."""
+        task = self.task
+        safe = np.maximum(task, 0)
+        dist = self.layout.dist
+        pick, drop = self._task_pick[safe], self._task_drop[safe]
+        to_goal = np.where(self.carrying, dist[drop, self.pos], dist[pick, self.pos])
+        leg = np.where(self.carrying, 0, dist[drop, self.layout.target_cells[pick]])
+        return np.where(task >= 0, -(to_goal + leg), 0).astype(np.float64)
+
     def shortest_path_actions(self) -> np.ndarray:
         """(n,) the first action of a shortest path to each robot's goal (0 at the goal / idle).
 
@@ -454,6 +491,12 @@ class WarehouseEnv(Scenario):
         hint = np.where(has, lay.next_action[np.maximum(goal, 0), pos], 0)
         obs[:, 2 * k + 5 :] = hint[:, None] == self._hint_codes
         return dict(zip(self.possible_agents, obs))
+
+    def action_mask(self, agent: str) -> np.ndarray:
+        """int8 vector over ``Discrete(5)`` for ``agent`` now: 0 for moves into racks, walls or off
+        the map (the same read-only row as ``infos[agent]["action_mask"]``). Policies acting through
+        ``marl run --policy`` read masks here, since that loop does not pass infos on."""
+        return self._mask_rows[int(self.pos[self._agent_index[agent]])]
 
     def _infos(self) -> dict[str, dict[str, Any]]:
         rows = self._mask_rows  # read-only per-cell views: no array is built per agent and step
