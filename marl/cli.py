@@ -57,6 +57,7 @@ BENCH_MODULES = {
     "learn": "marl.bench.learn",
     "allreduce": "marl.bench.allreduce",
     "scaling": "marl.bench.scaling",
+    "scale": "marl.bench.scale",
     "recovery": "marl.bench.recovery",
 }
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import math
 import re
 import threading
 from pathlib import Path
 
 import pytest
 
+from marl.cli import main
 from marl.core.errors import ConfigError
 from scenarios.traffic.nets import GridRecipe, build_grid, grid_dir, parse_generated, read_net, resolve_path
 
@@ -69,3 +72,68 @@ def test_generated_paths_resolve_through_the_cache(tmp_path: Path, monkeypatch: 
                 "generated/grid3x3-seed0/other.xml"):  # fmt: skip
         with pytest.raises(ConfigError, match="bad net_file"):
             resolve_path(bad, "net_file")
+
+
+# ----------------------------------------------------------------------------- marl bench scale
+def test_loglog_slope_recovers_the_exponent() -> None:
+    from marl.bench.scale import loglog_slope
+
+    agents = [10, 100, 1000]
+    assert loglog_slope(agents, [3.0 * n**1.5 for n in agents]) == pytest.approx(1.5)
+    assert loglog_slope(agents, [7.0 * n for n in agents]) == pytest.approx(1.0)
+    assert math.isnan(loglog_slope([10, 10], [1.0, 2.0])), "one distinct size has no slope"
+
+
+def test_bench_scale_comms_tiny_writes_table_slopes_and_figure(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from marl.bench.scale import loglog_slope
+
+    rc = main(["bench", "scale", "comms", "--sizes", "8,16,32", "--reps", "3", "--rollout", "4",
+               "--out", str(tmp_path)])  # fmt: skip
+    assert rc == 0
+    doc = json.loads((tmp_path / "scale_comms.json").read_text())
+    rows = doc["rows"]
+    assert [r["agents"] for r in rows] == [8, 16, 32]
+    for col in ("comms", "policy", "update"):
+        assert all(r[col] > 0 for r in rows), col
+        expected = loglog_slope([r["agents"] for r in rows], [r[col] * r["agents"] for r in rows])
+        assert doc["slopes"][col] == pytest.approx(expected)
+    assert all(r["msg/s"] > 0 for r in rows), "the channel delivered nothing"
+    assert (tmp_path / "scale_comms.png").stat().st_size > 1000
+    out = capsys.readouterr().out
+    assert "slope" in out and f"{doc['slopes']['env+comms']:.2f}" in out
+
+
+def test_bench_scale_traffic_tiny_times_env_and_raw(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from marl.bench.scale import measure, parse_sizes, slopes
+
+    monkeypatch.setenv("CONCORD_CACHE_DIR", str(tmp_path))
+    rows = measure("traffic", parse_sizes("traffic", "2x2,3x3"), steps=2, warmup=1, reps=2, rollout=4)
+    assert [r["agents"] for r in rows] == [4, 9]
+    assert all(r["env"] > 0 and r["raw"] > 0 and r["env/raw"] == r["env"] / r["raw"] for r in rows)
+    assert math.isfinite(slopes(rows)["env+comms"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["nosuch"], "unknown scale domain 'nosuch'"),
+        (["comms", "--sizes", "100"], "bad --sizes '100'"),
+        (["traffic", "--sizes", "4by4,5x5"], "bad traffic size '4by4'"),
+        (["warehouse", "--sizes", "small,huge"], "unknown warehouse map 'huge'"),
+        (["comms", "--steps", "0"], "bad --steps 0"),
+    ],
+)
+def test_bench_scale_bad_input_is_one_line(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "scale", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "\n" not in err, err
+
+
+def test_ring_allreduce_model() -> None:
+    from marl.bench.scaling import ring_allreduce_seconds
+
+    # 64 ranks, 1 MB at 1 GB/s and 10 us: 2*63/64 ms of bandwidth + 126 * 10 us of latency.
+    assert ring_allreduce_seconds(1e6, 64, 1e9, 1e-5) == pytest.approx(2 * 63 / 64 * 1e-3 + 126e-5)
+    assert ring_allreduce_seconds(1e6, 1, 1e9, 1e-5) == 0.0, "one rank sends nothing"

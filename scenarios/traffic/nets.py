@@ -119,7 +119,7 @@ def resolve_path(path: str, what: str) -> Path:
 GENERATED_PREFIX = "generated/"
 #: Version of the grid recipe (tool options, demand model). It is part of the cache path, so a
 #: changed recipe never reads nets built by an older one.
-GRID_RECIPE_VERSION = 1
+GRID_RECIPE_VERSION = 2
 #: The files of a generated grid's directory that a user may name.
 GRID_FILES = ("grid.net.xml", "grid.rou.xml")
 _GRID_NAME = re.compile(r"grid(\d+)x(\d+)-seed(\d+)")
@@ -142,13 +142,15 @@ class GridRecipe:
     Net (``netgenerate --grid``): blocks of ``block_m`` metres, ``lanes`` lanes per direction,
     13.89 m/s (50 km/h), every inner junction a static traffic light with netgenerate's
     two-phase programme (north-south, east-west; lefts permissive, 42 s green + 3 s yellow), and
-    a dead-end stub of ``block_m`` on every fringe junction, where traffic enters and leaves, so
-    there are exactly rows x cols lights. Demand (``randomTrips.py`` with ``duarouter``): one
-    vehicle per ``3600 / (veh_per_light_hour * rows * cols)`` s for ``hours`` h, so the density
-    per intersection is the same at every size; start and end edges drawn with fringe edges
-    weighted ``fringe_factor`` times (most trips cross the city), at least ``min_trip_m`` apart,
-    shortest-time routes. ``seed`` seeds randomTrips (origins, destinations); the net itself has
-    no randomness. Same recipe -> same files (up to SUMO's header comments, which hold a date).
+    a dead-end stub of ``block_m`` on every fringe junction, so there are exactly rows x cols
+    lights. Demand (``randomTrips.py`` with ``duarouter``): one vehicle per
+    ``3600 / (veh_per_light_hour * rows * cols)`` s for ``hours`` h, between random edges
+    ``min_trip_m`` to ``max_trip_m`` apart (straight line; fringe edges weighted
+    ``fringe_factor`` times), shortest-time routes. Trips are local, as in a city, not across
+    it: their length does not grow with the grid, so vehicles per intersection (and SUMO's cost
+    per light) stay the same at every size once the net has filled (~5 min). ``seed`` seeds
+    randomTrips (origins, destinations); the net itself has no randomness. Same recipe -> same
+    files (up to SUMO's header comments, which hold a date).
     """
 
     rows: int
@@ -156,10 +158,11 @@ class GridRecipe:
     seed: int = 0
     block_m: float = 200.0
     lanes: int = 2
-    veh_per_light_hour: float = 30.0
+    veh_per_light_hour: float = 50.0
     hours: float = 1.0
-    fringe_factor: float = 10.0
-    min_trip_m: float = 600.0
+    fringe_factor: float = 1.0
+    min_trip_m: float = 400.0
+    max_trip_m: float = 2000.0
 
     def __post_init__(self) -> None:
         if self.rows < 2 or self.cols < 2:
@@ -198,8 +201,8 @@ def build_grid(recipe: GridRecipe, root: Path | None = None) -> Path:
     Built atomically: the tools write into a fresh temporary directory beside the final one,
     which is then renamed into place. Two processes building the same recipe at once both build;
     the first rename wins and the other process drops its copy and uses the winner's, so a
-    reader never sees a half-written net. Measured: ~2 s for 10x10, ~18 s for 20x20 (mostly
-    duarouter routing 12000 trips) on a shared 2-core machine.
+    reader never sees a half-written net. Measured: ~5 s for 10x10, ~26 s for 20x20 (mostly
+    duarouter routing 20000 trips) on a shared 2-core machine.
     """
     final = grid_dir(recipe, root)
     if final.is_dir():
@@ -231,7 +234,8 @@ def build_grid(recipe: GridRecipe, root: Path | None = None) -> Path:
             "-n", net.name, "-o", "trips.xml", "-r", rou.name,
             "-s", str(recipe.seed), "-b", "0", "-e", str(round(3600 * recipe.hours)),
             "-p", f"{recipe.period_s:.6g}", "--fringe-factor", f"{recipe.fringe_factor:g}",
-            "--min-distance", f"{recipe.min_trip_m:g}", "--validate",
+            "--min-distance", f"{recipe.min_trip_m:g}", "--max-distance", f"{recipe.max_trip_m:g}",
+            "--validate",
         ]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, env={**os.environ, "SUMO_HOME": str(home)})
         if proc.returncode != 0 or not rou.is_file():
