@@ -1,7 +1,8 @@
 """``marl train --envs K``: one rank rolls out K episodes at once (env 0 here, envs 1..K-1 in worker
 processes). K=2 runs complete, record every key once and reproduce under a seed; each env plays its
 own held-out episode stream; per-env reward scaling and GAE reduce to the one-env code for K=1
-and never mix envs; bad K values, --resume with K>1 and IDQN with K>1 fail with one line.
+and never mix envs; IDQN with K=2 reproduces and keeps its gradient-step cadence in env steps;
+bad K values and --resume with K>1 fail with one line.
 
 Real SUMO runs: traffic/single-intersection (1 agent), 64-step episodes (end=320, 5 s decisions).
 Budget: ~25 s on a loaded 2-core machine.
@@ -34,9 +35,8 @@ SMALL = {"num_steps": "32", "num_minibatches": "2", "update_epochs": "2", "eval_
 def _request(out: Path, steps: int, **kw) -> TrainRequest:
     kw.setdefault("envs", 2)
     kw.setdefault("eval_episodes", 0)
-    return TrainRequest(
-        scenario=SCENARIO, steps=steps, overrides=dict(SHORT), algo_overrides=dict(SMALL), out=str(out), **kw
-    )
+    kw.setdefault("algo_overrides", dict(SMALL))
+    return TrainRequest(scenario=SCENARIO, steps=steps, overrides=dict(SHORT), out=str(out), **kw)
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -139,13 +139,26 @@ def test_two_envs_train_record_once_and_reproduce(tmp_path):
     )
 
 
+def test_idqn_with_two_envs_reproduces_and_counts_env_steps(tmp_path):
+    sets = {"num_steps": "32", "learning_starts": "40", "batch_size": "16", "train_every": "3", "eval_every": "0"}
+    runs = [
+        train(_request(tmp_path / name, 128, algo="idqn", envs=envs, algo_overrides=sets))
+        for name, envs in (("a", 2), ("b", 2), ("one", 1))
+    ]
+    a, b, one = (load_checkpoint(r.checkpoint) for r in runs)
+    assert _same(a["model"], b["model"]) and runs[0].train_returns == runs[1].train_returns
+    assert len(runs[0].train_returns) == 2  # one 64-step episode per env
+    # a gradient step per train_every env steps after learning_starts, whatever K: (128 - 40) // 3
+    assert a["grad_steps"] == one["grad_steps"] == 29
+    assert not _same(a["model"], one["model"])  # the envs' extra episodes are learned from
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--envs", "0"], "bad --envs 0; expected an integer >= 1"),
         (["--envs", "100000"], "bad --envs 100000; allowed: 1.."),
         (["--envs", "100000", "--oversubscribe"], "bad --envs 100000; allowed: 1.."),
-        (["--envs", "2", "--algo", "idqn"], "bad --envs 2 with --algo idqn; allowed: 1"),
     ],
 )
 def test_bad_envs_fail_with_one_line(args, message, capsys):

@@ -1,6 +1,7 @@
 """The off-policy training loop (IDQN): act epsilon-greedily -> n-step transition -> replay -> update.
 
-One process runs one scenario instance. Per environment step::
+One process runs one scenario instance (plus K - 1 in worker processes with ``--envs K``). Per
+environment step::
 
     obs (+ rule-based messages) ──▶ Q-network ──▶ masked epsilon-greedy actions ──▶ env.step
     ──▶ n-step assembler ──▶ replay ring ──▶ every train_every steps: sample a batch ──▶ double-DQN
@@ -17,6 +18,11 @@ training episodes from their own stream, the final evaluation on ``marl run``'s 
 batches, the counters and the episode in progress (replayed, :mod:`marl.training.rollout`), so a
 resumed run is bit-exact. Without a saved replay buffer the resumed run starts from an empty one
 and says so on stderr: it is then a different run (fewer samples to learn from for a while).
+
+With ``--envs K`` the K envs (:class:`marl.training.rollout.TrainingEpisodes`) act in one forward
+and step at once; each has its own n-step assembler and feeds the one replay ring; a count of K
+env steps per loop step keeps ``train_every`` and ``target_update_every`` in env steps (a
+gradient step per ``train_every`` env steps, whatever K). Evaluation runs at env 0's episode ends.
 
 Learned protocols and several MPI ranks are PPO-only; :func:`marl.training.request.prepare`
 refuses them for off-policy algorithms before anything starts.
@@ -47,7 +53,7 @@ from marl.training.log import TrainLog
 from marl.training.model import build_model
 from marl.training.policy import PolicyController
 from marl.training.request import TrainPlan, TrainResult
-from marl.training.rollout import TrainingEpisode
+from marl.training.rollout import TrainingEpisode, TrainingEpisodes
 
 __all__ = ["train_offpolicy"]
 
@@ -78,6 +84,7 @@ def train_offpolicy(plan: TrainPlan, on_progress: Callable[[dict[str, Any]], Non
     req, config, algo_cls = plan.request, plan.config, plan.algo_cls
     torch.set_num_threads(config.torch_threads)
     env = registry.make_scenario(req.scenario, req.overrides, test=req.test)
+    envs = None
     try:
         env.reset(seed=req.seed)  # some scenarios know their spaces only after a reset
         layout = TeamLayout.of(env, req.scenario, need_state=False)
@@ -99,13 +106,15 @@ def train_offpolicy(plan: TrainPlan, on_progress: Callable[[dict[str, Any]], Non
             NStepAssembler(config.n_step, config.gamma),
             np.random.default_rng(np.random.SeedSequence([req.seed, EXPLORE])),
         )
-        episode = TrainingEpisode(env, layout, comm, req.scenario, req.seed, 0, False)
-        _restore(plan.resumed, learner, episode)
+        envs = TrainingEpisodes.open(env, layout, comm, req, 0, False)
+        _restore(plan.resumed, learner, envs)
         run_id = new_run_id()
         log = TrainLog(plan, run_id, True, 1, env, layout, learner.update, learner.env_steps, on_progress)
         policy = PolicyController(model, layout, comm, plan.method, deterministic=config.deterministic_eval)
-        return _run(plan, env, layout, episode, learner, log, policy, run_id)
+        return _run(plan, env, layout, envs, learner, log, policy, run_id)
     finally:
+        if envs is not None:
+            envs.close()  # the worker envs
         env.close()
 
 
@@ -113,7 +122,7 @@ def _run(
     plan: TrainPlan,
     env: Any,
     layout: TeamLayout,
-    episode: TrainingEpisode,
+    envs: TrainingEpisodes,
     ln: Learner,
     log: TrainLog,
     policy: PolicyController,
@@ -123,67 +132,56 @@ def _run(
     req, config, algo_cls = plan.request, plan.config, plan.algo_cls
     returns: list[float] = []  # of every finished training episode
     finished: list[tuple[float, dict[str, float]]] = []  # (return, kpis) during this iteration
-    busy = env_seconds = 0.0  # acting + learning time, and the part of it inside the env
+    busy = 0.0  # acting + learning time (envs.seconds: the part of it inside the envs)
     local_steps, last_ckpt, start = 0, None, time.perf_counter()
-    obs, _, amask, _ = episode.inputs()
+    # one n-step assembler per env (--envs K): env 0's is the learner's, saved in checkpoints
+    nsteps = [ln.nstep] + [NStepAssembler(config.n_step, config.gamma) for _ in range(len(envs) - 1)]
+    obs, amask = _stack([_inputs(ep) for ep in envs.episodes])  # [K, N, ...]
 
     while ln.env_steps < req.steps:
         tick = time.perf_counter()
         sums: dict[str, float] = {}
         updates_here = 0
         for _ in range(config.num_steps):
-            # ---- act: masked epsilon-greedy on the online network
+            # ---- act: masked epsilon-greedy on the online network, the K envs in one forward
             eps = epsilon_at(ln.env_steps, req.steps, config)
             with torch.inference_mode():
-                q = ln.model(torch.from_numpy(obs)[None])[0].numpy()
-            action = select_actions(q, amask, eps, ln.rng)
-            t_env = time.perf_counter()
-            out = episode.step(action)
-            env_seconds += time.perf_counter() - t_env
-            local_steps += 1
-            ln.env_steps += 1
+                q = ln.model(torch.from_numpy(obs)).numpy()
+            action = np.stack([select_actions(q[k], amask[k], eps, ln.rng) for k in range(len(envs))])
+            outs = envs.step(action)  # the K envs step at once
+            local_steps += len(outs)
+            ln.env_steps += len(outs)
 
-            # ---- store: n-step transitions into the replay ring
-            if out.ended:
-                final = out.final_critic_in if out.final_critic_in is not None else np.zeros_like(obs)
-                final_mask = _mask(layout.action_masks(episode.infos, env))
-                for tr in ln.nstep.end(obs, action, out.reward, final, final_mask, ~out.truncated):
-                    ln.replay.add(tr)
-                returns.append(float(episode.episode_return.mean()))
-                finished.append((returns[-1], episode.kpis()))
-                if ln.eval_due and req.periodic_eval_episodes > 0:
-                    busy += time.perf_counter() - tick  # evaluation time is not training time
-                    log.eval_rows(
-                        ln.update,
-                        evaluate(env, policy, periodic_seeds(req.seed, ln.update, req.periodic_eval_episodes)),
-                        ln.env_steps,
-                    )
-                    tick = time.perf_counter()
-                ln.eval_due = False
-                t_env = time.perf_counter()
-                episode.start()
-                obs, _, amask, _ = episode.inputs()
-                env_seconds += time.perf_counter() - t_env
-            else:
-                next_obs, _, next_mask, _ = episode.inputs()
-                for tr in ln.nstep.push(obs, action, out.reward, next_obs, _mask(next_mask)):
-                    ln.replay.add(tr)
-                obs, amask = next_obs, next_mask
-
-            # ---- learn: one double-DQN step every train_every env steps, then the target copy
-            if (
-                ln.env_steps > config.learning_starts
-                and ln.env_steps % config.train_every == 0
-                and ln.replay.size >= config.batch_size
-            ):
-                metrics = algo_cls.update(
-                    ln.model, ln.target, ln.optimizer, ln.replay.sample(config.batch_size, ln.rng), config
+            # ---- store: each env's n-step transitions into the replay ring
+            following = [_store(nsteps[k], ln.replay, layout, envs.episodes[k], obs[k], action[k], out)
+                         for k, out in enumerate(outs)]  # fmt: skip
+            ended = [k for k, out in enumerate(outs) if out.ended]
+            for k in ended:
+                returns.append(float(envs.episodes[k].episode_return.mean()))
+                finished.append((returns[-1], envs.episodes[k].kpis()))
+            if 0 in ended and ln.eval_due and req.periodic_eval_episodes > 0:
+                busy += time.perf_counter() - tick  # evaluation (on env 0) is not training time
+                log.eval_rows(
+                    ln.update,
+                    evaluate(env, policy, periodic_seeds(req.seed, ln.update, req.periodic_eval_episodes)),
+                    ln.env_steps,
                 )
-                for key, value in metrics.items():
-                    sums[key] = sums.get(key, 0.0) + value
-                updates_here += 1
-                ln.grad_steps += 1
-            if ln.env_steps % config.target_update_every == 0:
+                tick = time.perf_counter()
+            ln.eval_due = ln.eval_due and 0 not in ended
+            envs.start(ended)
+            obs, amask = _stack([f if f is not None else _inputs(envs.episodes[k]) for k, f in enumerate(following)])
+
+            # ---- learn: one double-DQN step per train_every env steps, then the target copy
+            for _ in range(_crossed(ln.env_steps, len(outs), config.train_every)):
+                if ln.env_steps > config.learning_starts and ln.replay.size >= config.batch_size:
+                    metrics = algo_cls.update(
+                        ln.model, ln.target, ln.optimizer, ln.replay.sample(config.batch_size, ln.rng), config
+                    )
+                    for key, value in metrics.items():
+                        sums[key] = sums.get(key, 0.0) + value
+                    updates_here += 1
+                    ln.grad_steps += 1
+            if _crossed(ln.env_steps, len(outs), config.target_update_every):
                 ln.target.load_state_dict(ln.model.state_dict())
             if ln.env_steps >= req.steps:
                 break
@@ -202,7 +200,7 @@ def _run(
             metrics,
             ln.env_steps,
             local_steps / busy,
-            env_seconds / busy,
+            envs.seconds / busy,
             finished,
             [],
             returns[-1] if returns else float("nan"),
@@ -216,7 +214,7 @@ def _run(
             last_ckpt = save_checkpoint(
                 plan.out_dir / CHECKPOINT_DIR,
                 ln.update,
-                _state(plan, layout, run_id, ln, episode),
+                _state(plan, layout, run_id, ln, envs.episodes[0]),
                 config.keep_checkpoints,
             )
             log.save_manifest(
@@ -233,7 +231,7 @@ def _run(
         final_eval = evaluate(env, policy, final_seeds(req.seed, req.eval_episodes))
         log.final_rows(ln.update, final_eval, ln.env_steps)
     sps = local_steps / busy if busy > 0 else 0.0
-    fraction = env_seconds / busy if busy > 0 else float("nan")
+    fraction = envs.seconds / busy if busy > 0 else float("nan")
     final_kpis = {k: float(np.mean([f[k] for f in final_eval])) for k in (final_eval[0] if final_eval else {})}
     log.save_manifest(
         updates_completed=ln.update,
@@ -257,6 +255,41 @@ def _run(
         env_fraction=fraction,
         train_returns=returns,
     )
+
+
+def _store(
+    nstep: NStepAssembler, replay: ReplayBuffer, layout: TeamLayout, episode: TrainingEpisode, obs: np.ndarray,
+    action: np.ndarray, out: Any
+) -> tuple[np.ndarray, np.ndarray] | None:  # fmt: skip
+    """One env's step into its n-step assembler and the replay ring; returns the next step's
+    (actor input, action mask), or None when the episode ended (the caller starts the next)."""
+    if out.ended:
+        final = out.final_critic_in if out.final_critic_in is not None else np.zeros_like(obs)
+        final_mask = _mask(layout.action_masks(episode.infos, episode.env))
+        for tr in nstep.end(obs, action, out.reward, final, final_mask, ~out.truncated):
+            replay.add(tr)
+        return None
+    next_obs, next_mask = _inputs(episode)
+    for tr in nstep.push(obs, action, out.reward, next_obs, next_mask):
+        replay.add(tr)
+    return next_obs, next_mask
+
+
+def _inputs(episode: TrainingEpisode) -> tuple[np.ndarray, np.ndarray]:
+    """(actor input [N, D], action mask [N, A]) of the env's next step (draws its messages)."""
+    obs, _, mask, _ = episode.inputs()
+    return obs, _mask(mask)
+
+
+def _stack(pairs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-env (actor input, action mask) pairs as ([K, N, D], [K, N, A])."""
+    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+
+def _crossed(env_steps: int, stepped: int, every: int) -> int:
+    """How many multiples of ``every`` the count passed in its last ``stepped`` steps (with one
+    env: 1 exactly when ``env_steps % every == 0``)."""
+    return env_steps // every - (env_steps - stepped) // every
 
 
 def _mask(mask: np.ndarray | None) -> np.ndarray:
@@ -291,12 +324,14 @@ def _state(plan: TrainPlan, layout: TeamLayout, run_id: str, ln: Learner, episod
     return state
 
 
-def _restore(resumed: dict[str, Any] | None, ln: Learner, episode: TrainingEpisode) -> None:
+def _restore(resumed: dict[str, Any] | None, ln: Learner, envs: TrainingEpisodes) -> None:
     """Load a checkpoint into the fresh learner and replay the episode in progress (or start the
-    first episode)."""
+    first episodes). Only one-env runs resume (checked by prepare)."""
     if resumed is None:
-        episode.start()
+        envs.start()
+        envs.seconds = 0.0  # env time counts from the first step
         return
+    episode = envs.episodes[0]
     try:
         ln.model.load_state_dict(resumed["model"])
         ln.target.load_state_dict(resumed["target"])

@@ -217,11 +217,6 @@ def _check_off_policy(request: TrainRequest, learned: bool, ranks: int) -> None:
             f"bad --ranks {ranks} with --algo {request.algo}; allowed: 1 "
             "(off-policy training runs in one process; use ippo or mappo for several ranks)"
         )
-    if request.envs > 1:
-        raise ConfigError(
-            f"bad --envs {request.envs} with --algo {request.algo}; allowed: 1 "
-            "(the off-policy loop steps one env; use ippo or mappo for several envs per rank)"
-        )
 
 
 def check_envs(request: TrainRequest, resumed: dict[str, Any] | None, ranks: int) -> None:
