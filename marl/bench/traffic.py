@@ -28,12 +28,13 @@ is not timed; episodes restart inside the timed loop as in training. The CPU sec
 spend per copy show whether the vector env adds work (it should not): on a machine with fewer
 free cores than copies, the wall-clock gain shrinks although the CPU per copy stays the same.
 
-``--train-envs K`` measures Concord's own training with ``marl train SCENARIO --algo ippo --envs K``
-against ``--envs 1`` in the same run: each run is a separate ``marl train`` process of
-``--train-steps`` env steps (no evaluation), and its manifest gives env-steps per second of
-rollout + update (``steps_per_second``), of the rollout alone (``rollout_steps_per_second``) and
-the share of time spent waiting for the simulations. Agent-samples per second = env-steps per
-second x agents. Start-up (workers, first reset) is not timed. ``--repeat`` runs alternate
+``--train-envs K`` measures Concord's own training, ``marl train SCENARIO --algo ippo --envs K``
+(``--train-algo`` for another learner), against ``--envs 1`` in the same run: each run is a
+separate ``marl train`` process of ``--train-steps`` env steps (no evaluation), and its manifest
+gives env-steps per second of rollout + update (``steps_per_second``), of the rollout alone
+(``rollout_steps_per_second``; none for an off-policy learner, which acts and learns in one loop)
+and the share of time spent waiting for the simulations. Agent-samples per second = env-steps
+per second x agents. Start-up (workers, first reset) is not timed. ``--repeat`` runs alternate
 K=1, K, K=1, K, ... and the fastest of each counts; the load average is printed with the table,
 since the gain needs free cores.
 """
@@ -233,9 +234,12 @@ def time_vector(scenario: str, overrides: dict[str, Any], copies: int, steps: in
             "worker_cpu": worker_cpu}  # fmt: skip
 
 
-def time_train(scenario: str, overrides: dict[str, Any], envs: int, steps: int, out: str) -> dict[str, Any]:
-    """Run ``marl train SCENARIO --algo ippo --envs ENVS --steps STEPS`` as its own process (no
-    preset: the bare IPPO defaults, no evaluation) and return its manifest's throughput."""
+def time_train(
+    scenario: str, overrides: dict[str, Any], envs: int, steps: int, out: str, algo: str = "ippo"
+) -> dict[str, Any]:
+    """Run ``marl train SCENARIO --algo ALGO --envs ENVS --steps STEPS`` as its own process (no
+    preset: the algorithm's bare defaults, no evaluation) and return its manifest's throughput
+    (an off-policy learner acts and learns in one loop: no rollout-only rate, NaN)."""
     import json
     import subprocess
     import sys
@@ -245,7 +249,7 @@ def time_train(scenario: str, overrides: dict[str, Any], envs: int, steps: int, 
 
     sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
     cmd = [sys.executable, "-c", "import sys; from marl.cli import main; sys.exit(main())", "train", scenario,
-           "--no-preset", "--algo", "ippo", "--envs", str(envs), "--steps", str(steps), "--eval-episodes", "0",
+           "--no-preset", "--algo", algo, "--envs", str(envs), "--steps", str(steps), "--eval-episodes", "0",
            "--algo-set", "eval_every=0", "--out", out, *sets]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -259,7 +263,7 @@ def time_train(scenario: str, overrides: dict[str, Any], envs: int, steps: int, 
         "updates": manifest["updates_completed"],
         "steps_per_s": manifest["steps_per_second"],
         "samples_per_s": manifest["steps_per_second"] * agents,
-        "rollout_steps_per_s": manifest["rollout_steps_per_second"],
+        "rollout_steps_per_s": manifest.get("rollout_steps_per_second", float("nan")),
         "env_fraction": manifest.get("env_time_fraction") or float("nan"),
         "seconds": manifest["train_seconds"],
     }
@@ -315,6 +319,7 @@ def _in_subprocess(fn: Any, args: tuple[Any, ...], episodes: int, clock: str) ->
     help="time 'marl train --algo ippo --envs K' against --envs 1 (env-steps/s, agent-samples/s, rollout only)",
 )
 @click.option("--train-steps", type=int, default=1440, help="env steps per training run timed with --train-envs")
+@click.option("--train-algo", default="ippo", help="algorithm timed with --train-envs (bare defaults, no preset)")
 @click.option(
     "--clock",
     type=click.Choice(["cpu", "wall"]),
@@ -330,6 +335,7 @@ def command(
     vector_steps: int,
     train_envs: int | None,
     train_steps: int,
+    train_algo: str,
     clock: str,
 ) -> None:
     """Time one episode: Concord env vs raw libsumo vs sumo-rl (each in its own process)."""
@@ -353,7 +359,7 @@ def command(
         _vector_table(scenario, overrides, vector, vector_steps)
         return
     if train_envs is not None:
-        _train_table(scenario, overrides, train_envs, train_steps, repeat)
+        _train_table(scenario, overrides, train_envs, train_steps, repeat, train_algo)
         return
     methods: list[tuple[str, Any, str]] = [
         ("raw libsumo, fixed-time", time_raw, "program"),
@@ -429,8 +435,8 @@ def _vector_table(scenario: str, overrides: dict[str, Any], copies: int, steps: 
     )
 
 
-def _train_table(scenario: str, overrides: dict[str, Any], envs: int, steps: int, repeat: int) -> None:
-    """Print the training throughput of ``marl train --envs envs`` against ``--envs 1``."""
+def _train_table(scenario: str, overrides: dict[str, Any], envs: int, steps: int, repeat: int, algo: str) -> None:
+    """Print the training throughput of ``marl train --algo algo --envs envs`` against ``--envs 1``."""
     import tempfile
 
     from rich.console import Console
@@ -448,12 +454,12 @@ def _train_table(scenario: str, overrides: dict[str, Any], envs: int, steps: int
         for i in range(repeat):
             for k in sorted({1, envs}):  # alternate, so a change in the machine's load hits both
                 status.update(f"marl train {scenario} --envs {k} ({i + 1}/{repeat})")
-                r = time_train(scenario, overrides, k, steps, f"{tmp}/{i}-{k}")
+                r = time_train(scenario, overrides, k, steps, f"{tmp}/{i}-{k}", algo)
                 if k not in best or r["steps_per_s"] > best[k]["steps_per_s"]:
                     best[k] = r
     load_after = os.getloadavg()
     agents = best[1]["agents"]
-    title = (f"marl train {scenario} --algo ippo --envs K: {steps} env steps per run, {agents} agents, "
+    title = (f"marl train {scenario} --algo {algo} --envs K: {steps} env steps per run, {agents} agents, "
              f"fastest of {repeat} ({os.cpu_count()} CPUs)")  # fmt: skip
     table = Table(title=title)
     cols = ("K", "updates", "env-steps/s", "agent-samples/s", "x K=1", "rollout env-steps/s", "x K=1 (rollout)",
