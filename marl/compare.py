@@ -26,6 +26,7 @@ in ``grid.json``, in the command's output and in the report's notes:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -53,6 +54,8 @@ __all__ = [
     "CellOutcome",
     "plan_grid",
     "cell_key",
+    "setting_label",
+    "algo_settings",
     "execute_cell",
     "run_grid",
     "write_plan",
@@ -81,14 +84,21 @@ class Cell:
     episodes: int  #: evaluation episodes (seeds seed, seed+1, ... as in marl run)
     overrides: tuple[tuple[str, str], ...] = ()  #: --set pairs, sorted
     steps: int | None = None  #: training environment steps (algo cells)
+    algo_overrides: tuple[tuple[str, str], ...] = ()  #: --algo-set pairs of this setting, sorted (algo cells)
+
+    @property
+    def label(self) -> str:
+        """The method as reports show it: ``ippo``, or with its setting ``ippo[learning_rate=1e-3]``."""
+        return setting_label(self.method, self.algo_overrides)
 
     @property
     def key(self) -> str:
-        return cell_key(self.method, self.protocol, self.channel, self.seed)
+        return cell_key(self.label, self.protocol, self.channel, self.seed)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["overrides"] = dict(self.overrides)
+        data["algo_overrides"] = dict(self.algo_overrides)
         return data
 
 
@@ -109,7 +119,7 @@ class GridPlan:
     def to_json(self) -> dict[str, Any]:
         return {
             "scenario": self.scenario,
-            "methods": list(dict.fromkeys(c.method for c in self.cells)),
+            "methods": list(dict.fromkeys(c.label for c in self.cells)),
             "protocols": list(dict.fromkeys([c.protocol for c in self.cells] + [s.protocol for s in self.skipped])),
             "channels": list(dict.fromkeys([c.channel for c in self.cells] + [s.channel for s in self.skipped])),
             "seeds": sorted({c.seed for c in self.cells}),
@@ -130,6 +140,34 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.=+-]+", "_", text).strip("_")
 
 
+def setting_label(method: str, settings: Iterable[tuple[str, str]]) -> str:
+    """``ippo`` or ``ippo[learning_rate=1e-3,num_steps=256]`` (keys sorted)."""
+    pairs = sorted(settings)
+    return method + ("[" + ",".join(f"{k}={v}" for k, v in pairs) + "]" if pairs else "")
+
+
+def algo_settings(
+    algos: Sequence[str], axes: Mapping[str, Sequence[str]]
+) -> list[tuple[str, tuple[tuple[str, str], ...]]]:
+    """Every (algorithm, --algo-set setting) of a sweep: the product of the ``axes`` values
+    (``{"learning_rate": ["3e-4", "1e-3"]}``) for each algorithm, each setting checked against the
+    algorithm's typed config now, so a bad key or value fails before any cell trains."""
+    from marl.training import algorithm_config
+
+    keys = sorted(axes)
+    for key in keys:
+        if not axes[key]:
+            raise ConfigError(f"bad --algo-set {key}=: give one or more comma-separated values")
+    settings = []
+    for algo in dict.fromkeys(algos):
+        registry.algorithm_spec(algo)
+        for values in itertools.product(*(dict.fromkeys(axes[k]) for k in keys)):
+            pairs = tuple(zip(keys, values))
+            algorithm_config(algo, dict(pairs))  # ConfigError naming the key or value and the allowed ones
+            settings.append((algo, pairs))
+    return settings
+
+
 def cell_key(method: str, protocol: str, channel: str, seed: int) -> str:
     """A stable, readable directory name, e.g. ``max-pressure__neighbours__drop=0.3__seed1``."""
     return f"{_slug(method)}__{_slug(protocol)}__{_slug(channel) or 'perfect'}__seed{seed}"
@@ -146,6 +184,7 @@ def plan_grid(
     episodes: int = 1,
     overrides: Mapping[str, str] | None = None,
     steps: int | None = None,
+    algo_axes: Mapping[str, Sequence[str]] | None = None,
 ) -> GridPlan:
     """Validate every name up front (before any simulator starts) and list the cells.
 
@@ -157,6 +196,10 @@ def plan_grid(
     keys, defaults dropped, ``""`` for a perfect channel), so ``drop=0`` is the perfect channel
     and ``bits=8,drop=0.3`` / ``drop=0.3,bits=8`` are one cell, one key and one report row.
     No channels means the perfect channel alone.
+
+    With ``kind="algo"``, ``methods`` are algorithms and ``algo_axes`` their hyper-parameter grid
+    (``--algo-set learning_rate=3e-4,1e-3``): every algorithm × setting is a method of its own,
+    labelled ``ippo[learning_rate=1e-3]`` in keys, records and reports.
     """
     spec = registry.scenario_spec(scenario)
     if not methods:
@@ -182,16 +225,20 @@ def plan_grid(
     sorted_overrides = tuple(sorted((overrides or {}).items()))
 
     talks: dict[str, bool] = {}
-    for method in methods:
-        if kind == "controller":
+    settings: list[tuple[str, tuple[tuple[str, str], ...]]]
+    if kind == "controller":
+        if algo_axes:
+            raise ConfigError("--algo-set needs --algo; controllers take --controller-set in marl run")
+        settings = [(m, ()) for m in dict.fromkeys(methods)]
+        for method in methods:
             talks[method] = registry.controller_spec(spec.domain, method).uses_messages
-        else:
-            registry.algorithm_spec(method)
-            talks[method] = True  # a learned policy may use any protocol
+    else:
+        settings = algo_settings(methods, algo_axes or {})
+        talks.update(dict.fromkeys(methods, True))  # a learned policy may use any protocol
 
     cells: list[Cell] = []
     skipped: list[Skipped] = []
-    for method in dict.fromkeys(methods):
+    for method, setting in settings:
         combos = [(p, c) for p in dict.fromkeys(protocols) for c in dict.fromkeys(channel_texts)]
         if not talks[method]:
             # Protocol and channel cannot change a controller that never reads messages: one run
@@ -226,7 +273,9 @@ def plan_grid(
             combos.insert(0, ("none", ""))
         for protocol, channel in combos:
             for seed in seed_list:
-                cells.append(Cell(scenario, method, kind, protocol, channel, seed, episodes, sorted_overrides, steps))
+                cells.append(
+                    Cell(scenario, method, kind, protocol, channel, seed, episodes, sorted_overrides, steps, setting)
+                )
     if len(cells) > MAX_CELLS:
         raise ConfigError(
             f"the grid has {len(cells)} cells; allowed: at most {MAX_CELLS} in one compare "
@@ -354,6 +403,7 @@ def _run_algo_cell(cell: Cell, cell_dir: Path) -> None:
         "protocol": cell.protocol,
         "channel": cell.channel,
         "overrides": dict(cell.overrides),
+        "algo_overrides": dict(cell.algo_overrides),
         "out": str(cell_dir),
         "eval_episodes": cell.episodes,
     }
@@ -368,6 +418,17 @@ def _run_algo_cell(cell: Cell, cell_dir: Path) -> None:
         TrainRequest(**{k: v for k, v in wanted.items() if k in names and v is not None}),
         on_progress=on_progress,
     )
+    if cell.algo_overrides:
+        _relabel(cell_dir, cell.method, cell.label)
+
+
+def _relabel(cell_dir: Path, algo: str, label: str) -> None:
+    """Name the setting in the cell's rows: training writes ``ippo`` (or ``ippo+tarmac``); two
+    settings of one algorithm must be two methods in the report, ``ippo[learning_rate=1e-3]``.
+    Runs before done.json exists, so an interrupted rewrite is redone with the whole cell."""
+    from marl.results.records import RecordWriter
+
+    RecordWriter(cell_dir).relabel(lambda method: label + method[len(algo) :] if method.startswith(algo) else method)
 
 
 def execute_cell(cell: Cell, out_dir: str, inject_failure: str = "") -> CellOutcome:

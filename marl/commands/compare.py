@@ -7,6 +7,8 @@ Examples::
         --seeds 3 --set end=900 --jobs 2 --out results/demo
     marl compare warehouse/small --algo ippo --steps 20000 --protocols none,neighbours \\
         --seeds 3 --ranks 2 --out results/ippo-comms
+    marl compare traffic/grid4x4 --algo ippo,idqn --algo-set learning_rate=3e-4,1e-3 \\
+        --steps 36000 --seeds 3 --episodes 3 --jobs 2 --out results/sweep   # 4 settings x 3 seeds
 
 Every cell runs in its own process and writes its own directory, so the command is resumable:
 run it again and only unfinished cells run. A failed cell is recorded (cells/<key>/error.txt,
@@ -47,7 +49,18 @@ def _split(text: str | None) -> list[str]:
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("scenario")
 @click.option("--controllers", default=None, help="Comma-separated controllers to compare.")
-@click.option("--algo", default=None, help="Learning algorithm to train in every cell (instead of --controllers).")
+@click.option(
+    "--algo",
+    default=None,
+    help="Comma-separated learning algorithms to train in every cell (instead of --controllers).",
+)
+@click.option(
+    "--algo-set",
+    "algo_set",
+    multiple=True,
+    metavar="KEY=V1,V2",
+    help="A hyper-parameter axis of the sweep (repeatable): every combination of the values is a setting.",
+)
 @click.option("--steps", type=int, default=None, help="Training steps per cell (with --algo).")
 @click.option("--protocols", default="none", help="Comma-separated protocols (see 'marl list protocols').")
 @channels_option
@@ -65,6 +78,7 @@ def command(
     scenario: str,
     controllers: str | None,
     algo: str | None,
+    algo_set: tuple[str, ...],
     steps: int | None,
     protocols: str,
     channels: tuple[str, ...],
@@ -109,8 +123,9 @@ def command(
     channel_specs = [parse_channel(text) for text in channels]  # parsed once, here; trusted inside
     plan = plan_grid(
         scenario,
-        methods=_split(controllers) if controllers is not None else [algo or ""],
+        methods=_split(controllers if controllers is not None else algo),
         kind="controller" if controllers is not None else "algo",
+        algo_axes=_axes(algo_set),
         protocols=_split(protocols) or ["none"],
         channels=channel_specs,  # plan_grid dedupes by canonical spelling
         seeds=seeds,
@@ -178,6 +193,21 @@ def command(
         )
     click.echo(summary)
     return 1 if failed else 0
+
+
+def _axes(items: tuple[str, ...]) -> dict[str, list[str]]:
+    """``("learning_rate=3e-4,1e-3",)`` -> ``{"learning_rate": ["3e-4", "1e-3"]}``."""
+    from marl.core.errors import ConfigError, show
+
+    axes: dict[str, list[str]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"bad --algo-set {show(item)}; expected KEY=V1,V2, e.g. learning_rate=3e-4,1e-3")
+        if key.strip() in axes:
+            raise ConfigError(f"bad --algo-set {show(item)}: {key.strip()} is given twice; list its values once")
+        axes[key.strip()] = _split(values)
+    return axes
 
 
 def _listing(keys: list[str], limit: int = 5) -> str:

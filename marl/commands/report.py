@@ -178,6 +178,8 @@ def build_report(
         notes=notes,
         prov=prov,
         figures=[str(p.relative_to(out)) for p in figure_paths if p.suffix == ".png"],
+        # A hyper-parameter sweep (marl compare --algo-set): its settings ranked under each table.
+        ranking=any("[" in str(m) for m in plan.get("methods", [])),
     )
     if "md" in formats:
         written.append(atomic_write_text(out / "report.md", markdown))

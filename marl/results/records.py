@@ -130,6 +130,16 @@ class RecordWriter:
                 self._write(keep)
         return len(lines) - len(keep)
 
+    def relabel(self, method_of: Callable[[str], str]) -> None:
+        """Replace every row's ``method`` by ``method_of(method)``, under the directory lock,
+        replacing the file atomically (a compare cell names its hyper-parameter setting so)."""
+        col = COLUMNS.index("method")
+        with _locked(self.out_dir / ".records.lock"):
+            lines = self._read()
+            for fields in lines:
+                fields[col] = method_of(fields[col])
+            self._write(lines)
+
     def _write(self, lines: list[list[str]]) -> None:
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")

@@ -21,7 +21,7 @@ import pandas as pd
 from marl.results.aggregate import GROUP, Goals, Improvement, channel_label
 from marl.results.stats import IQM_CI_MIN_RUNS
 
-__all__ = ["fmt", "Provenance", "provenance", "markdown_report", "latex_report", "csv_summary"]
+__all__ = ["fmt", "Provenance", "provenance", "markdown_report", "latex_report", "csv_summary", "ranked"]
 
 _COLUMNS = (
     "method",
@@ -153,7 +153,10 @@ def markdown_report(
     notes: Sequence[str] = (),
     prov: Provenance | None = None,
     figures: Sequence[str] = (),
+    ranking: bool = False,
 ) -> str:
+    """The Markdown report; ``ranking`` adds, under each table, its rows ranked best first (for
+    hyper-parameter sweeps: which setting won, and which ones the intervals cannot tell apart)."""
     out = [f"# {title}", ""]
     for scenario, metric, block in _blocks(summary):
         goal = goals[scenario].goal(metric)
@@ -163,6 +166,8 @@ def markdown_report(
         for cells in _table_cells(block, goal):
             out.append("| " + " | ".join(f"**{c.text}**" if c.bold else c.text for c in cells) + " |")
         out.append("")
+        if ranking and len(block) > 1:
+            out += _ranking_md(block, goal)
     if improvements:
         out += ["## Probability of improvement", ""]
         out.append("| scenario | metric | held fixed | P(A better than B) [95% CI] |")
@@ -180,6 +185,29 @@ def markdown_report(
     if prov is not None:
         out += ["---", ""] + [f"<sub>{line}</sub>  " for line in prov.lines()] + [""]
     return "\n".join(out)
+
+
+def ranked(block: pd.DataFrame, goal: str) -> pd.DataFrame:
+    """``block``'s rows best first by mean, with ``rank`` (1 = best) and ``tied_with_best``: the
+    row's 95% interval overlaps the best row's (the seeds cannot tell them apart)."""
+    order = block.sort_values("mean", ascending=goal == "min", na_position="last").copy()
+    best = order.iloc[0]
+    overlap = (order["ci_low"] <= best["ci_high"]) & (order["ci_high"] >= best["ci_low"])
+    order["rank"] = range(1, len(order) + 1)
+    order["tied_with_best"] = overlap | order["ci_low"].isna() | (order["rank"] == 1)
+    return order
+
+
+def _ranking_md(block: pd.DataFrame, goal: str) -> list[str]:
+    out = ["Ranked by mean; '=' marks settings whose 95% interval overlaps the best one's.", ""]
+    out += ["| rank | method | protocol | channel | mean [95% CI] | seeds |", "|---:|---|---|---|---:|---:|"]
+    for _, r in ranked(block, goal).iterrows():
+        mark = "=" if r["tied_with_best"] and r["rank"] > 1 else ""
+        out.append(
+            f"| {int(r['rank'])}{mark} | {r['method']} | {r['protocol']} | {channel_label(str(r['channel']))} | "
+            f"{_interval(r['mean'], r['ci_low'], r['ci_high'])} | {int(r['n_seeds'])} |"
+        )
+    return [*out, ""]
 
 
 def _notes_md(notes: Sequence[str]) -> list[str]:
