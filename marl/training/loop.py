@@ -281,7 +281,8 @@ def _state(
         "torch_rng": torch.get_rng_state(),
         "run_id": run_id,
         "episode": envs.episodes[0].state_dict(),
-        "envs": len(envs),  # --resume continues only a one-env run (prepare refuses the others)
+        "envs": len(envs),  # --resume needs the same --envs (checked by prepare)
+        "env_episodes": envs.worker_states(),
         "eval_due": eval_due,
         "meta": json.dumps(checkpoint_meta(plan.request, plan.config, layout)),
     }
@@ -302,7 +303,7 @@ def _restore(
     rank: int,
 ) -> tuple[int, int, bool]:
     """Load a checkpoint into the fresh learner and episode stream (or start the first episodes);
-    returns (update, env_steps, evaluation due). Only one-env runs resume (checked by prepare)."""
+    returns (update, env_steps, evaluation due). ``--envs`` is the checkpoint's (checked by prepare)."""
     if resumed is None:
         envs.start()
         envs.seconds = 0.0  # env time counts from the first rollout
@@ -324,4 +325,5 @@ def _restore(
         episode.load_state_dict(resumed["episode"])  # replay the episode that was running
     else:
         episode.start()  # checkpoints written before episodes were saved: a fresh episode
+    envs.load_worker_states(resumed.get("env_episodes") if rank == 0 else None)
     return int(resumed["update"]), int(resumed["env_steps"]), bool(resumed.get("eval_due", False))

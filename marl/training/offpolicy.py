@@ -20,9 +20,11 @@ resumed run is bit-exact. Without a saved replay buffer the resumed run starts f
 and says so on stderr: it is then a different run (fewer samples to learn from for a while).
 
 With ``--envs K`` the K envs (:class:`marl.training.rollout.TrainingEpisodes`) act in one forward
-and step at once; each has its own n-step assembler and feeds the one replay ring; a count of K
+and step at once; an iteration is ``num_steps`` steps of every env (K x ``num_steps`` env steps, as
+a PPO rollout); each env has its own n-step assembler and feeds the one replay ring; counting K
 env steps per loop step keeps ``train_every`` and ``target_update_every`` in env steps (a
 gradient step per ``train_every`` env steps, whatever K). Evaluation runs at env 0's episode ends.
+A checkpoint also holds envs 1..K-1's episodes and n-step windows, so such a run resumes exactly.
 
 Learned protocols and several MPI ranks are PPO-only; :func:`marl.training.request.prepare`
 refuses them for off-policy algorithms before anything starts.
@@ -35,7 +37,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -72,6 +74,7 @@ class Learner:
     replay: ReplayBuffer
     nstep: NStepAssembler
     rng: np.random.Generator  #: exploration and batch sampling
+    env_nsteps: list[NStepAssembler] = field(default_factory=list)  #: envs 1..K-1's (--envs K)
     update: int = 0  #: iterations completed
     env_steps: int = 0
     grad_steps: int = 0
@@ -107,6 +110,7 @@ def train_offpolicy(plan: TrainPlan, on_progress: Callable[[dict[str, Any]], Non
             np.random.default_rng(np.random.SeedSequence([req.seed, EXPLORE])),
         )
         envs = TrainingEpisodes.open(env, layout, comm, req, 0, False)
+        learner.env_nsteps = [NStepAssembler(config.n_step, config.gamma) for _ in range(req.envs - 1)]
         _restore(plan.resumed, learner, envs)
         run_id = new_run_id()
         log = TrainLog(plan, run_id, True, 1, env, layout, learner.update, learner.env_steps, on_progress)
@@ -134,8 +138,7 @@ def _run(
     finished: list[tuple[float, dict[str, float]]] = []  # (return, kpis) during this iteration
     busy = 0.0  # acting + learning time (envs.seconds: the part of it inside the envs)
     local_steps, last_ckpt, start = 0, None, time.perf_counter()
-    # one n-step assembler per env (--envs K): env 0's is the learner's, saved in checkpoints
-    nsteps = [ln.nstep] + [NStepAssembler(config.n_step, config.gamma) for _ in range(len(envs) - 1)]
+    nsteps = [ln.nstep, *ln.env_nsteps]  # one n-step assembler per env (--envs K)
     obs, amask = _stack([_inputs(ep) for ep in envs.episodes])  # [K, N, ...]
 
     while ln.env_steps < req.steps:
@@ -214,7 +217,7 @@ def _run(
             last_ckpt = save_checkpoint(
                 plan.out_dir / CHECKPOINT_DIR,
                 ln.update,
-                _state(plan, layout, run_id, ln, envs.episodes[0]),
+                _state(plan, layout, run_id, ln, envs),
                 config.keep_checkpoints,
             )
             log.save_manifest(
@@ -298,9 +301,11 @@ def _mask(mask: np.ndarray | None) -> np.ndarray:
     return mask
 
 
-def _state(plan: TrainPlan, layout: TeamLayout, run_id: str, ln: Learner, episode: TrainingEpisode) -> dict[str, Any]:
+def _state(plan: TrainPlan, layout: TeamLayout, run_id: str, ln: Learner, envs: TrainingEpisodes) -> dict[str, Any]:
     """Everything a checkpoint holds (format of :mod:`marl.training.checkpoint`, plus ``target``,
-    ``replay`` (when ``save_replay``), ``nstep``, ``rng`` (JSON) and ``grad_steps``)."""
+    ``replay`` (when ``save_replay``), ``nstep``, ``rng`` (JSON) and ``grad_steps``; with
+    ``--envs K`` also ``envs``, ``env_episodes`` and ``env_nsteps`` of envs 1..K-1)."""
+    episode = envs.episodes[0]
     state: dict[str, Any] = {
         "model": ln.model.state_dict(),
         "target": ln.target.state_dict(),
@@ -316,6 +321,9 @@ def _state(plan: TrainPlan, layout: TeamLayout, run_id: str, ln: Learner, episod
         "episode": episode.state_dict(),
         "eval_due": ln.eval_due,
         "nstep": ln.nstep.state_dict(),
+        "envs": len(envs),
+        "env_episodes": envs.worker_states(),
+        "env_nsteps": [n.state_dict() for n in ln.env_nsteps],
         "rng": json.dumps(ln.rng.bit_generator.state),
         "meta": json.dumps(checkpoint_meta(plan.request, plan.config, layout)),
     }
@@ -326,7 +334,7 @@ def _state(plan: TrainPlan, layout: TeamLayout, run_id: str, ln: Learner, episod
 
 def _restore(resumed: dict[str, Any] | None, ln: Learner, envs: TrainingEpisodes) -> None:
     """Load a checkpoint into the fresh learner and replay the episode in progress (or start the
-    first episodes). Only one-env runs resume (checked by prepare)."""
+    first episodes). ``--envs`` is the checkpoint's (checked by prepare)."""
     if resumed is None:
         envs.start()
         envs.seconds = 0.0  # env time counts from the first step
@@ -337,6 +345,8 @@ def _restore(resumed: dict[str, Any] | None, ln: Learner, envs: TrainingEpisodes
         ln.target.load_state_dict(resumed["target"])
         ln.optimizer.load_state_dict(resumed["optimizer"])
         ln.nstep.load_state_dict(resumed["nstep"])
+        for nstep, saved in zip(ln.env_nsteps, resumed.get("env_nsteps", []), strict=True):
+            nstep.load_state_dict(saved)
         ln.rng.bit_generator.state = json.loads(resumed["rng"])
         if "replay" in resumed:
             ln.replay.load_state_dict(resumed["replay"])
@@ -352,3 +362,4 @@ def _restore(resumed: dict[str, Any] | None, ln: Learner, envs: TrainingEpisodes
     ln.grad_steps, ln.eval_due = int(resumed["grad_steps"]), bool(resumed.get("eval_due", False))
     episode.episodes_done = int(resumed["episodes"])
     episode.load_state_dict(resumed["episode"])  # replay the episode that was running
+    envs.load_worker_states(resumed.get("env_episodes"))

@@ -220,17 +220,17 @@ def _check_off_policy(request: TrainRequest, learned: bool, ranks: int) -> None:
 
 
 def check_envs(request: TrainRequest, resumed: dict[str, Any] | None, ranks: int) -> None:
-    """``--envs K`` starts K - 1 worker processes per rank: bound them as ranks are bounded, and
-    refuse ``--resume`` from or into a run with several envs (only env 0's episode is saved)."""
+    """``--envs K`` starts K - 1 worker processes per rank: bound them as ranks are bounded; a
+    resumed run keeps the checkpoint's K (its buffers, scaler state and saved episodes are per env)."""
     if request.envs > 1:
         oversubscribe = bool(getattr(request.dist, "oversubscribe", False))
         option = "--envs" if ranks == 1 else f"--ranks {ranks} x --envs"
         check_local_processes(option, request.envs * ranks, oversubscribe=oversubscribe)
-    theirs = int(resumed.get("envs", 1)) if resumed is not None else 1
-    if resumed is not None and max(request.envs, theirs) > 1:
+    theirs = int(resumed.get("envs", 1)) if resumed is not None else request.envs
+    if resumed is not None and theirs != request.envs:
         raise CheckpointError(
             f"cannot resume with --envs {request.envs} from {resumed['path']} (written with --envs {theirs}); "
-            "allowed: --envs 1 from a one-env run (a run with several envs cannot be resumed: start a fresh one)"
+            f"allowed: --envs {theirs}"
         )
 
 

@@ -10,7 +10,9 @@ saves the actions sent to the environment since the episode began, and
 :meth:`TrainingEpisode.load_state_dict` replays them after the same reset. The simulators are
 deterministic for a given seed and action sequence, and the channel draws the same masks when
 asked in the same order, so a resumed single-rank run continues exactly where the interrupted one
-was (ranks > 0 of a multi-rank run start a fresh episode: only rank 0's episode is saved).
+was (ranks > 0 of a multi-rank run start a fresh episode: only rank 0's episode is saved). With
+``--envs K`` the episodes of envs 1..K-1 are saved and replayed the same way
+(:meth:`TrainingEpisodes.worker_states`); a run resumes only with the K it was written with.
 """
 
 from __future__ import annotations
@@ -258,6 +260,19 @@ class TrainingEpisodes:
     def critic_after(self, last_obs: np.ndarray) -> np.ndarray:
         """:meth:`TrainingEpisode.critic_after` of every env, ``[K, N, C]``."""
         return np.stack([ep.critic_after(obs) for ep, obs in zip(self.episodes, last_obs)])
+
+    # -- resume: env 0's episode is the checkpoint's ``episode``; these are envs 1..K-1's
+    def worker_states(self) -> list[dict[str, Any]]:
+        """:meth:`TrainingEpisode.state_dict` of envs 1..K-1 (a checkpoint's ``env_episodes``)."""
+        return [ep.state_dict() for ep in self.episodes[1:]]
+
+    def load_worker_states(self, saved: list[dict[str, Any]] | None) -> None:
+        """Replay the saved episodes of envs 1..K-1 (None: start fresh ones, as ranks > 0 do)."""
+        for k, ep in enumerate(self.episodes[1:]):
+            if saved is not None and k < len(saved):
+                ep.load_state_dict(saved[k])
+            else:
+                ep.start()
 
     def close(self) -> None:
         """Stop the worker envs (env 0 belongs to the caller)."""
