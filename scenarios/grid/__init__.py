@@ -96,3 +96,25 @@ for _name, _cls, _desc in (
     ("opf", "OptimalDispatch", "centralised optimal reactive dispatch per step (SLP + HiGHS), full information"),
 ):
     register_controller(ControllerSpec("grid", _name, f"scenarios.grid.controllers:{_cls}", _desc))
+
+# -- demand response (issue 18): env card in scenarios/grid/demand_response.py -------------------
+register_scenario(
+    ScenarioSpec(
+        id="grid/demand-response",
+        entry_point="scenarios.grid.demand_response:DemandResponseEnv",
+        description="SimBench 1-LV-semiurb4: 41 household batteries shave the feeder peak (AC power flow)",
+        simulator=_SIM,
+        n_agents=41,
+        kwargs={"feeder": "1-LV-semiurb4--0-sw"},
+        test_kwargs=_TEST,
+        default_controller="no-control",
+    )
+)
+for _name, _cls, _desc, _talks in (
+    ("local-rule", "LocalRule", "demand response: own PV surplus in, evening load out, night refill", False),
+    ("lp-optimum", "LPOptimum", "demand response: peak-minimising LP, perfect foresight, centralised (HiGHS)", False),
+    ("consensus", "ConsensusShaving", "demand response: agree on the feeder load (use --protocol consensus)", True),
+):
+    register_controller(
+        ControllerSpec("grid", _name, f"scenarios.grid.dr_controllers:{_cls}", _desc, uses_messages=_talks)
+    )

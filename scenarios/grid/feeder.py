@@ -54,6 +54,8 @@ __all__ = [
     "runpp_voltages",
     "pandapower_net_at",
     "simbench_net",
+    "pv_feed_in",
+    "bus_agent_graph",
 ]
 
 #: SimBench profiles have one value every 15 minutes.
@@ -226,6 +228,41 @@ def _simbench(code: str) -> Feeder:
 
         raise ConfigError(f"bad feeder '{code}': it has no PV sgen to control (types PV, PV_MV, lv_RES)")
     return _feeder(code, net, open_sides, load_p, load_q, sgen_p, agents)
+
+
+@functools.cache
+def pv_feed_in(code: str) -> np.ndarray:
+    """SimBench's normalised PV feed-in profiles of feeder ``code`` (steps x profiles, per unit of
+    installed power; peak about 0.6), the ``PV*`` columns of its renewables table in name order.
+
+    The demand-response scenario gives households rooftop PV with these profiles. Read-only.
+    """
+    table = simbench_net(code).profiles["renewables"]
+    names = sorted(c for c in table.columns if str(c).startswith("PV"))
+    if not names:
+        from marl.core.errors import ConfigError
+
+        raise ConfigError(f"bad feeder '{code}': SimBench has no PV profile for it")
+    return _readonly(np.stack([table[n].to_numpy(dtype=np.float64) for n in names], axis=1))
+
+
+def bus_agent_graph(feeder: Feeder, buses: np.ndarray, names: list[str], hops: int) -> nx.Graph:
+    """Agents (``names[i]`` at bus ``buses[i]``) linked when their buses are within ``hops``
+    branches of each other; edge ``distance`` = Σ|z| in p.u. along the feeder, ``hops`` the count."""
+    g = nx.Graph()
+    g.add_nodes_from(names)
+    at: dict[int, list[int]] = {}
+    for i, b in enumerate(buses):
+        at.setdefault(int(b), []).append(i)
+    for b, members in at.items():
+        near = nx.single_source_shortest_path_length(feeder.graph, b, cutoff=hops)
+        dist = nx.single_source_dijkstra_path_length(feeder.graph, b, weight="z_pu")
+        for other, hop in near.items():
+            for i in members:
+                for j in at.get(int(other), []):
+                    if i < j:
+                        g.add_edge(names[i], names[j], distance=float(dist[other]), hops=int(hop))
+    return g
 
 
 def _ieee33() -> Feeder:
@@ -418,6 +455,11 @@ class PowerFlow:
         s = self.v * np.conj(self.ybus @ self.v) * self.feeder.sn_mva
         return float(s.real.sum()), s.real
 
+    def bus_power(self) -> np.ndarray:
+        """Complex power injected at every bus (MVA, generation positive) in the last solution;
+        the slack bus's entry is what the feeder draws from the grid, negated."""
+        return self.v * np.conj(self.ybus @ self.v) * self.feeder.sn_mva
+
 
 class PandapowerFlow:
     """The reference solver with :class:`PowerFlow`'s interface: pandapower ``runpp`` every solve.
@@ -460,3 +502,8 @@ class PandapowerFlow:
     def injected_p(self) -> tuple[float, np.ndarray]:
         """(losses in MW, net active injection per bus in MW) of the last solution."""
         return self.losses, -self.net.res_bus.p_mw.to_numpy()
+
+    def bus_power(self) -> np.ndarray:
+        """Complex power injected at every bus (MVA, generation positive) in the last solution."""
+        res = self.net.res_bus
+        return -(res.p_mw.to_numpy() + 1j * res.q_mvar.to_numpy())
