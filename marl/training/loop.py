@@ -3,18 +3,22 @@
 :func:`train` hands algorithms marked ``off_policy`` (IDQN) to :mod:`marl.training.offpolicy`.
 
 One process runs one scenario instance (libsumo allows one simulation per process); with
-``--ranks N`` each MPI rank runs its own instance and gradients are averaged across ranks by
-:mod:`marl.distributed` (one rank: its one-rank world and no-op sync). Per update, on every rank::
+``--envs K`` a rank also steps K - 1 more in worker processes, all K at once
+(:class:`~marl.training.rollout.TrainingEpisodes`; every rollout array gets an env axis, GAE runs
+per env, the update sees K x ``num_steps`` team samples); with ``--ranks N`` each MPI rank runs its
+own instances and gradients are averaged across ranks by :mod:`marl.distributed` (one rank: its
+one-rank world and no-op sync). Per update, on every rank::
 
     obs ──▶ actor (encoder ─▶ comms(h, channel mask) ─▶ head) ──▶ actions ──▶ env.step
     ... num_steps ... ──▶ GAE ──▶ PPO epochs (backward ─▶ sync_grads ─▶ clip ─▶ Adam step)
     ──▶ records rows ──▶ periodic evaluation / checkpoint when due
 
 Communication in training is what evaluation sees (:mod:`marl.training.communication`).
-``--steps`` counts environment steps over all ranks (one step = every agent acts once). Seeds come
-from :mod:`marl.core.seeding`: training episodes from their own stream, the final evaluation on
-``marl run``'s episodes. ``--resume`` restores parameters, optimiser, normalisers, torch RNG,
-counters and the episode in progress, so a resumed one-rank run is bit-exact.
+``--steps`` counts environment steps over all envs and ranks (one step = every agent of one env
+acts once). Seeds come from :mod:`marl.core.seeding`: training episodes from their own stream (one
+per env), the final evaluation on ``marl run``'s episodes (on env 0). ``--resume`` restores
+parameters, optimiser, normalisers, torch RNG, counters and the episodes in progress, so a
+resumed one-rank run is bit-exact (with the same ``--envs``).
 
 The pieces (layout, communication, model, buffer, checkpoint, evaluation, log) do not depend on
 PPO: an off-policy algorithm can bring its own loop module and reuse them.
