@@ -88,6 +88,37 @@ def test_env_reward_scaling_and_gae_match_the_one_env_code_and_keep_envs_apart()
     assert np.all(scaler.returns.reshape(2, n)[0] == 0) and np.all(scaler.returns.reshape(2, n)[1] > 4)
 
 
+@pytest.mark.parametrize("protocol", ["none", "ic3net"])
+def test_one_env_batch_acts_exactly_as_the_unbatched_team(protocol):
+    # --envs 1 feeds the policy [1, N, ...] arrays: same draws, same actions, values and gates
+    from marl.training import algorithm_class, algorithm_config
+    from marl.training.communication import Communication
+    from marl.training.layout import TeamLayout
+    from marl.training.model import act, build_model
+
+    layout = TeamLayout(["a_0", "a_1", "a_2"], [5, 5, 5], "discrete", [3, 3, 3])
+    comm = Communication(protocol, None, layout.agents, layout.obs_dim, 0)
+    torch.manual_seed(0)
+    model = build_model(algorithm_class("ippo"), algorithm_config("ippo"), layout, comm)
+    obs = np.random.default_rng(1).normal(size=(3, 5)).astype(np.float32)
+    delivered = np.ones((3, 3), bool) if comm.learned else None
+    mask = np.ones((3, 3), bool)
+    outs = []
+    for batched in (False, True):
+        torch.manual_seed(7)
+        args = (
+            (obs, delivered, mask)
+            if not batched
+            else (obs[None], None if delivered is None else delivered[None], mask[None])
+        )
+        action, logprob, cout, value = act(model, *args, False, args[0])
+        gate = None if cout is None or cout.gate is None else cout.gate.reshape(-1)
+        outs.append((action.reshape(-1), logprob.reshape(-1), value.reshape(-1), gate))
+    for one, many in zip(*outs):
+        assert (one is None and many is None) or torch.equal(one, many)
+    assert (outs[0][3] is not None) == (protocol == "ic3net")
+
+
 # ------------------------------------------------------------------------------ real SUMO runs
 def test_process_env_steps_exactly_as_the_env_in_this_process():
     from scenarios.vector import ProcessEnv
