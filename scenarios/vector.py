@@ -370,6 +370,14 @@ class ProcessEnv:
     def episode_kpis(self) -> dict[str, float]:
         return dict(self._call("episode_kpis"))
 
+    def cpu_seconds(self) -> float:
+        """CPU seconds the worker process has used so far (its simulation included)."""
+        if self._pending:
+            raise SimulatorError("cpu_seconds() while a call is in flight")
+        self._ready()
+        self._conn.send(("cpu", None))
+        return float(self._receive())
+
     def close(self) -> None:
         """Stop the worker (it closes its simulation); safe to call twice."""
         if self._closed:

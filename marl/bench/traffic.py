@@ -33,8 +33,9 @@ free cores than copies, the wall-clock gain shrinks although the CPU per copy st
 separate ``marl train`` process of ``--train-steps`` env steps (no evaluation), and its manifest
 gives env-steps per second of rollout + update (``steps_per_second``), of the rollout alone
 (``rollout_steps_per_second``; none for an off-policy learner, which acts and learns in one loop)
-and the share of time spent waiting for the simulations. Agent-samples per second = env-steps
-per second x agents. Start-up (workers, first reset) is not timed. ``--repeat`` runs alternate
+and the share of time spent waiting for the simulations, and the CPU milliseconds per env step of
+the training process and its env workers together (equal for K=1 and K: no added work).
+Agent-samples per second = env-steps per second x agents. Start-up (workers, first reset) is not timed. ``--repeat`` runs alternate
 K=1, K, K=1, K, ... and the fastest of each counts; the load average is printed with the table,
 since the gain needs free cores.
 """
@@ -266,6 +267,8 @@ def time_train(
         "rollout_steps_per_s": manifest.get("rollout_steps_per_second", float("nan")),
         "env_fraction": manifest.get("env_time_fraction") or float("nan"),
         "seconds": manifest["train_seconds"],
+        # CPU of the training process and its env workers per env step (start-up excluded)
+        "cpu_ms_per_step": 1000 * sum(manifest["cpu_seconds"].values()) / manifest["env_steps"],
     }
 
 
@@ -447,7 +450,7 @@ def _train_table(scenario: str, overrides: dict[str, Any], envs: int, steps: int
     if envs < 1 or steps < 1:
         raise ConfigError(f"bad --train-envs {envs} / --train-steps {steps}; expected integers >= 1")
     console = Console()
-    console = Console(width=max(console.width, 132))  # eight columns: never truncate a header
+    console = Console(width=max(console.width, 150))  # nine columns: never truncate a header
     load_before = os.getloadavg()
     best: dict[int, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp, console.status("timing marl train...") as status:
@@ -463,7 +466,7 @@ def _train_table(scenario: str, overrides: dict[str, Any], envs: int, steps: int
              f"fastest of {repeat} ({os.cpu_count()} CPUs)")  # fmt: skip
     table = Table(title=title)
     cols = ("K", "updates", "env-steps/s", "agent-samples/s", "x K=1", "rollout env-steps/s", "x K=1 (rollout)",
-            "time in envs")  # fmt: skip
+            "time in envs", "CPU ms/env-step")  # fmt: skip
     for col in cols:
         table.add_column(col, justify="right")
     ref = best[1]
@@ -472,9 +475,10 @@ def _train_table(scenario: str, overrides: dict[str, Any], envs: int, steps: int
         table.add_row(str(k), str(r["updates"]), f"{r['steps_per_s']:.1f}", f"{r['samples_per_s']:.0f}",
                       f"{r['steps_per_s'] / ref['steps_per_s']:.2f}", f"{r['rollout_steps_per_s']:.1f}",
                       f"{r['rollout_steps_per_s'] / ref['rollout_steps_per_s']:.2f}",
-                      f"{r['env_fraction']:.0%}")  # fmt: skip
+                      f"{r['env_fraction']:.0%}", f"{r['cpu_ms_per_step']:.1f}")  # fmt: skip
     console.print(table)
     console.print(
         f"load average (1, 5, 15 min) before {', '.join(f'{x:.2f}' for x in load_before)}; after "
-        f"{', '.join(f'{x:.2f}' for x in load_after)}: the K-fold gain needs K free cores"
+        f"{', '.join(f'{x:.2f}' for x in load_after)}: the K-fold gain needs K free cores; equal CPU per "
+        "env-step (training process + env workers) means --envs adds no work"
     )

@@ -198,7 +198,8 @@ def train(
         final_kpis = {k: float(np.mean([f[k] for f in final])) for k in (final[0] if final else {})}
         log.save_manifest(updates_completed=update, env_steps=env_steps, train_seconds=train_seconds,
                           steps_per_second=sps, rollout_steps_per_second=rollout_sps, final_kpis=final_kpis,
-                          env_time_fraction=None if np.isnan(fraction) else fraction)  # fmt: skip
+                          env_time_fraction=None if np.isnan(fraction) else fraction,
+                          cpu_seconds=envs.cpu_seconds())  # fmt: skip
         return TrainResult(run_id=run_id, out_dir=plan.out_dir, method=plan.method, checkpoint=last_ckpt,
                            updates=update, env_steps=env_steps, seconds=train_seconds, steps_per_second=sps,
                            final_kpis=final_kpis, env_fraction=fraction, train_returns=returns,
@@ -310,7 +311,7 @@ def _restore(
     returns (update, env_steps, evaluation due). ``--envs`` is the checkpoint's (checked by prepare)."""
     if resumed is None:
         envs.start()
-        envs.seconds = 0.0  # env time counts from the first rollout
+        envs.mark()  # env time and CPU count from the first rollout
         return 0, 0, False
     episode = envs.episodes[0]
     try:
@@ -330,4 +331,5 @@ def _restore(
     else:
         episode.start()  # checkpoints written before episodes were saved: a fresh episode
     envs.load_worker_states(resumed.get("env_episodes") if rank == 0 else None)
+    envs.mark()
     return int(resumed["update"]), int(resumed["env_steps"]), bool(resumed.get("eval_due", False))

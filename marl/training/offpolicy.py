@@ -244,6 +244,7 @@ def _run(
         final_kpis=final_kpis,
         grad_steps=ln.grad_steps,
         env_time_fraction=None if np.isnan(fraction) else fraction,
+        cpu_seconds=envs.cpu_seconds(),
     )
     return TrainResult(
         run_id=run_id,
@@ -337,7 +338,7 @@ def _restore(resumed: dict[str, Any] | None, ln: Learner, envs: TrainingEpisodes
     first episodes). ``--envs`` is the checkpoint's (checked by prepare)."""
     if resumed is None:
         envs.start()
-        envs.seconds = 0.0  # env time counts from the first step
+        envs.mark()  # env time and CPU count from the first step
         return
     episode = envs.episodes[0]
     try:
@@ -363,3 +364,4 @@ def _restore(resumed: dict[str, Any] | None, ln: Learner, envs: TrainingEpisodes
     episode.episodes_done = int(resumed["episodes"])
     episode.load_state_dict(resumed["episode"])  # replay the episode that was running
     envs.load_worker_states(resumed.get("env_episodes"))
+    envs.mark()

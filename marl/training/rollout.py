@@ -201,6 +201,22 @@ class TrainingEpisodes:
     def __init__(self, episodes: list[TrainingEpisode]) -> None:
         self.episodes = episodes
         self.seconds = 0.0  #: wall time spent in the envs' resets and steps (all envs at once)
+        self._cpu_mark: list[float] = []
+
+    def mark(self) -> None:
+        """Start counting here: zero :attr:`seconds`, note the CPU used so far (after start-up)."""
+        self.seconds = 0.0
+        self._cpu_mark = self._cpu()
+
+    def _cpu(self) -> list[float]:
+        return [time.process_time()] + [ep.env.cpu_seconds() for ep in self.episodes[1:]]
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds since :meth:`mark`: this process (``main``, its env 0 and the learner) and
+        the worker processes together (``workers``); what the manifest records as ``cpu_seconds``."""
+        now = self._cpu()
+        mark = self._cpu_mark or [0.0] * len(now)
+        return {"main": now[0] - mark[0], "workers": sum(now[1:]) - sum(mark[1:])}
 
     @classmethod
     def open(
