@@ -50,6 +50,22 @@ _IEEE33_TRAINING = TrainingPreset(
     ),
 )
 
+#: What ``marl train grid/mv-rural`` uses: ieee33's interface and reward, a smaller initial
+#: spread and a gentler step, because 92 agents sharing one reward pushed ieee33's recipe
+#: (init_logstd -1.5, lr 1e-3, 100k steps) away from volt-var (CR 0.804 / 2.36 MWh / 87.6 MVarh).
+_MV_RURAL_TRAINING = TrainingPreset(
+    algo="ippo",
+    protocol="neighbours",
+    steps=30_000,
+    algo_set={"learning_rate": 3e-4, "init_logstd": -2.5, "gamma": 0.9},
+    note=(
+        "issue 15: 10 held-out summer days (marl run --set split=eval --set season=summer --episodes 10 "
+        "--seed 100), seeds 7/1/2, about 3-5 min each on a loaded 2-core machine: controllable rate 1.0 on "
+        "every seed as volt-var, losses 1.860 vs 1.862 MWh, reactive 36.9 vs 37.7 MVarh (the policy stays "
+        "close to volt-var; a zero deadband lost: CR 0.81)"
+    ),
+)
+
 register_scenario(
     ScenarioSpec(
         id="grid/mv-rural",
@@ -57,9 +73,10 @@ register_scenario(
         description="SimBench 1-MV-rural, 92 PV inverters (MV plants + aggregated LV rooftop PV)",
         simulator=_SIM,
         n_agents=92,
-        kwargs={"feeder": "1-MV-rural--0-sw", "pv_scale": 3.0},
+        kwargs={"feeder": "1-MV-rural--0-sw", "pv_scale": 3.0, **_IEEE33_INTERFACE},
         test_kwargs=_TEST,
         default_controller="no-control",
+        training=_MV_RURAL_TRAINING,
     )
 )
 register_scenario(
