@@ -225,7 +225,7 @@ def test_idqn_resume_with_two_envs_is_bit_exact(tmp_path):
     assert _same(a["model"], b["model"]) and a["grad_steps"] == b["grad_steps"] > 0
 
 
-def test_resume_with_other_envs_is_refused(tmp_path, capsys):
+def test_resume_keeps_the_checkpoints_envs(tmp_path, capsys):
     base = ["train", SCENARIO, "--set", "end=320", "--algo-set", "num_steps=32", "--eval-episodes", "0"]
     assert main([*base, "--steps", "64", "--envs", "2", "--out", str(tmp_path / "two")]) == 0
     capsys.readouterr()
@@ -234,3 +234,6 @@ def test_resume_with_other_envs_is_refused(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert f"cannot resume with --envs {envs}" in err and "(written with --envs 2)" in err
         assert "allowed: --envs 2" in err and len(err.splitlines()) == 1
+    # without --envs, --resume continues with the checkpoint's K
+    assert main([*base, "--steps", "128", "--resume", str(tmp_path / "two"), "--out", str(tmp_path / "two")]) == 0
+    assert load_checkpoint(tmp_path / "two")["envs"] == 2 and load_checkpoint(tmp_path / "two")["env_steps"] == 128

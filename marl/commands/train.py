@@ -75,7 +75,7 @@ __all__ = ["command"]
 @click.option("--show-config", is_flag=True, help="Print the algorithm, scenario and distributed config and exit.")
 @click.option("--test", "test_preset", is_flag=True, hidden=True, help="Use the scenario's short test presets.")
 @click.option("--ranks", type=int, default=1, help="MPI ranks; > 1 relaunches under the venv's mpiexec.")
-@click.option("--envs", type=int, default=1, help="Envs each rank steps at once (all but one in worker processes).")
+@click.option("--envs", type=int, default=None, help="Envs stepped at once per rank; default 1, or --resume's.")
 @click.option("--oversubscribe", is_flag=True, help="Allow more --ranks than 4 per core (up to what memory holds).")
 @click.option("--sync", default="allreduce", help="Gradient sync: allreduce, ring, ps, gossip.")
 @click.option("--compress", default="none", help="Gradient compression: none, fp16, topk:RATIO, powersgd:RANK.")
@@ -99,7 +99,7 @@ def command(
     show_config: bool,
     test_preset: bool,
     ranks: int,
-    envs: int,
+    envs: int | None,
     oversubscribe: bool,
     sync: str,
     compress: str,
@@ -135,6 +135,7 @@ def command(
         inject_failure=inject_failure,
     )
     overrides = parse_sets(set_)
+    envs = envs if envs is not None else _checkpoint_envs(resume)
     request = TrainRequest(
         scenario=scenario,
         algo=algo,
@@ -217,6 +218,15 @@ def _preset(
         parse_sets(algo_set),
     )
     return algo, protocol, channel, steps, overrides, note
+
+
+def _checkpoint_envs(resume: str | None) -> int:
+    """``--envs`` not given: the resumed checkpoint's (a run keeps its number of envs), else 1."""
+    if resume is None:
+        return 1
+    from marl.training.checkpoint import load_checkpoint
+
+    return int(load_checkpoint(resume).get("envs", 1))
 
 
 def _launcher_rank() -> int:
