@@ -111,7 +111,9 @@ def test_bench_scale_traffic_tiny_times_env_and_raw(tmp_path: Path, monkeypatch:
     monkeypatch.setenv("CONCORD_CACHE_DIR", str(tmp_path))
     rows = measure("traffic", parse_sizes("traffic", "2x2,3x3"), steps=2, warmup=1, reps=2, rollout=4)
     assert [r["agents"] for r in rows] == [4, 9]
-    assert all(r["env"] > 0 and r["raw"] > 0 and r["env/raw"] == r["env"] / r["raw"] for r in rows)
+    for r in rows:
+        assert r["env"] > 0 and r["raw"] > 0 and r["env/raw"] == pytest.approx(r["env"] / r["raw"])
+        assert r["veh/light"] >= 0 and r["degree"] > 0
     assert math.isfinite(slopes(rows)["env+comms"])
 
 

@@ -15,7 +15,8 @@ in microseconds of process CPU time, of
 * ``comms``    — the channel plus a protocol exchange: :class:`comms.runtime.CommsRuntime` with
   ``--protocol`` (default ``neighbours``) over ``--channel`` (default 10 % loss) on the
   scenario's topology (comms: a random 4-regular graph), one payload of 8 floats per agent;
-  ``msg/s`` = messages delivered per CPU second of those exchanges;
+  ``msg/s`` = messages delivered per CPU second of those exchanges, ``degree`` = mean
+  neighbours per agent in that topology (the neighbours protocol's work grows with it);
 * ``policy``   — one forward pass of :class:`marl.policies.ActorCritic` (shared 64x64 actor and
   critic, agent ids, as IPPO builds it) for all agents of a step: action sampling and value;
 * ``update``   — one PPO update (:func:`marl.algos.ppo.ppo_update`, 2 epochs x 2 mini-batches)
@@ -357,6 +358,7 @@ def measure(
                 row["veh/light"] = vehicles / n
                 row["env/raw"] = row["env"] / row["raw"] if row["raw"] > 0 else float("nan")
         row["agents"] = n
+        row["degree"] = 2 * topology.number_of_edges() / max(n, 1)  # neighbours per agent
         per_exchange, row["msg/s"] = _time_comms(agents, topology, reps, protocol, channel, seed)
         row["comms"] = per_exchange / n
         from gymnasium import spaces
@@ -403,7 +405,7 @@ def write_table(rows: list[dict[str, Any]], fitted: dict[str, float], domain: st
 
     from marl.results.io import atomic_write_bytes
 
-    keys = ["size", "agents", *COLUMNS, "env/raw", "env+comms", "total", "msg/s", "veh/light"]
+    keys = ["size", "agents", *COLUMNS, "env/raw", "env+comms", "total", "msg/s", "degree", "veh/light"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
     writer.writeheader()
@@ -472,7 +474,7 @@ def command(
     table = Table(title=f"marl bench scale {domain}: CPU us per agent-step", header_style="bold")
     cols = [
         c
-        for c in ("size", "agents", *COLUMNS, "env/raw", "env+comms", "total", "msg/s", "veh/light")
+        for c in ("size", "agents", *COLUMNS, "env/raw", "env+comms", "total", "msg/s", "degree", "veh/light")
         if any(c in r for r in rows)
     ]
     for c in cols:

@@ -176,7 +176,8 @@ def command(
     comps = [c.strip() for c in compressors.split(",") if c.strip()]
     for c in comps:
         DistConfig(compress=c)  # validates the names before anything runs
-    console = Console()
+    # Piped output (files, CI logs) gets a wide console instead of rich's 80 columns.
+    console = Console(width=None if sys.stdout.isatty() else 160)
     num_steps = 128
     algo = IPPOConfig(num_steps=num_steps)
     syncs = algo.update_epochs * algo.num_minibatches  # gradient syncs per update

@@ -149,5 +149,5 @@ def _generated_grid(rows: int, cols: int, description: str, test_s: int) -> None
     _register(name, description, rows * cols, kwargs, test_end=test_s)
 
 
-_generated_grid(10, 10, "synthetic 10x10 city grid, 100 lights, 2 lanes, 5000 veh/h (netgenerate, seed 0)", 300)
-_generated_grid(20, 20, "synthetic 20x20 city grid, 400 lights, 2 lanes, 20000 veh/h (netgenerate, seed 0)", 200)
+_generated_grid(10, 10, "synthetic 10x10 city grid, 100 lights, 2 lanes, 5000 veh/h (netgenerate, seed 0)", 200)
+_generated_grid(20, 20, "synthetic 20x20 city grid, 400 lights, 2 lanes, 20000 veh/h (netgenerate, seed 0)", 120)
