@@ -94,3 +94,17 @@ def test_bad_distributed_option_exits_2_before_launching() -> None:
     proc = marl(*BASE, "--steps", "64", "--ranks", "2", "--sync", "rign", timeout=60)
     assert proc.returncode == 2 and "did you mean 'ring'" in proc.stderr, proc.stderr[-1000:]
     assert "Traceback" not in proc.stderr and "mpiexec" not in proc.stderr
+
+
+def test_hostfile_spreads_ranks_over_the_hosts_it_names(tmp_path: Path) -> None:
+    # Two "hosts" that are both this machine: the multi-node path (a hostfile handed to mpiexec)
+    # without a cluster. The slot count is what limits the ranks: 3 ranks on 2 slots are refused.
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("# one node, two slots\nlocalhost slots=2\n")
+    out = tmp_path / "hosts-run"
+    proc = marl(*BASE, "--steps", str(64 * 2 * 2), "--ranks", "2", "--hostfile", str(hostfile), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert manifest(out)["world_size"] == 2
+    assert [r for r in records(out) if r["metric"] == "train_env_steps"]
+    refused = marl(*BASE, "--steps", "64", "--ranks", "3", "--hostfile", str(hostfile), timeout=60)
+    assert refused.returncode == 2 and "have 2 slots" in refused.stderr and "Traceback" not in refused.stderr

@@ -7,6 +7,7 @@ Examples::
     marl train traffic/2x2grid --show-config          # print every option with its default
     marl train traffic/2x2grid --resume results/train-traffic-2x2grid-ippo-.../
     marl train traffic/grid4x4 --ranks 4 --sync allreduce --compress fp16
+    marl train traffic/grid4x4 --ranks 8 --hostfile hosts.txt     # over several machines
     marl train traffic/grid4x4 --envs 2                # two simulations at once on one rank
 
 Options not given come from the scenario's training preset (``TrainingPreset`` in its
@@ -77,6 +78,8 @@ __all__ = ["command"]
 @click.option("--ranks", type=int, default=1, help="MPI ranks; > 1 relaunches under the venv's mpiexec.")
 @click.option("--envs", type=int, default=None, help="Envs stepped at once per rank; default 1, or --resume's.")
 @click.option("--oversubscribe", is_flag=True, help="Allow more --ranks than 4 per core (up to what memory holds).")
+@click.option("--hostfile", default="", help="Open MPI hostfile ('name slots=N' per line): spread --ranks over hosts.")
+@click.option("--host", default="", help="Hosts for --ranks as mpiexec takes them, e.g. node1:4,node2:4.")
 @click.option("--sync", default="allreduce", help="Gradient sync: allreduce, ring, ps, gossip.")
 @click.option("--compress", default="none", help="Gradient compression: none, fp16, topk:RATIO, powersgd:RANK.")
 @click.option("--bucket-mb", type=float, default=25.0, help="Fused gradient bucket size, MB.")
@@ -101,6 +104,8 @@ def command(
     ranks: int,
     envs: int | None,
     oversubscribe: bool,
+    hostfile: str,
+    host: str,
     sync: str,
     compress: str,
     bucket_mb: float,
@@ -127,6 +132,8 @@ def command(
     dist_cfg = DistConfig(
         ranks=ranks,
         oversubscribe=oversubscribe,
+        hostfile=hostfile,
+        host=host,
         sync=sync,
         compress=compress,
         bucket_mb=bucket_mb,
