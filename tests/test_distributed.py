@@ -368,3 +368,45 @@ def test_ppo_update_scales_the_loss_by_grad_scale_so_a_sum_is_the_mean() -> None
         for a, b in zip(p_after, s_after):
             assert torch.allclose(a, b, atol=1e-6)  # ... so the summed gradient is the mean
     assert any(float(a.abs().max()) > 1e-4 for a in plain.seen[0])
+
+
+def test_update_interrupted_by_a_failure_is_redone_from_the_state_before_it() -> None:
+    """A peer dying after some of an update's optimiser steps must not leave them applied twice:
+    the survivors redo the whole update from the parameters and optimiser state before it.
+    (Pure logic: a stand-in world whose recovery does nothing; the real ULFM path is exercised in
+    tests/test_distributed_train.py.)"""
+    from marl.training.loop import _with_recovery
+
+    class Failure(Exception):
+        pass
+
+    class World:
+        ulfm = True
+        recoveries = 0
+
+        def recover(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+            self.recoveries += 1
+
+    def make() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 1)
+        return model, torch.optim.Adam(model.parameters(), lr=0.1)
+
+    def update(model: torch.nn.Module, opt: torch.optim.Optimizer, fail_after: list[int]) -> float:
+        for step in range(4):  # four mini-batch steps, each "behind an allreduce"
+            if fail_after and step == fail_after[0]:
+                fail_after.clear()
+                raise Failure
+            opt.zero_grad()
+            model(torch.ones(2, 3)).pow(2).mean().backward()
+            opt.step()
+        return 0.0
+
+    clean_model, clean_opt = make()
+    update(clean_model, clean_opt, [])
+    model, opt = make()
+    world = World()
+    _with_recovery(world, model, opt, Failure, update, model, opt, [2])  # dies after 2 of 4 steps
+    assert world.recoveries == 1
+    assert torch.equal(model.weight, clean_model.weight) and torch.equal(model.bias, clean_model.bias)
+    assert opt.state_dict()["state"][0]["step"] == clean_opt.state_dict()["state"][0]["step"] == 4

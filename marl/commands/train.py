@@ -101,20 +101,12 @@ def command(
     preset: bool,
     show_config: bool,
     test_preset: bool,
-    ranks: int,
     envs: int | None,
-    oversubscribe: bool,
-    hostfile: str,
-    host: str,
-    sync: str,
-    compress: str,
-    bucket_mb: float,
-    overlap: bool,
-    fault_tolerance: str,
-    inject_failure: str,
+    **dist: Any,
 ) -> None:
     """Train a learning algorithm on SCENARIO; write checkpoints, training curves and a final
     evaluation (same records as 'marl run')."""
+    # (``dist``: the options from --ranks to --inject-failure, named as DistConfig's fields.)
     from rich.console import Console
 
     from marl.core import registry
@@ -129,18 +121,7 @@ def command(
         )
     else:  # the bare defaults of TrainRequest and the algorithm's Config, under what was given
         algo_overrides, preset_note = parse_sets(algo_set), ""
-    dist_cfg = DistConfig(
-        ranks=ranks,
-        oversubscribe=oversubscribe,
-        hostfile=hostfile,
-        host=host,
-        sync=sync,
-        compress=compress,
-        bucket_mb=bucket_mb,
-        overlap=overlap,
-        fault_tolerance=fault_tolerance,
-        inject_failure=inject_failure,
-    )
+    dist_cfg = DistConfig(**dist)
     overrides = parse_sets(set_)
     envs = envs if envs is not None else _checkpoint_envs(resume)
     request = TrainRequest(
@@ -174,7 +155,7 @@ def command(
     # Every name and value, the --resume checkpoint and --out are checked here, before an MPI
     # launcher, a simulator or any output starts.
     plan = prepare(request)
-    if ranks > 1:
+    if dist_cfg.ranks > 1:
         from marl.distributed import launch_if_needed
 
         launch_if_needed(dist_cfg, sys.argv)

@@ -26,6 +26,7 @@ PPO: an off-policy algorithm can bring its own loop module and reuse them.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Callable
@@ -242,11 +243,22 @@ def _with_recovery(
     collective: Callable[..., Any],
     *args: Any,
 ) -> Any:
-    """``collective(*args)``; after a rank failure, recover the world and call it again."""
+    """``collective(*args)``; after a rank failure, recover the world and call it again.
+
+    A PPO update is many optimiser steps, each behind a gradient allreduce: a peer dying in the
+    middle leaves the survivors with the first steps applied. Redoing the update on top of them
+    would apply those steps twice, so under ULFM every rank keeps a copy of the parameters and
+    optimiser state from before the call and puts it back before recovering; the survivors, all
+    holding that same state, then redo the whole update in the shrunk world.
+    """
     while True:
+        before = copy.deepcopy((model.state_dict(), optimizer.state_dict())) if getattr(world, "ulfm", False) else None
         try:
             return collective(*args)
         except failure:
+            if before is not None:
+                model.load_state_dict(before[0])
+                optimizer.load_state_dict(before[1])
             world.recover(model, optimizer)
 
 
