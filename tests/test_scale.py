@@ -125,6 +125,7 @@ def test_bench_scale_traffic_tiny_times_env_and_raw(tmp_path: Path, monkeypatch:
         (["traffic", "--sizes", "4by4,5x5"], "bad traffic size '4by4'"),
         (["warehouse", "--sizes", "small,huge"], "unknown warehouse map 'huge'"),
         (["comms", "--steps", "0"], "bad --steps 0"),
+        (["grid", "--sizes", "ieee33,1-MV-nowhere"], "unknown grid size (scenario or SimBench feeder) '1-MV-nowhere'"),
     ],
 )
 def test_bench_scale_bad_input_is_one_line(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -111,6 +111,13 @@ def parse_sizes(domain: str, text: str) -> list[Size]:
             if f"grid/{label}" in registry.scenarios("grid"):
                 sizes.append(Size(label, f"grid/{label}"))
             else:
+                from scenarios.grid.feeder import feeder_names
+
+                if label not in feeder_names():  # checked now, not after the earlier sizes ran
+                    from marl.core.errors import unknown
+
+                    names = [s.split("/")[1] for s in registry.scenarios("grid")]
+                    raise unknown("grid size (scenario or SimBench feeder)", label, [*names, *feeder_names()])
                 base = "grid/lv-rural" if "-LV-" in label else "grid/mv-rural"
                 sizes.append(Size(label, base, {"feeder": label}))
         else:
@@ -420,7 +427,13 @@ def write_table(rows: list[dict[str, Any]], fitted: dict[str, float], domain: st
 
 @click.command("scale")
 @click.argument("domain", metavar="DOMAIN")
-@click.option("--sizes", default=None, help="Comma-separated sizes; default per domain (see the docstring).")
+@click.option(
+    "--sizes",
+    default=None,
+    help="Comma-separated sizes (at least 2). traffic: ROWSxCOLS generated grids; grid: scenario names or "
+    "SimBench codes; warehouse: MAP or MAP:ROBOTS; comms: agent counts. Default: "
+    + "; ".join(f"{d} {v}" for d, v in DEFAULT_SIZES.items()),
+)
 @click.option("--steps", type=int, default=30, help="Timed env steps per size (after --warmup).")
 @click.option("--warmup", type=int, default=30, help="Untimed env steps first (traffic: vehicles fill the net).")
 @click.option("--reps", type=int, default=20, help="Timed comms exchanges and forward passes per size.")
