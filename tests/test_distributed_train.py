@@ -108,3 +108,26 @@ def test_hostfile_spreads_ranks_over_the_hosts_it_names(tmp_path: Path) -> None:
     assert [r for r in records(out) if r["metric"] == "train_env_steps"]
     refused = marl(*BASE, "--steps", "64", "--ranks", "3", "--hostfile", str(hostfile), timeout=60)
     assert refused.returncode == 2 and "have 2 slots" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_rank_0_killed_under_ulfm_the_lowest_survivor_writes_complete_records(tmp_path: Path) -> None:
+    # Rank 0 was the only writer: its death used to end the job. Now rank 1 (rank 0 of the
+    # shrunk world) takes the records, manifest, checkpoints and final evaluation over.
+    out = tmp_path / "root-dies"
+    steps = 64 * 3 * 6
+    proc = marl(*BASE[:-4], "--eval-episodes", "1", "--algo-set", "num_steps=64", "--ranks", "3",
+                "--fault-tolerance", "ulfm", "--inject-failure", "0:3", "--steps", str(steps), "--out", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "writes this run's records from now on" in proc.stderr
+    rows = records(out)
+    assert len({r["run_id"] for r in rows}) == 1
+    keys = [(r["episode"], r["metric"]) for r in rows]
+    assert len(keys) == len(set(keys)), "a row was written twice"
+    updates = sorted(int(r["episode"]) for r in rows if r["metric"] == "train_env_steps")
+    m = manifest(out)
+    assert updates == list(range(1, m["updates_completed"] + 1)), "an update is missing from the records"
+    (event,) = m["events"]
+    assert event["rank"] == 0 and event["world_size_after"] == 2
+    assert [float(r["value"]) for r in rows if r["metric"] == "rank_failure"] == [0.0]
+    assert any(r["metric"] == "delay" for r in rows)  # the final evaluation ran on the new writer
+    assert json.loads((out / "checkpoints" / "latest.json").read_text())["update"] == m["updates_completed"]

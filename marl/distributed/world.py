@@ -78,7 +78,8 @@ class World:
 
     @property
     def is_root(self) -> bool:
-        """Rank 0: the only rank that writes files."""
+        """Rank 0 of the current world: the only rank that writes files. After rank 0 dies (ULFM),
+        the lowest survivor becomes rank 0 of the shrunk world and takes the writing over."""
         return self.rank == 0
 
     def maybe_inject_failure(self, update: int) -> None:
@@ -102,6 +103,10 @@ class World:
     # -- collective operations; no-ops for one rank -------------------------------------------
     def broadcast_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Copy parameters, buffers and optimiser state from rank 0 to every rank."""
+
+    def broadcast_text(self, text: str) -> str:
+        """Rank 0's ``text`` on every rank (e.g. the run id that every rank must log under)."""
+        return text
 
     def check_identical(self, model: torch.nn.Module) -> None:
         """Raise RanksDivergedError unless every rank holds bit-identical parameters and buffers."""
@@ -229,6 +234,9 @@ class MPIWorld(World):
         self._bcast_tensors(tensors, root)
         if self.rank != root:
             optimizer.load_state_dict(state)
+
+    def broadcast_text(self, text: str) -> str:
+        return self._bcast_bytes(text.encode() if self.rank == 0 else None).decode()
 
     def check_identical(self, model: torch.nn.Module) -> None:
         MPI = self.MPI

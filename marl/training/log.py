@@ -5,7 +5,11 @@ update ``u`` (in the ``episode`` column): ``train_<loss metric>``, ``train_env_s
 ``train_steps_per_second``, ``train_env_time_fraction``, ``train_return`` and ``train_<main kpi>``
 (means over the training episodes that ended during the update), ``rank_failure``, and after a
 periodic evaluation ``eval_<kpi>``. The final evaluation writes one row per KPI per episode
-(``episode`` = evaluation episode), exactly like ``marl run``. Only rank 0 writes.
+(``episode`` = evaluation episode), exactly like ``marl run``. Only rank 0 writes; every rank
+logs under rank 0's run id and keeps its last update's rows, so that when rank 0 dies (ULFM) the
+lowest survivor, rank 0 of the shrunk world, takes the writing over (:meth:`TrainLog.take_over`):
+it drops the rows of the updates it is about to log (the old writer may have logged one of them)
+and writes its own, so no update is lost or logged twice.
 
 On ``--resume`` into the directory of the run that wrote the checkpoint, that run's rows past
 the checkpoint's update (and its final evaluation, which the resumed run replaces) are dropped
@@ -16,6 +20,7 @@ update and the directory never holds two final evaluations of one run.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
@@ -78,8 +83,7 @@ class TrainLog:
         self,
         plan: TrainPlan,
         run_id: str,
-        is_root: bool,
-        world_size: int,
+        world: Any,
         env: Any,
         layout: TeamLayout,
         update: int,
@@ -87,9 +91,12 @@ class TrainLog:
         on_progress: Callable[[dict[str, Any]], None] | None,
     ) -> None:
         request = plan.request
+        is_root, world_size = (world.is_root, world.size) if world is not None else (True, 1)
+        self.world, self.out_dir = world, plan.out_dir  #: world None: one process, always the writer
         self.request, self.run_id, self.on_progress = request, run_id, on_progress if is_root else None
         self.main_kpi: str = getattr(env, "main_kpi", "") or ""
         self.writer = RecordWriter(plan.out_dir) if is_root else None
+        self.unwritten: list[Row] = []  #: a non-writing rank's rows of its last update (see take_over)
         self.manifest: dict[str, Any] = {
             "run_id": run_id,
             "command": "train",
@@ -118,8 +125,37 @@ class TrainLog:
         return Row(self.run_id, r.scenario, r.algo, r.protocol, r.channel, r.seed, episode, metric, float(value))
 
     def _append(self, rows: Iterable[Row]) -> None:
-        if self.writer is not None:
-            self.writer.append(rows)
+        rows = list(rows)
+        writer = self._writer()
+        if writer is not None:
+            writer.append(rows)
+        elif rows:
+            update = rows[0].episode
+            self.unwritten = [r for r in self.unwritten if r.episode == update] + rows
+
+    def _writer(self) -> RecordWriter | None:
+        """The records writer, created here when this rank has just become rank 0."""
+        if self.writer is None and self.world is not None and self.world.is_root:
+            self.take_over()
+        return self.writer
+
+    def take_over(self) -> None:
+        """Become the writer after rank 0 died: drop this run's rows of the updates from the first
+        one this rank still holds on (the old writer may or may not have written them), then write
+        this rank's own, so every update is in the records exactly once."""
+        self.writer = RecordWriter(self.out_dir)
+        first = min((r.episode for r in self.unwritten), default=None)
+        if first is not None:
+            run, episode, metric = (COLUMNS.index(c) for c in ("run_id", "episode", "metric"))
+            self.writer.drop(
+                lambda r: r[run] == self.run_id and is_curve_metric(r[metric]) and int(r[episode]) >= first
+            )
+            self.writer.append(self.unwritten)
+        self.unwritten = []
+        sys.stderr.write(
+            f"marl: rank {getattr(self.world, 'original_rank', '?')} writes this run's records from now on "
+            "(the writing rank died)\n"
+        )
 
     def update_rows(
         self,
@@ -186,5 +222,6 @@ class TrainLog:
 
     def save_manifest(self, **fields: Any) -> None:
         self.manifest.update(end_time=now_iso(), **fields)
-        if self.writer is not None:
-            self.writer.write_manifest(self.run_id, self.manifest)
+        writer = self._writer()
+        if writer is not None:
+            writer.write_manifest(self.run_id, self.manifest)

@@ -107,8 +107,8 @@ def train(
         world.check_identical(model)
         if world.rank > 0:
             torch.manual_seed(rank_seed(req.seed, world.rank))  # different action sampling per rank
-        run_id = new_run_id()
-        log = TrainLog(plan, run_id, world.is_root, world.size, env, layout, update, env_steps, on_progress)
+        run_id = world.broadcast_text(new_run_id())  # one run id: any rank may end up writing its rows
+        log = TrainLog(plan, run_id, world, env, layout, update, env_steps, on_progress)
         policy = PolicyController(model, layout, comm, plan.method, deterministic=config.deterministic_eval)
         buf = RolloutBuffer.for_team(
             config.num_steps, layout, comm, critic_input_size(algo_cls, layout, comm), req.envs

@@ -113,7 +113,7 @@ def train_offpolicy(plan: TrainPlan, on_progress: Callable[[dict[str, Any]], Non
         learner.env_nsteps = [NStepAssembler(config.n_step, config.gamma) for _ in range(req.envs - 1)]
         _restore(plan.resumed, learner, envs)
         run_id = new_run_id()
-        log = TrainLog(plan, run_id, True, 1, env, layout, learner.update, learner.env_steps, on_progress)
+        log = TrainLog(plan, run_id, None, env, layout, learner.update, learner.env_steps, on_progress)
         policy = PolicyController(model, layout, comm, plan.method, deterministic=config.deterministic_eval)
         return _run(plan, env, layout, envs, learner, log, policy, run_id)
     finally:
