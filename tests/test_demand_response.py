@@ -145,3 +145,17 @@ def test_cli_run_consensus_over_a_lossy_channel(tmp_path: Any) -> None:
     assert {"peak_kw", "cost_eur", "delivery_rate", "throughput_kwh"} <= metrics
     manifest = json.loads(next((out / "manifests").glob("*.json")).read_text())
     assert manifest["request"]["channel"] == "drop=0.3"
+
+
+def test_bench_grid_compares_the_env_with_runpp(tmp_path: Any) -> None:
+    from click.testing import CliRunner
+
+    from marl.bench.grid import command
+
+    out = tmp_path / "bench.json"
+    args = [SCENARIO, "--steps", "30", "--ref-steps", "4", "--rounds", "1", "--set", "pv_share=1", "--out", str(out)]
+    result = CliRunner().invoke(command, args)
+    assert result.exit_code == 0, result.output
+    figures = json.loads(out.read_text())
+    assert figures["agents"] == 41 and figures["max_abs_dv_pu"] <= 1e-6  # batteries and PV reach both solvers alike
+    assert figures["env_step_ratio"] > 1

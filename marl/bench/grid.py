@@ -1,11 +1,14 @@
 """``marl bench grid SCENARIO``: env steps/s on lightsim2grid against the same step on pandapower.
 
 The reference is the MAPDN way of stepping a grid env: write the injections into the pandapower
-net and call ``runpp``. Both runs use the *same* env code (``GridVoltageEnv``) and differ only in
-``solver=lightsim2grid|pandapower``, so the ratio is the cost of the power flow path and nothing
-else. Both see the same seeded random actions; the voltages of every bus after every reference
-step are compared with the lightsim2grid run (max |dV|). A solver-only ratio (one solve of the
-same injections) is printed too. Rounds alternate the two runs and keep each one's best, which
+net and call ``runpp``. Both runs use the *same* env code (``GridVoltageEnv``, or
+``DemandResponseEnv`` for ``grid/demand-response``, whose batteries go through the same solver)
+and differ only in ``solver=lightsim2grid|pandapower``, so the ratio is the cost of the power
+flow path and nothing else. ``--set`` changes the scenario for both (``--set
+feeder=1-LV-rural2--0-sw`` benches demand response with 99 households). Both see the same
+seeded random actions; the voltages of every bus after every reference step are compared with
+the lightsim2grid run (max |dV|). A solver-only ratio (one solve of the same injections) is
+printed too. Rounds alternate the two runs and keep each one's best, which
 damps the noise of a shared machine.
 """
 
@@ -15,6 +18,8 @@ import time
 from typing import Any
 
 import click
+
+from marl.options import set_option
 
 __all__ = ["command", "env_rate"]
 
@@ -52,7 +57,10 @@ def env_rate(env: Any, actions: list[dict[str, Any]], seed: int, record: bool = 
 @click.option("--rounds", type=int, default=3, help="Alternating rounds; the best of each is kept.")
 @click.option("--seed", type=int, default=0)
 @click.option("--out", default=None, help="Also write the figures as JSON to this file.")
-def command(scenario: str, steps: int, ref_steps: int, rounds: int, seed: int, out: str | None) -> None:
+@set_option
+def command(
+    scenario: str, steps: int, ref_steps: int, rounds: int, seed: int, out: str | None, set_: tuple[str, ...]
+) -> None:
     """Env steps/s of a grid SCENARIO with lightsim2grid vs pandapower runpp, and max |dV| between them."""
     import numpy as np
     from rich.console import Console
@@ -60,6 +68,7 @@ def command(scenario: str, steps: int, ref_steps: int, rounds: int, seed: int, o
     from rich.table import Table
 
     from marl.bench.common import require_domain
+    from marl.core.config import parse_sets
     from marl.core.errors import ConfigError
     from marl.core.registry import make_scenario
     from marl.results.io import atomic_write_json
@@ -68,8 +77,9 @@ def command(scenario: str, steps: int, ref_steps: int, rounds: int, seed: int, o
         raise ConfigError("bad --steps/--ref-steps/--rounds; expected integers >= 1")
     require_domain(scenario, "grid")
     console = Console()
-    fast = make_scenario(scenario, {"split": "all"})
-    ref = make_scenario(scenario, {"split": "all", "solver": "pandapower"})
+    overrides = parse_sets(set_)
+    fast = make_scenario(scenario, {**overrides, "split": "all"})
+    ref = make_scenario(scenario, {**overrides, "split": "all", "solver": "pandapower"})
     actions = _actions(fast, max(steps, ref_steps), seed)
     fast_rates, ref_rates, dv = [], [], 0.0
     with Progress(console=console, transient=True) as progress:
