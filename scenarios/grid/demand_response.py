@@ -45,10 +45,11 @@ Actions (float32 Box [-1, 1], shape (1,))
 Reward
     ``reward="shared"`` (default), every agent: ``− peak_weight·(import/P_ref)² −
     cost_weight·bill/(N·P·Δt·price_peak)``; ``import`` is the feeder's active power drawn at
-    the slack bus (kW, losses included, negative when it exports), ``P_ref`` the feeder's mean
-    import over the profile year without batteries, ``bill`` the households' total bill for
-    the interval (below). ``"local"``: each agent the same terms for its own household
-    (``net_i`` over its own mean load, its own bill over ``P·Δt·price_peak``). At the last step
+    the slack bus (kW, losses included, negative when it exports), ``P_ref`` (``p_ref``) the mean
+    over the profile year of Σ household net load without batteries (the feeder's mean import
+    less losses), ``bill`` the households' total bill for the interval (below). ``"local"``:
+    each agent the same terms for its own household (``net_i`` over the year's mean of its
+    own ``|load − pv|``, its own bill over ``P·Δt·price_peak``). At the last step
     every agent also gets ``− soc_weight·|soc_end − soc_init|`` (mean over households for
     ``shared``, its own for ``local``), so that emptying the battery is not free.
 
