@@ -62,7 +62,7 @@ COMMS_METRICS: tuple[str, ...] = ("bytes_per_agent_step", "delivery_rate")
 #: Goals of metrics the runner itself adds (runner.run_episode) or the channel reports.
 GENERIC_GOALS: dict[str, str] = {"return": "max", "bytes_per_agent_step": "min", "delivery_rate": "max"}
 #: Bookkeeping metrics that are never a KPI row of their own.
-BOOKKEEPING = frozenset({"env_steps", "step", "env_step", "update", "wall_seconds", "rank_failure"})
+BOOKKEEPING = frozenset({"env_steps", "step", "env_step", "update", "wall_seconds"})
 #: Raw channel totals of an episode (comms.channel.Channel.totals): summarised by the two
 #: normalised COMMS_METRICS beside each KPI, so they are not KPI tables of their own.
 CHANNEL_TOTALS = frozenset(
@@ -78,8 +78,9 @@ CHANNEL_TOTALS = frozenset(
 )
 #: Training logs (marl.training): ``train_*`` per update and ``eval_*`` periodic evaluations, with the
 #: update number in the episode column. They feed learning curves; tables use the final
-#: evaluation rows, which carry the plain KPI names.
-TRAINING_PREFIXES: tuple[str, ...] = ("train_", "eval_")
+#: evaluation rows, which carry the plain KPI names. ``rank_failure_<r>`` rows (a rank died during
+#: that update) are logged per update too.
+TRAINING_PREFIXES: tuple[str, ...] = ("train_", "eval_", "rank_failure")
 #: The protocol that sends nothing (its result cannot depend on the channel).
 NO_PROTOCOL = "none"
 #: Appended to an improvement's context when protocol none's perfect-channel run stood in.

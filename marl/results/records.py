@@ -6,7 +6,7 @@ A results directory (``results/<experiment>/``) holds
   ``method`` is the controller or algorithm that acted (``max-pressure``, ``ippo``); ``channel`` is
   the canonical channel spec (``""`` for a perfect channel). For evaluation rows (``marl run``, the
   final evaluation of ``marl train``) ``episode`` counts evaluation episodes from 0; for training
-  curves (metrics ``train_*``, ``eval_*`` and ``rank_failure``) it holds the update number
+  curves (metrics ``train_*``, ``eval_*`` and ``rank_failure_<r>``) it holds the update number
   (docs/ARCHITECTURE.md, "Records schema").
 * ``manifests/<run_id>.json`` — what is needed to reproduce the run: config, seeds, git commit,
   package versions, world size, start and end times.

@@ -3,7 +3,8 @@
 Rows use ``marl run``'s columns: ``method`` is the algorithm and ``protocol`` the protocol. Per
 update ``u`` (in the ``episode`` column): ``train_<loss metric>``, ``train_env_steps``,
 ``train_steps_per_second``, ``train_env_time_fraction``, ``train_return`` and ``train_<main kpi>``
-(means over the training episodes that ended during the update), ``rank_failure``, and after a
+(means over the training episodes that ended during the update), ``rank_failure_<r>`` (rank ``r``,
+its original MPI rank, died; value: the world size after), and after a
 periodic evaluation ``eval_<kpi>``. The final evaluation writes one row per KPI per episode
 (``episode`` = evaluation episode), exactly like ``marl run``. Only rank 0 writes; every rank
 logs under rank 0's run id and keeps its last update's rows, so that when rank 0 dies (ULFM) the
@@ -44,7 +45,7 @@ __all__ = ["TrainLog", "drop_superseded_rows", "is_curve_metric"]
 
 def is_curve_metric(metric: str) -> bool:
     """Rows logged per update (the ``episode`` column is an update number)."""
-    return metric.startswith(("train_", "eval_")) or metric == "rank_failure"
+    return metric.startswith(("train_", "eval_", "rank_failure"))
 
 
 def drop_superseded_rows(out_dir: Path, run_id: str, after_update: int) -> int:
@@ -182,7 +183,9 @@ class TrainLog:
             if self.main_kpi and values:
                 rows.append(self.row(update, f"train_{self.main_kpi}", float(np.mean(values))))
         for event in events[len(self.manifest["events"]) :]:  # new distributed events only
-            rows.append(self.row(update, "rank_failure", float(event.get("rank", -1))))
+            # One metric per rank: two ranks dying in one update are two rows, not a repeated key.
+            metric = f"rank_failure_{event.get('rank', -1)}"
+            rows.append(self.row(update, metric, float(event.get("world_size_after", -1))))
             self.manifest["events"].append(event)
         self._append(rows)
         kpis = finished[-1][1] if finished else {}

@@ -1,0 +1,202 @@
+"""``marl bench chaos``: kill a random rank of a real training job from outside, and check it lives.
+
+Each trial starts ``marl train traffic/2x2grid --ranks R --fault-tolerance ulfm`` (short test
+episodes), waits until the job has logged its first update, waits a further random time, then
+SIGKILLs one rank process chosen at random (rank 0 included), found among the job's processes by
+its ``OMPI_COMM_WORLD_RANK``. Reported per trial:
+
+* whether the job exited 0, and its final update count;
+* whether the records are complete (one run id; every update ``1..updates_completed`` once; a
+  ``rank_failure_<r>`` row and manifest event for the killed rank; the final evaluation) and free of
+  duplicate keys;
+* the recovery time the survivors measured (detection to resumed training) and the work the
+  failure threw away (the interrupted update, in seconds), from the manifest's event.
+
+``--kills 2`` kills a second rank (another random survivor) later in the same trial. The trials
+run one after the other, so each job has the machine to itself. Respawning a lost rank and a
+root-free gossip mode are not built yet; this bench covers allreduce with ULFM.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import click
+
+__all__ = ["command", "find_rank_pid", "check_records"]
+
+#: Most trials one command may ask for: each is a multi-process MPI job of about half a minute.
+MAX_TRIALS = 100
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux ``/proc/<pid>/task/<tid>/children``)."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += children
+            todo += children
+    return found
+
+
+def find_rank_pid(job_pid: int, rank: int) -> int | None:
+    """The pid of MPI rank ``rank`` among ``job_pid``'s descendants, or None (not started/gone)."""
+    for pid in _descendants(job_pid):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"OMPI_COMM_WORLD_RANK={rank}".encode() in environ:
+            return pid
+    return None
+
+
+def _updates(out: Path) -> int:
+    """Updates logged so far in ``out/records.csv`` (0 when there is none yet)."""
+    try:
+        with (out / "records.csv").open() as fh:
+            return sum(1 for r in csv.DictReader(fh) if r["metric"] == "train_env_steps")
+    except (OSError, KeyError, csv.Error):
+        return 0
+
+
+def check_records(out: Path, killed: list[int]) -> dict[str, Any]:
+    """What a user relies on after a failure: complete records, no duplicates, the events."""
+    with (out / "records.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    manifests = sorted((out / "manifests").glob("*.json"))
+    manifest = json.loads(manifests[-1].read_text()) if manifests else {}
+    keys = Counter((r["run_id"], r["episode"], r["metric"]) for r in rows)
+    updates = sorted(int(r["episode"]) for r in rows if r["metric"] == "train_env_steps")
+    done = int(manifest.get("updates_completed", -1))
+    events = manifest.get("events", [])
+    failed = sorted(int(r["metric"].rsplit("_", 1)[1]) for r in rows if r["metric"].startswith("rank_failure_"))
+    main_kpi = {r["metric"] for r in rows if not r["metric"].startswith(("train_", "eval_", "rank_"))}
+    return {
+        "updates": done,
+        "complete": (
+            len(manifests) == 1
+            and len({r["run_id"] for r in rows}) == 1
+            and updates == list(range(1, done + 1))
+            and failed == sorted(killed)
+            and sorted(int(e["rank"]) for e in events) == sorted(killed)
+            and bool(main_kpi)
+        ),
+        "duplicates": sum(n - 1 for n in keys.values() if n > 1),
+        "recovery_s": max((float(e["recovery_seconds"]) for e in events), default=float("nan")),
+        "lost_s": sum(float(e["seconds_lost"]) for e in events),
+    }
+
+
+def run_trial(ranks: int, steps: int, kills: int, rng: random.Random, workdir: Path, timeout: float) -> dict[str, Any]:
+    """One job, ``kills`` ranks SIGKILLed from outside at random times; its outcome."""
+    out = workdir / "run"
+    marl = str(Path(sys.executable).parent / "marl")
+    argv = [marl, "train", "traffic/2x2grid", "--test", "--eval-episodes", "1", "--algo-set", "num_steps=64",
+            "--ranks", str(ranks), "--fault-tolerance", "ulfm", "--steps", str(steps), "--out", str(out)]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_COMM_WORLD", "PMIX_", "PMI_", "CONCORD_MPI"))}
+    start = time.monotonic()
+    job = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                           start_new_session=True)  # fmt: skip
+    killed: list[int] = []
+    alive = list(range(ranks))
+    try:
+        for k in range(kills):
+            # The first kill lands after the job's first logged update, the second after two more.
+            while _updates(out) < 1 + 2 * k and job.poll() is None and time.monotonic() - start < timeout:
+                time.sleep(0.2)
+            time.sleep(rng.uniform(0.0, 3.0))
+            rank = rng.choice(alive)
+            pid = find_rank_pid(job.pid, rank)
+            if pid is None or job.poll() is not None:
+                break
+            os.kill(pid, signal.SIGKILL)
+            killed.append(rank)
+            alive.remove(rank)
+        _, err = job.communicate(timeout=max(1.0, timeout - (time.monotonic() - start)))
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)  # our own job's process group only
+        job.communicate()
+        err = "timed out"
+    result: dict[str, Any] = {"ranks": ranks, "killed": killed, "exit": job.returncode, "error": ""}
+    result["seconds"] = time.monotonic() - start
+    if job.returncode != 0:
+        result["error"] = (err or "").strip().splitlines()[-1:] or [""]
+        result["error"] = result["error"][0][:200]
+    if (out / "records.csv").exists():
+        result.update(check_records(out, killed))
+    return result
+
+
+@click.command("chaos")
+@click.option("--trials", type=int, default=5, help=f"Trials per rank count (1..{MAX_TRIALS}).")
+@click.option("--ranks", "ranks_text", default="3", help="Comma-separated rank counts, e.g. 3,4 (each >= 2).")
+@click.option("--kills", type=click.IntRange(1, 2), default=1, help="Ranks killed per trial, one after the other.")
+@click.option("--updates", type=int, default=10, help="Updates per training job (64 steps per rank each).")
+@click.option("--seed", type=int, default=0, help="Seed of the random choices (which rank, when).")
+@click.option("--timeout", type=float, default=300.0, help="Seconds before a trial counts as hung.")
+def command(trials: int, ranks_text: str, kills: int, updates: int, seed: int, timeout: float) -> None:
+    """Kill a random rank (rank 0 included) of real ULFM training jobs from outside; print whether
+    each survived with complete, duplicate-free records, and how fast it recovered."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from marl.core.config import check_local_processes
+    from marl.core.errors import ConfigError, show
+    from marl.distributed.launch import ulfm_problem
+
+    if not 1 <= trials <= MAX_TRIALS:
+        raise ConfigError(f"bad --trials {trials}; allowed: 1..{MAX_TRIALS}")
+    try:
+        counts = [int(x) for x in ranks_text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"bad --ranks {show(ranks_text)}; expected comma-separated integers, e.g. 3,4") from None
+    if not counts or min(counts) < 2 + (kills - 1):
+        raise ConfigError(f"bad --ranks {show(ranks_text)}; each count must leave a survivor: >= {kills + 1}")
+    for n in counts:
+        check_local_processes("--ranks", n, oversubscribe=True)
+    if not 3 <= updates <= 10_000:
+        raise ConfigError(f"bad --updates {updates}; allowed: 3..10000")
+    problem = ulfm_problem()
+    if problem is not None:
+        raise ConfigError(f"ULFM is unsupported here: {problem}")
+    console = Console()
+    rng = random.Random(seed)
+    results = []
+    for n in counts:
+        for t in range(trials):
+            with tempfile.TemporaryDirectory() as tmp, console.status(f"{n} ranks, trial {t + 1}/{trials}..."):
+                results.append(run_trial(n, 64 * n * updates, kills, rng, Path(tmp), timeout))
+    table = Table(title=f"chaos: allreduce + ULFM, {kills} kill(s) per trial (traffic/2x2grid)", header_style="bold")
+    for col in ("ranks", "killed", "exit", "updates", "complete", "dup rows", "recovery s", "lost s", "wall s"):
+        table.add_column(col, justify="right")
+    for r in results:
+        table.add_row(str(r["ranks"]), ",".join(map(str, r["killed"])) or "-", str(r["exit"]), str(r.get("updates", "-")),
+                      "yes" if r.get("complete") else "NO", str(r.get("duplicates", "-")),
+                      f"{r.get('recovery_s', float('nan')):.3f}", f"{r.get('lost_s', float('nan')):.2f}",
+                      f"{r['seconds']:.0f}")  # fmt: skip
+    console.print(table)
+    for n in counts:
+        mine = [r for r in results if r["ranks"] == n]
+        ok = sum(r["exit"] == 0 and bool(r.get("complete")) and r.get("duplicates") == 0 for r in mine)
+        worst = max((r.get("recovery_s", float("nan")) for r in mine), default=float("nan"))
+        console.print(f"{n} ranks: {ok}/{len(mine)} survived with complete records; worst recovery {worst:.3f} s")
+    for r in results:
+        if r["error"]:
+            console.print(f"  {r['ranks']} ranks, killed {r['killed']}: {r['error']}", markup=False)
