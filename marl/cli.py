@@ -59,6 +59,7 @@ BENCH_MODULES = {
     "scaling": "marl.bench.scaling",
     "scale": "marl.bench.scale",
     "recovery": "marl.bench.recovery",
+    "chaos": "marl.bench.chaos",
 }
 
 LIST_KINDS = ("scenarios", "controllers", "protocols", "algorithms")
@@ -84,9 +85,9 @@ def list_command(kind: str) -> None:
             for sid, spec in registry.scenarios().items()
         ]
     elif kind == "controllers":
-        columns = ("domain", "controller", "talks", "description")
+        columns = ("domain", "controller", "talks", "scenarios", "description")
         rows = [
-            (domain, name, "yes" if spec.uses_messages else "no", spec.description)
+            (domain, name, "yes" if spec.uses_messages else "no", ", ".join(spec.scenarios) or "all", spec.description)
             for (domain, name), spec in registry.controllers().items()
         ]
     elif kind == "protocols":
@@ -151,10 +152,16 @@ def run_command(
     controller_overrides = parse_sets(controller_set, "--controller-set")
     if policy is None:
         name = controller or spec.default_controller
-        controller_cls = registry.load(registry.controller_spec(spec.domain, name).entry_point)
+        controller_spec = registry.scenario_controller(scenario, name)
+        controller_cls = registry.load(controller_spec.entry_point)
         build_config(
             controller_cls.Config, controller_overrides, what="--controller-set key", owner=f"controller {name}"
         )
+        # A talking controller's own protocol when none is named (demand response's consensus
+        # needs its averaging rounds; with "none" a --channel would carry nothing).
+        given = click.get_current_context().get_parameter_source("protocol") != click.core.ParameterSource.DEFAULT
+        if not given and controller_spec.protocol != "none":
+            protocol = controller_spec.protocol
     overrides = parse_sets(set_)
     registry.scenario_config(scenario, overrides)
     if protocol != "none" or channel:

@@ -201,7 +201,7 @@ def plan_grid(
     (``--algo-set learning_rate=3e-4,1e-3``): every algorithm × setting is a method of its own,
     labelled ``ippo[learning_rate=1e-3]`` in keys, records and reports.
     """
-    spec = registry.scenario_spec(scenario)
+    registry.scenario_spec(scenario)  # an unknown scenario fails first, with the closest match
     if not methods:
         raise ConfigError("no methods to compare; give --controllers a,b or --algo NAME")
     if isinstance(seeds, int) and not 1 <= seeds <= MAX_SEEDS:
@@ -231,7 +231,7 @@ def plan_grid(
             raise ConfigError("--algo-set needs --algo; controllers take --controller-set in marl run")
         settings = [(m, ()) for m in dict.fromkeys(methods)]
         for method in methods:
-            talks[method] = registry.controller_spec(spec.domain, method).uses_messages
+            talks[method] = registry.scenario_controller(scenario, method).uses_messages
     else:
         settings = algo_settings(methods, algo_axes or {})
         talks.update(dict.fromkeys(methods, True))  # a learned policy may use any protocol

@@ -130,9 +130,8 @@ def policy_overrides(request: RunRequest) -> dict[str, Any]:
 
 
 def build_controller(scenario_id: str, name: str, env: Any, overrides: Mapping[str, Any] | None = None) -> Controller:
-    """Instantiate the named controller of the scenario's domain."""
-    domain = registry.scenario_spec(scenario_id).domain
-    spec = registry.controller_spec(domain, name)
+    """Instantiate the named controller of the scenario (one that applies to it)."""
+    spec = registry.scenario_controller(scenario_id, name)
     cls = registry.load(spec.entry_point)
     config = build_config(cls.Config, overrides, what="controller option")
     return cls(env, config)

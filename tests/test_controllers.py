@@ -25,6 +25,11 @@ SEED = 3
 CONTROLLERS = sorted(k for k in registry.controllers() if k[0] in SCENARIOS)
 
 
+def _scenario(domain: str, name: str) -> str:
+    """The scenario a controller is tested on: its own when it names one, else its domain's."""
+    return (registry.controller_spec(domain, name).scenarios or (SCENARIOS[domain],))[0]
+
+
 @pytest.fixture(scope="module")
 def envs() -> Iterator[dict[str, Any]]:
     """One env per domain, built on first use and closed at the end of the module (libsumo
@@ -35,21 +40,22 @@ def envs() -> Iterator[dict[str, Any]]:
         env.close()
 
 
-def _env(envs: dict[str, Any], domain: str) -> Any:
-    if domain not in envs:
-        envs[domain] = registry.make_scenario(SCENARIOS[domain], test=True)
-    return envs[domain]
+def _env(envs: dict[str, Any], scenario: str) -> Any:
+    if scenario not in envs:
+        envs[scenario] = registry.make_scenario(scenario, test=True)
+    return envs[scenario]
 
 
 def _episode(domain: str, name: str, env: Any) -> dict[str, float]:
     """A freshly built controller ``name`` through ``run_episode``, with comms if it talks."""
-    controller = build_controller(SCENARIOS[domain], name, env)
+    controller = build_controller(_scenario(domain, name), name, env)
     comms = None
-    if registry.controller_spec(domain, name).uses_messages:
+    spec = registry.controller_spec(domain, name)
+    if spec.uses_messages:
         from comms.runtime import build_comms
 
         comms = build_comms(
-            protocol="neighbours",
+            protocol=spec.protocol if spec.protocol != "none" else "neighbours",
             channel="",
             agents=list(env.possible_agents),
             payload_size=controller.payload_size,
@@ -68,24 +74,43 @@ def test_every_domain_has_controllers() -> None:
 
 @pytest.mark.parametrize(("domain", "name"), CONTROLLERS, ids=[f"{d}/{n}" for d, n in CONTROLLERS])
 def test_controller_runs_and_leaves_no_state_in_the_env(envs: dict[str, Any], domain: str, name: str) -> None:
-    env = _env(envs, domain)
+    scenario = _scenario(domain, name)
+    env = _env(envs, scenario)
     first = _episode(domain, name, env)
     assert first["env_steps"] >= 1
     bad = {k: v for k, v in first.items() if not math.isfinite(v)}
     assert not bad, f"non-finite KPIs {bad}"
-    assert registry.load(registry.scenario_spec(SCENARIOS[domain]).entry_point).main_kpi in first
-    # another controller of the domain on the same env, then this one again: same seeded KPIs
-    others = [n for d, n in CONTROLLERS if d == domain and n != name]
+    assert registry.load(registry.scenario_spec(scenario).entry_point).main_kpi in first
+    # another controller of the scenario on the same env, then this one again: same seeded KPIs
+    others = [n for n in registry.controllers_for(scenario) if n != name]
     _episode(domain, others[0], env)
     assert _episode(domain, name, env) == first
 
 
 def test_max_pressure_after_fixed_time_is_max_pressure(envs: dict[str, Any]) -> None:
     """The reviewer's sequence: max-pressure, fixed-time, max-pressure on one traffic env."""
-    env = _env(envs, "traffic")
+    env = _env(envs, SCENARIOS["traffic"])
     pressure = _episode("traffic", "max-pressure", env)
     fixed = _episode("traffic", "fixed-time", env)
     again = _episode("traffic", "max-pressure", env)
     assert again == pressure
     assert fixed["delay"] != pressure["delay"]  # fixed-time really ran the programme
     assert _episode("traffic", "fixed-time", env) == fixed
+
+
+def test_a_controller_is_refused_on_a_scenario_it_does_not_work_on() -> None:
+    # volt-var sets inverters' reactive power; the demand-response feeder has none to set, and the
+    # battery controllers have no inverters to drive on a voltage scenario.
+    from marl.core.errors import ConcordError
+
+    with pytest.raises(ConcordError, match=r"unknown controller for grid/demand-response 'volt-var'.*local-rule"):
+        registry.scenario_controller("grid/demand-response", "volt-var")
+    with pytest.raises(ConcordError, match="unknown controller for grid/ieee33 'lp-optimum'"):
+        registry.scenario_controller("grid/ieee33", "lp-optimum")
+    assert set(registry.controllers_for("grid/demand-response")) == {
+        "no-control",
+        "local-rule",
+        "lp-optimum",
+        "consensus",
+    }
+    assert "volt-var" in registry.controllers_for("grid/ieee33")

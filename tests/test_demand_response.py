@@ -159,3 +159,18 @@ def test_bench_grid_compares_the_env_with_runpp(tmp_path: Any) -> None:
     figures = json.loads(out.read_text())
     assert figures["agents"] == 41 and figures["max_abs_dv_pu"] <= 1e-6  # batteries and PV reach both solvers alike
     assert figures["env_step_ratio"] > 1
+
+
+def test_the_issue_command_talks_through_consensus_and_voltage_controllers_are_refused(tmp_path, capsys) -> None:
+    # `marl run grid/demand-response --controller consensus --channel drop=0.3`: with no --protocol the
+    # controller's own (consensus) carries its averaging rounds, so the lossy channel is really used.
+    out = tmp_path / "dr"
+    argv = ["run", "grid/demand-response", "--controller", "consensus", "--channel", "drop=0.3"]
+    assert main([*argv, "--set", "horizon=8", "--out", str(out)]) == 0
+    rows = (out / "records.csv").read_text().splitlines()[1:]
+    assert {tuple(r.split(",")[2:5]) for r in rows} == {("consensus", "consensus", "drop=0.3")}
+    delivered = [float(r.split(",")[-1]) for r in rows if r.split(",")[7] == "delivery_rate"]
+    assert delivered and 0.5 < delivered[0] < 0.9  # messages went over the lossy channel
+    capsys.readouterr()
+    assert main(["run", "grid/demand-response", "--controller", "volt-var", "--out", str(tmp_path / "v")]) == 2
+    assert "allowed: consensus, local-rule, lp-optimum, no-control" in capsys.readouterr().err

@@ -80,8 +80,7 @@ def measure_speed(
     from marl.core import registry
     from marl.training import TrainRequest, train
 
-    domain = registry.scenario_spec(scenario).domain
-    names = {n for (_, n) in registry.controllers(domain)}
+    names = set(registry.controllers_for(scenario))
     controller = "random" if "random" in names else registry.scenario_spec(scenario).default_controller
     before = env_steps_per_second(scenario, overrides, controller, steps, seed, test)
     result = train(
@@ -187,7 +186,8 @@ def plan_jobs(
             )
     for seed in range(seeds):
         for name in baselines:
-            protocol = "neighbours" if registry.controller_spec(domain, name).uses_messages else "none"
+            ctrl = registry.scenario_controller(scenario, name)
+            protocol = ctrl.protocol if ctrl.protocol != "none" else "neighbours" if ctrl.uses_messages else "none"
             add(
                 "run",
                 name,
@@ -380,12 +380,12 @@ def command(
     learners = _learners(methods, scenario)
     steps = spec.training.steps if steps is None else steps
     names = (
-        [n for (_, n) in registry.controllers(spec.domain)]
+        list(registry.controllers_for(scenario))
         if baselines.strip() == "all"
         else [b.strip() for b in baselines.split(",") if b.strip()]
     )
     for b in names:
-        registry.controller_spec(spec.domain, b)
+        registry.scenario_controller(scenario, b)
     most = PROCESSES_PER_CORE * (os.cpu_count() or 1)
     if steps < 1 or eval_episodes < 1 or speed_steps < 0 or seeds < 1 or not 1 <= jobs <= most:
         raise ConfigError(

@@ -40,6 +40,8 @@ __all__ = [
     "algorithms",
     "scenario_spec",
     "controller_spec",
+    "controllers_for",
+    "scenario_controller",
     "protocol_spec",
     "algorithm_spec",
     "make_scenario",
@@ -85,6 +87,9 @@ class ScenarioSpec:
     kwargs: Mapping[str, Any] = field(default_factory=dict)  #: preset config values
     test_kwargs: Mapping[str, Any] = field(default_factory=dict)  #: extra values for short test runs
     default_controller: str = "random"
+    #: The controllers of its domain that apply to it; None: every one that does not name
+    #: other scenarios (``ControllerSpec.scenarios``).
+    controllers: tuple[str, ...] | None = None
     training: TrainingPreset = field(default_factory=TrainingPreset)  #: defaults of ``marl train``
 
     @property
@@ -101,6 +106,11 @@ class ControllerSpec:
     entry_point: str
     description: str
     uses_messages: bool = False  #: True if the controller reads what the protocol delivers
+    #: The scenario ids it works on; empty: every scenario of its domain that accepts it
+    #: (``ScenarioSpec.controllers``).
+    scenarios: tuple[str, ...] = ()
+    #: What it talks through when ``marl run`` names no ``--protocol`` (talking controllers).
+    protocol: str = "none"
 
 
 @dataclass(frozen=True)
@@ -197,6 +207,25 @@ def scenario_spec(scenario_id: str) -> ScenarioSpec:
     if scenario_id not in table:
         raise unknown("scenario", scenario_id, table)
     return table[scenario_id]
+
+
+def controllers_for(scenario_id: str) -> dict[str, ControllerSpec]:
+    """The controllers that work on ``scenario_id``: of its domain, not limited to other
+    scenarios, and among the scenario's own list when it has one."""
+    spec = scenario_spec(scenario_id)
+    return {
+        name: c
+        for (_, name), c in controllers(spec.domain).items()
+        if (not c.scenarios or scenario_id in c.scenarios) and (spec.controllers is None or name in spec.controllers)
+    }
+
+
+def scenario_controller(scenario_id: str, name: str) -> ControllerSpec:
+    """The controller ``name`` of ``scenario_id``; a one-line error lists the ones that apply."""
+    table = controllers_for(scenario_id)
+    if name not in table:
+        raise unknown(f"controller for {scenario_id}", name, table)
+    return table[name]
 
 
 def controller_spec(domain: str, name: str) -> ControllerSpec:

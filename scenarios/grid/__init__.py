@@ -125,13 +125,16 @@ register_scenario(
         kwargs={"feeder": "1-LV-semiurb4--0-sw"},
         test_kwargs=_TEST,
         default_controller="no-control",
+        # The voltage controllers (volt-var, opf) set inverters' reactive power; there is none here.
+        controllers=("no-control", "local-rule", "lp-optimum", "consensus"),
     )
 )
 for _name, _cls, _desc, _talks in (
     ("local-rule", "LocalRule", "demand response: own PV surplus in, evening load out, night refill", False),
     ("lp-optimum", "LPOptimum", "demand response: peak-minimising LP, perfect foresight, centralised (HiGHS)", False),
-    ("consensus", "ConsensusShaving", "demand response: agree on the feeder load (use --protocol consensus)", True),
+    ("consensus", "ConsensusShaving", "demand response: agree on the feeder load over the channel", True),
 ):
     register_controller(
-        ControllerSpec("grid", _name, f"scenarios.grid.dr_controllers:{_cls}", _desc, uses_messages=_talks)
-    )
+        ControllerSpec("grid", _name, f"scenarios.grid.dr_controllers:{_cls}", _desc, uses_messages=_talks,
+                       scenarios=("grid/demand-response",), protocol="consensus" if _talks else "none")
+    )  # fmt: skip
