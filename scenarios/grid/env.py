@@ -103,7 +103,7 @@ from gymnasium import spaces
 
 from marl.core.errors import ConfigError
 from scenarios.base import Scenario
-from scenarios.grid.feeder import STEPS_PER_DAY, Feeder, PandapowerFlow, PowerFlow, load_feeder
+from scenarios.grid.feeder import STEPS_PER_DAY, Feeder, PandapowerFlow, PowerFlow, bus_agent_graph, load_feeder
 
 __all__ = ["GridConfig", "GridVoltageEnv", "barrier", "SUMMER_DAYS", "days_of"]
 
@@ -220,21 +220,7 @@ def _agent_graph(feeder_name: str, hops: int) -> nx.Graph:
     """Agents linked when their buses are within ``hops`` branches; ``distance``: Σ|z| in p.u."""
     feeder = load_feeder(feeder_name)
     buses = feeder.sgen_bus[feeder.agent_sgens]
-    g = nx.Graph()
-    names = [f"pv_{i}" for i in range(len(buses))]
-    g.add_nodes_from(names)
-    bus_agents: dict[int, list[int]] = {}
-    for i, b in enumerate(buses):
-        bus_agents.setdefault(int(b), []).append(i)
-    for b, members in bus_agents.items():
-        lengths = nx.single_source_shortest_path_length(feeder.graph, b, cutoff=hops)
-        dist = nx.single_source_dijkstra_path_length(feeder.graph, b, weight="z_pu")
-        for other, hop in lengths.items():
-            for i in members:
-                for j in bus_agents.get(int(other), []):
-                    if i < j:
-                        g.add_edge(names[i], names[j], distance=float(dist[other]), hops=int(hop))
-    return g
+    return bus_agent_graph(feeder, buses, [f"pv_{i}" for i in range(len(buses))], hops)
 
 
 class GridVoltageEnv(Scenario):
