@@ -152,7 +152,6 @@ def plan_jobs(
     from marl.core import registry
     from marl.results.cells import CELLS_DIR
 
-    domain = registry.scenario_spec(scenario).domain
     common = [f"--set={kv}" for kv in sets]
     jobs: list[Job] = []
 
