@@ -138,7 +138,7 @@ def test_chaos_bench_two_ranks_killed_from_outside_one_after_the_other() -> None
     # marl bench chaos SIGKILLs ranks from outside the job (not the job's own injection), at
     # random times; with a survivor left after both kills the job ends with complete records.
     proc = subprocess.run([str(MARL), "bench", "chaos", "--trials", "1", "--ranks", "3", "--kills", "2",
-                           "--updates", "6", "--seed", "0"], capture_output=True, text=True, timeout=400, cwd=ROOT)  # fmt: skip
+                           "--updates", "8", "--seed", "0"], capture_output=True, text=True, timeout=400, cwd=ROOT)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "3 ranks: 1/1 survived with complete records" in proc.stdout, proc.stdout[-2000:]
     bad = subprocess.run([str(MARL), "bench", "chaos", "--ranks", "2", "--kills", "2"], capture_output=True,

@@ -1,8 +1,9 @@
 """``marl bench chaos``: kill a random rank of a real training job from outside, and check it lives.
 
 Each trial starts ``marl train traffic/2x2grid --ranks R --fault-tolerance ulfm`` (short test
-episodes), waits until the job has logged its first update, waits a further random time, then
-SIGKILLs one rank process chosen at random (rank 0 included), found among the job's processes by
+episodes), waits until the job has logged a random update of its first half, waits a random
+moment into the next update (rollout, backward, allreduce or checkpoint), then SIGKILLs one rank
+process chosen at random (rank 0 included), found among the job's processes by
 its ``OMPI_COMM_WORLD_RANK``. Reported per trial:
 
 * whether the job exited 0, and its final update count;
@@ -76,8 +77,11 @@ def _updates(out: Path) -> int:
         return 0
 
 
-def check_records(out: Path, killed: list[int]) -> dict[str, Any]:
-    """What a user relies on after a failure: complete records, no duplicates, the events."""
+def check_records(out: Path, killed: list[int], logged_at_kill: list[int] | None = None) -> dict[str, Any]:
+    """What a user relies on after a failure: complete records, no duplicates, the events.
+
+    ``logged_at_kill[i]``: updates in the records when ``killed[i]`` died; a rank killed after the
+    last update (during the final evaluation) is no training failure and has no event."""
     with (out / "records.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     manifests = sorted((out / "manifests").glob("*.json"))
@@ -85,6 +89,8 @@ def check_records(out: Path, killed: list[int]) -> dict[str, Any]:
     keys = Counter((r["run_id"], r["episode"], r["metric"]) for r in rows)
     updates = sorted(int(r["episode"]) for r in rows if r["metric"] == "train_env_steps")
     done = int(manifest.get("updates_completed", -1))
+    at = logged_at_kill if logged_at_kill is not None else [-1] * len(killed)
+    expected = sorted(r for r, u in zip(killed, at) if u < done)
     events = manifest.get("events", [])
     failed = sorted(int(r["metric"].rsplit("_", 1)[1]) for r in rows if r["metric"].startswith("rank_failure_"))
     main_kpi = {r["metric"] for r in rows if not r["metric"].startswith(("train_", "eval_", "rank_"))}
@@ -94,8 +100,8 @@ def check_records(out: Path, killed: list[int]) -> dict[str, Any]:
             len(manifests) == 1
             and len({r["run_id"] for r in rows}) == 1
             and updates == list(range(1, done + 1))
-            and failed == sorted(killed)
-            and sorted(int(e["rank"]) for e in events) == sorted(killed)
+            and failed == expected
+            and sorted(int(e["rank"]) for e in events) == expected
             and bool(main_kpi)
         ),
         "duplicates": sum(n - 1 for n in keys.values() if n > 1),
@@ -104,8 +110,12 @@ def check_records(out: Path, killed: list[int]) -> dict[str, Any]:
     }
 
 
-def run_trial(ranks: int, steps: int, kills: int, rng: random.Random, workdir: Path, timeout: float) -> dict[str, Any]:
-    """One job, ``kills`` ranks SIGKILLed from outside at random times; its outcome."""
+def run_trial(
+    ranks: int, updates: int, kills: int, rng: random.Random, workdir: Path, timeout: float
+) -> dict[str, Any]:
+    """One job of ``updates`` updates (at full size), ``kills`` ranks SIGKILLed from outside at
+    random times; its outcome."""
+    steps = 64 * ranks * updates
     out = workdir / "run"
     marl = str(Path(sys.executable).parent / "marl")
     argv = [marl, "train", "traffic/2x2grid", "--test", "--eval-episodes", "1", "--algo-set", "num_steps=64",
@@ -115,17 +125,22 @@ def run_trial(ranks: int, steps: int, kills: int, rng: random.Random, workdir: P
     job = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
                            start_new_session=True)  # fmt: skip
     killed: list[int] = []
+    logged_at_kill: list[int] = []
     alive = list(range(ranks))
+    # When: after a random update of the first half of the job (the second kill a few updates
+    # later), at a random moment within the next update (rollout, backward, allreduce, checkpoint).
+    first = rng.randint(1, max(1, updates // 2))
+    targets = [first, first + rng.randint(1, max(1, updates // 3))][:kills]
     try:
-        for k in range(kills):
-            # The first kill lands after the job's first logged update, the second after two more.
-            while _updates(out) < 1 + 2 * k and job.poll() is None and time.monotonic() - start < timeout:
-                time.sleep(0.2)
-            time.sleep(rng.uniform(0.0, 3.0))
+        for target in targets:
+            while _updates(out) < target and job.poll() is None and time.monotonic() - start < timeout:
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 0.5))
             rank = rng.choice(alive)
             pid = find_rank_pid(job.pid, rank)
             if pid is None or job.poll() is not None:
                 break
+            logged_at_kill.append(_updates(out))
             os.kill(pid, signal.SIGKILL)
             killed.append(rank)
             alive.remove(rank)
@@ -140,7 +155,7 @@ def run_trial(ranks: int, steps: int, kills: int, rng: random.Random, workdir: P
         result["error"] = (err or "").strip().splitlines()[-1:] or [""]
         result["error"] = result["error"][0][:200]
     if (out / "records.csv").exists():
-        result.update(check_records(out, killed))
+        result.update(check_records(out, killed, logged_at_kill))
     return result
 
 
@@ -148,7 +163,7 @@ def run_trial(ranks: int, steps: int, kills: int, rng: random.Random, workdir: P
 @click.option("--trials", type=int, default=5, help=f"Trials per rank count (1..{MAX_TRIALS}).")
 @click.option("--ranks", "ranks_text", default="3", help="Comma-separated rank counts, e.g. 3,4 (each >= 2).")
 @click.option("--kills", type=click.IntRange(1, 2), default=1, help="Ranks killed per trial, one after the other.")
-@click.option("--updates", type=int, default=10, help="Updates per training job (64 steps per rank each).")
+@click.option("--updates", type=int, default=10, help="Updates per training job at full size (64 steps per rank each).")
 @click.option("--seed", type=int, default=0, help="Seed of the random choices (which rank, when).")
 @click.option("--timeout", type=float, default=300.0, help="Seconds before a trial counts as hung.")
 def command(trials: int, ranks_text: str, kills: int, updates: int, seed: int, timeout: float) -> None:
@@ -182,7 +197,7 @@ def command(trials: int, ranks_text: str, kills: int, updates: int, seed: int, t
     for n in counts:
         for t in range(trials):
             with tempfile.TemporaryDirectory() as tmp, console.status(f"{n} ranks, trial {t + 1}/{trials}..."):
-                results.append(run_trial(n, 64 * n * updates, kills, rng, Path(tmp), timeout))
+                results.append(run_trial(n, updates, kills, rng, Path(tmp), timeout))
     table = Table(title=f"chaos: allreduce + ULFM, {kills} kill(s) per trial (traffic/2x2grid)", header_style="bold")
     for col in ("ranks", "killed", "exit", "updates", "complete", "dup rows", "recovery s", "lost s", "wall s"):
         table.add_column(col, justify="right")
