@@ -100,3 +100,21 @@ def test_layout_accepts_simulator_ids_of_old_checkpoints():
     assert not env_layout.fits(old, {"tls_0": "B7", "tls_1": "A0"})  # same ids, other order
     wider = TeamLayout(agents=["tls_0", "tls_1"], obs_sizes=[4, 3], kind="discrete", action_sizes=[2, 2])
     assert not wider.fits(TeamLayout(**env_layout.to_meta()))
+
+
+def test_a_sampling_policy_plays_the_same_episode_for_the_same_seed():
+    # warehouse-style presets evaluate with sampled actions; the samples come from a generator
+    # seeded per episode, so marl run --policy repeats itself (it drew from torch's global one).
+    from marl.core import registry
+    from marl.episodes import run_episode
+    from marl.training.policy import policy_from_checkpoint
+
+    env = registry.make_scenario(SCENARIO, {"end": "200"})
+    try:
+        policy = policy_from_checkpoint(load_checkpoint(FIXTURE), env, SCENARIO)
+        policy.deterministic = False
+        first = run_episode(env, policy, None, seed=5)
+        torch.rand(7)  # the global generator moves on; the policy's samples must not
+        assert run_episode(env, policy, None, seed=5) == first
+    finally:
+        env.close()

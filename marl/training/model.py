@@ -68,13 +68,17 @@ def act(
     amask: np.ndarray | None,
     deterministic: bool,
     critic_in: np.ndarray | None = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[Any, Any, Any, Any]:
     """One batched no-grad forward for the whole team: (action [N..], logprob [N], comms output,
     value [N] or None). The value is computed in the same pass when ``critic_in`` is given.
 
     With a leading env axis (``obs`` [K, N, D], the other inputs alike: ``marl train --envs K``)
     the K teams go through one forward as a batch of K (messages stay within each team) and the
-    outputs keep that axis: action [K, N..], logprob [K, N], value [K, N]."""
+    outputs keep that axis: action [K, N..], logprob [K, N], value [K, N].
+
+    ``generator``: where sampled actions draw from (an evaluation seeds one per episode, so a
+    stochastic policy's episodes repeat); None: torch's global generator (training)."""
     envs = obs.ndim == 3
 
     def batch(a: np.ndarray) -> torch.Tensor:
@@ -91,11 +95,18 @@ def act(
             action = (
                 logp_all.argmax(-1)
                 if deterministic
-                else torch.multinomial(logp_all.reshape(-1, logp_all.shape[-1]).exp(), 1).reshape(logp_all.shape[:-1])
+                else torch.multinomial(logp_all.reshape(-1, logp_all.shape[-1]).exp(), 1, generator=generator).reshape(
+                    logp_all.shape[:-1]
+                )
             )
             logprob = logp_all.gather(-1, action.unsqueeze(-1)).squeeze(-1)
         else:
-            action = dist.mean if deterministic else dist.sample()
+            if deterministic:
+                action = dist.mean
+            elif generator is None:
+                action = dist.sample()
+            else:
+                action = dist.mean + dist.stddev * torch.randn(dist.mean.shape, generator=generator)
             logprob, _ = log_prob_entropy(dist, action)
         if cout is not None and cout.logprob is not None:
             logprob = logprob + cout.logprob

@@ -34,9 +34,12 @@ class PolicyController(Controller):
         self.model, self.layout, self.comm = model, layout, comm
         self.method_name = method
         self.deterministic = deterministic
+        #: Sampled actions draw from here, seeded by each episode's seed: evaluations repeat.
+        self.generator = torch.Generator()
 
     def reset(self, env: Any, seed: int | None = None) -> None:
         self.comm.reset(env, 0 if seed is None else int(seed))
+        self.generator.manual_seed(0 if seed is None else int(seed))
 
     def act(
         self, observations: dict[str, np.ndarray], env: Any, messages: dict[str, np.ndarray] | None = None
@@ -44,7 +47,7 @@ class PolicyController(Controller):
         obs = self.comm.augment(self.layout.obs_array(observations), env)
         delivered = self.comm.delivered(env)
         amask = self.layout.action_masks(getattr(env, "infos", None), env)
-        action, _, cout, _ = act(self.model, obs, delivered, amask, self.deterministic)
+        action, _, cout, _ = act(self.model, obs, delivered, amask, self.deterministic, generator=self.generator)
         if cout is not None:
             self.comm.count_bytes(cout.bytes_sent)
         action = self.model.clip_action(action)
