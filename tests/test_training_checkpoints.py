@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -118,3 +119,29 @@ def test_a_sampling_policy_plays_the_same_episode_for_the_same_seed():
         assert run_episode(env, policy, None, seed=5) == first
     finally:
         env.close()
+
+
+def test_continuous_actions_reach_the_env_inside_their_box():
+    # A Gaussian policy with a huge spread (std e^2 = 7.4) samples far outside [-1, 1]; what the
+    # grid env receives must still lie in its action box.
+    from marl.core import registry
+    from marl.episodes import run_episode
+    from marl.training import algorithm_config
+    from marl.training.communication import Communication
+    from marl.training.model import build_model
+    from marl.training.policy import PolicyController
+    from marl.training.request import algorithm_class
+
+    env = registry.make_scenario("grid/ieee33", test=True)
+    config = algorithm_config("ippo", {"init_logstd": 2.0})
+    layout = TeamLayout.of(env, "grid/ieee33", need_state=False)
+    comm = Communication("none", None, layout.agents, layout.obs_dim, 0, hidden_size=config.hidden_size)
+    policy = PolicyController(build_model(algorithm_class("ippo"), config, layout, comm), layout, comm, "ippo", False)
+    sent: list = []
+    step = env.step
+    env.step = lambda actions: (sent.append(actions), step(actions))[1]
+    run_episode(env, policy, None, seed=0)
+    box = env.action_space(env.possible_agents[0])
+    values = np.concatenate([a for actions in sent for a in actions.values()])
+    assert len(sent) == 8 and np.abs(values).max() == 1.0  # clipped: the spread reached the edges
+    assert all(box.contains(a) for actions in sent for a in actions.values())
