@@ -410,3 +410,13 @@ def test_update_interrupted_by_a_failure_is_redone_from_the_state_before_it() ->
     assert world.recoveries == 1
     assert torch.equal(model.weight, clean_model.weight) and torch.equal(model.bias, clean_model.bias)
     assert opt.state_dict()["state"][0]["step"] == clean_opt.state_dict()["state"][0]["step"] == 4
+
+
+def test_envs_per_rank_count_only_against_the_ranks_on_this_machine() -> None:
+    from marl.training.request import TrainRequest, check_envs
+
+    remote = TrainRequest(scenario="traffic/2x2grid", envs=4, dist=DistConfig(ranks=16, host="n1:8,n2:8"))
+    check_envs(remote, None, 16)  # 64 env processes, none of them here
+    local = TrainRequest(scenario="traffic/2x2grid", envs=100, dist=DistConfig(ranks=4))
+    with pytest.raises(ConcordError, match=r"bad --ranks 4 x --envs 100 = 400; allowed: 1\.\.\d+ on this machine"):
+        check_envs(local, None, 4)

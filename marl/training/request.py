@@ -224,8 +224,10 @@ def check_envs(request: TrainRequest, resumed: dict[str, Any] | None, ranks: int
     resumed run keeps the checkpoint's K (its buffers, scaler state and saved episodes are per env)."""
     if request.envs > 1:
         oversubscribe = bool(getattr(request.dist, "oversubscribe", False))
-        option = "--envs" if ranks == 1 else f"--ranks {ranks} x --envs"
-        check_local_processes(option, request.envs * ranks, oversubscribe=oversubscribe)
+        option = "--envs" if ranks == 1 else f"--ranks {ranks} x --envs {request.envs} ="
+        # With a hostfile only the ranks mpiexec maps to this machine run their envs here.
+        local = request.dist.local_ranks() if request.dist is not None and ranks > 1 else ranks
+        check_local_processes(option, request.envs * max(local, 1), oversubscribe=oversubscribe)
     theirs = int(resumed.get("envs", 1)) if resumed is not None else request.envs
     if resumed is not None and theirs != request.envs:
         raise CheckpointError(
