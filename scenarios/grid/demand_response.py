@@ -112,7 +112,7 @@ from gymnasium import spaces
 
 from marl.core.errors import ConfigError
 from scenarios.base import Scenario
-from scenarios.grid.env import HOURS_PER_STEP, days_of
+from scenarios.grid.env import HOURS_PER_STEP, FeederDays, days_of
 from scenarios.grid.feeder import (
     STEPS_PER_DAY,
     Feeder,
@@ -131,7 +131,7 @@ _OBS_HIGH = np.array([20, 20, 20, 1, 1, 1, 2, 4, 1, 1], dtype=np.float32)
 
 
 @dataclass
-class DRConfig:
+class DRConfig(FeederDays):
     feeder: str = field(default="1-LV-semiurb4--0-sw", metadata={"help": "a SimBench LV code (1-LV-rural2--0-sw, ...)"})
     load_scale: float = field(default=1.0, metadata={"help": "factor on every household load"})
     pv_share: float = field(default=0.5, metadata={"help": "share of households given rooftop PV (0..1)"})
@@ -145,15 +145,6 @@ class DRConfig:
     price_day: float = field(default=0.30, metadata={"help": "€/kWh from 07:00 to 17:00 and 21:00 to 22:00"})
     price_peak: float = field(default=0.40, metadata={"help": "€/kWh from 17:00 to 21:00"})
     feed_in: float = field(default=0.08, metadata={"help": "€/kWh paid for exports"})
-    horizon: int = field(default=96, metadata={"help": "steps of 15 min per episode"})
-    split: Literal["train", "eval", "all"] = field(default="train", metadata={"help": "which days episodes start on"})
-    season: Literal["all", "summer", "winter"] = field(
-        default="all", metadata={"help": "restrict days to Jun-Aug or Dec-Feb"}
-    )
-    day: int = field(default=-1, metadata={"help": "fixed start day 0..365 (-1: drawn from the seed)"})
-    holdout_every: int = field(default=5, metadata={"help": "every n-th day is held out for evaluation"})
-    v_min: float = field(default=0.95, metadata={"help": "lower voltage limit, p.u."})
-    v_max: float = field(default=1.05, metadata={"help": "upper voltage limit, p.u."})
     reward: Literal["shared", "local"] = field(default="shared", metadata={"help": "feeder-level or own terms"})
     peak_weight: float = field(default=1.0, metadata={"help": "reward weight of (import / mean import)²"})
     cost_weight: float = field(default=1.0, metadata={"help": "reward weight of the normalised bill"})
@@ -165,7 +156,8 @@ class DRConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("load_scale", "pv_kwp", "battery_kwh", "battery_kw", "horizon", "holdout_every", "max_iter"):
+        super().__post_init__()
+        for name in ("load_scale", "pv_kwp", "battery_kwh", "battery_kw", "max_iter"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"bad value for {name}: {getattr(self, name)}; expected > 0")
         for name in ("price_offpeak", "price_day", "price_peak", "feed_in", "peak_weight", "cost_weight", "soc_weight"):
@@ -179,16 +171,8 @@ class DRConfig:
             raise ConfigError(f"bad value for soc_min: {self.soc_min}; expected 0 <= x < 1")
         if not self.soc_min <= self.soc_init <= 1:
             raise ConfigError(f"bad value for soc_init: {self.soc_init}; expected soc_min..1 ({self.soc_min}..1)")
-        if not 0 < self.v_min < 1 < self.v_max:
-            raise ConfigError(f"bad voltage band [{self.v_min}, {self.v_max}]; expected v_min < 1 < v_max")
         if self.hops < 0:
             raise ConfigError(f"bad value for hops: {self.hops}; expected >= 0")
-        if self.holdout_every < 2 and self.split != "all":
-            raise ConfigError(f"bad value for holdout_every: {self.holdout_every}; expected >= 2")
-        if self.horizon > STEPS_PER_DAY and self.split != "all":
-            raise ConfigError(f"bad value for horizon: {self.horizon}; expected <= {STEPS_PER_DAY} unless split=all")
-        if not -1 <= self.day <= 365:
-            raise ConfigError(f"bad value for day: {self.day}; expected -1 or 0..365")
         if self.feeder.split("-")[1:2] != ["LV"]:
             raise ConfigError(f"bad feeder '{self.feeder}'; expected a SimBench LV code such as 1-LV-semiurb4--0-sw")
 
@@ -257,7 +241,7 @@ class DemandResponseEnv(Scenario):
         self.house_bus = f.load_bus.copy()
         names = [str(x) for x in f.net.load["name"]]
         self._sim_ids = dict(zip(self.possible_agents, names if len(set(names)) == n else map(str, range(n))))
-        self.days = days_of(c, f.n_steps // STEPS_PER_DAY)  # type: ignore[arg-type]  # same fields as GridConfig
+        self.days = days_of(c, f.n_steps // STEPS_PER_DAY)
         if len(self.days) == 0:
             raise ConfigError(f"no day in split={c.split} season={c.season}; allowed: another split or season")
         self.pf: PowerFlow | PandapowerFlow = (PowerFlow if c.solver == "lightsim2grid" else PandapowerFlow)(

@@ -105,7 +105,7 @@ from marl.core.errors import ConfigError
 from scenarios.base import Scenario
 from scenarios.grid.feeder import STEPS_PER_DAY, Feeder, PandapowerFlow, PowerFlow, bus_agent_graph, load_feeder
 
-__all__ = ["GridConfig", "GridVoltageEnv", "barrier", "SUMMER_DAYS", "days_of"]
+__all__ = ["FeederDays", "GridConfig", "GridVoltageEnv", "barrier", "SUMMER_DAYS", "days_of"]
 
 #: Days of the 2016 profile year from 1 June to 31 August (0-based, leap year).
 SUMMER_DAYS = range(152, 244)
@@ -115,15 +115,10 @@ HOURS_PER_STEP = 0.25
 
 
 @dataclass
-class GridConfig:
-    feeder: str = field(
-        default="1-MV-rural--0-sw",
-        metadata={"help": "any SimBench MV or LV code (1-MV-semiurb--0-sw, ...) or 'ieee33'"},
-    )
-    pv_scale: float = field(default=1.0, metadata={"help": "PV penetration: factor on every agent's rating and output"})
-    load_scale: float = field(default=1.0, metadata={"help": "factor on every load"})
-    inverter_oversize: float = field(default=1.1, metadata={"help": "inverter rating S / PV rated power"})
-    curtail: bool = field(default=False, metadata={"help": "agents may also curtail active power (2nd action)"})
+class FeederDays:
+    """What the grid scenarios share: which days of the profile year episodes play (held-out days
+    for evaluation), how long an episode is, and the voltage band that KPIs judge."""
+
     horizon: int = field(default=96, metadata={"help": "steps of 15 min per episode"})
     split: Literal["train", "eval", "all"] = field(default="train", metadata={"help": "which days episodes start on"})
     season: Literal["all", "summer", "winter"] = field(
@@ -133,6 +128,32 @@ class GridConfig:
     holdout_every: int = field(default=5, metadata={"help": "every n-th day is held out for evaluation"})
     v_min: float = field(default=0.95, metadata={"help": "lower voltage limit, p.u."})
     v_max: float = field(default=1.05, metadata={"help": "upper voltage limit, p.u."})
+
+    def __post_init__(self) -> None:
+        for name in ("horizon", "holdout_every"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"bad value for {name}: {getattr(self, name)}; expected > 0")
+        if not 0 < self.v_min < 1 < self.v_max:
+            raise ConfigError(f"bad voltage band [{self.v_min}, {self.v_max}]; expected v_min < 1 < v_max")
+        if self.holdout_every < 2 and self.split != "all":
+            raise ConfigError(f"bad value for holdout_every: {self.holdout_every}; expected >= 2")
+        if self.horizon > STEPS_PER_DAY and self.split != "all":
+            # a longer episode would run into the next day, which may belong to the other split
+            raise ConfigError(f"bad value for horizon: {self.horizon}; expected <= {STEPS_PER_DAY} unless split=all")
+        if not -1 <= self.day <= 365:
+            raise ConfigError(f"bad value for day: {self.day}; expected -1 or 0..365")
+
+
+@dataclass
+class GridConfig(FeederDays):
+    feeder: str = field(
+        default="1-MV-rural--0-sw",
+        metadata={"help": "any SimBench MV or LV code (1-MV-semiurb--0-sw, ...) or 'ieee33'"},
+    )
+    pv_scale: float = field(default=1.0, metadata={"help": "PV penetration: factor on every agent's rating and output"})
+    load_scale: float = field(default=1.0, metadata={"help": "factor on every load"})
+    inverter_oversize: float = field(default=1.1, metadata={"help": "inverter rating S / PV rated power"})
+    curtail: bool = field(default=False, metadata={"help": "agents may also curtail active power (2nd action)"})
     reward: Literal["shared", "local"] = field(default="shared", metadata={"help": "shared or local reward"})
     q_weight: float = field(default=0.1, metadata={"help": "cost per |q|/S"})
     curtail_weight: float = field(default=0.5, metadata={"help": "cost per curtailed p/S"})
@@ -159,6 +180,8 @@ class GridConfig:
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+
         def positive(name: str) -> None:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"bad value for {name}: {getattr(self, name)}; expected > 0")
@@ -166,8 +189,6 @@ class GridConfig:
         for name in (
             "pv_scale",
             "load_scale",
-            "horizon",
-            "holdout_every",
             "max_iter",
             "nonconverged_penalty",
             "residual_scale",
@@ -180,20 +201,11 @@ class GridConfig:
             raise ConfigError(f"bad value for inverter_oversize: {self.inverter_oversize}; expected >= 1")
         if not 0 <= self.residual_deadband < 1:
             raise ConfigError(f"bad value for residual_deadband: {self.residual_deadband}; expected 0 <= x < 1")
-        if not 0 < self.v_min < 1 < self.v_max:
-            raise ConfigError(f"bad voltage band [{self.v_min}, {self.v_max}]; expected v_min < 1 < v_max")
         if self.hops < 0:
             raise ConfigError(f"bad value for hops: {self.hops}; expected >= 0")
-        if self.holdout_every < 2 and self.split != "all":
-            raise ConfigError(f"bad value for holdout_every: {self.holdout_every}; expected >= 2")
-        if self.horizon > STEPS_PER_DAY and self.split != "all":
-            # a longer episode would run into the next day, which may belong to the other split
-            raise ConfigError(f"bad value for horizon: {self.horizon}; expected <= {STEPS_PER_DAY} unless split=all")
-        if not -1 <= self.day <= 365:
-            raise ConfigError(f"bad value for day: {self.day}; expected -1 or 0..365")
 
 
-def days_of(config: GridConfig, n_days: int = 366) -> np.ndarray:
+def days_of(config: FeederDays, n_days: int = 366) -> np.ndarray:
     """The days an episode may start on under ``config`` (split, season), ascending."""
     days = np.arange(n_days)
     held_out = days % config.holdout_every == config.holdout_every - 1
