@@ -118,15 +118,11 @@ def default_out_dir(scenario: str) -> Path:
     return Path("results") / f"{scenario.replace('/', '-')}-{stamp}"
 
 
-def policy_overrides(request: RunRequest) -> dict[str, Any]:
-    """The scenario options a ``--policy`` run uses: those the policy was trained with (its
+def policy_overrides(checkpoint: Mapping[str, Any], request: RunRequest) -> dict[str, Any]:
+    """The scenario options a ``--policy`` run uses: those the policy was trained with (the loaded
     checkpoint's ``--set`` values, e.g. ``action=residual``: the observations and actions it
     learned on), under the run's own ``--set`` (e.g. ``split=eval``), which win key by key."""
-    from marl.training.checkpoint import load_checkpoint
-
-    assert request.policy is not None
-    trained = load_checkpoint(request.policy)["meta"].get("overrides") or {}
-    return {**trained, **request.overrides}
+    return {**(checkpoint["meta"].get("overrides") or {}), **request.overrides}
 
 
 def build_controller(scenario_id: str, name: str, env: Any, overrides: Mapping[str, Any] | None = None) -> Controller:
@@ -202,13 +198,16 @@ def run(
     out_dir = Path(request.out) if request.out else default_out_dir(request.scenario)
     check_out_dir(out_dir)
     channel = request.channel_spec.canonical() if request.channel_spec is not None else ""
-    overrides = policy_overrides(request) if request.policy is not None else request.overrides
+    checkpoint = None
+    if request.policy is not None:
+        from marl.training import load_checkpoint, policy_controller
+
+        checkpoint = load_checkpoint(request.policy)  # once: its options build the env, its weights act
+    overrides = policy_overrides(checkpoint, request) if checkpoint is not None else request.overrides
     env = registry.make_scenario(request.scenario, overrides, test=request.test)
     try:
-        if request.policy is not None:
-            from marl.training import policy_controller
-
-            controller = policy_controller(request.policy, env, request.scenario, channel=request.channel_spec)
+        if checkpoint is not None:
+            controller = policy_controller(checkpoint, env, request.scenario, channel=request.channel_spec)
             method = controller.method_name
         else:
             name = request.controller or spec.default_controller

@@ -103,8 +103,11 @@ def policy_from_checkpoint(
     )
 
 
-def policy_controller(path: str | Path, env: Any, scenario_id: str, channel: Any = None) -> PolicyController:
-    """The trained policy saved at ``path`` as a controller for ``env`` (``marl run --policy``).
+def policy_controller(
+    path: str | Path | dict[str, Any], env: Any, scenario_id: str, channel: Any = None
+) -> PolicyController:
+    """The trained policy saved at ``path`` (or a checkpoint :func:`load_checkpoint` returned) as a
+    controller for ``env`` (``marl run --policy``).
 
     It evaluates under ``channel`` (a ChannelSpec, or a spec string), by default the channel it was
     trained with (stored in the checkpoint), with the most likely action unless the config said
@@ -115,4 +118,5 @@ def policy_controller(path: str | Path, env: Any, scenario_id: str, channel: Any
         from comms.channel import parse_channel
 
         channel = parse_channel(channel)
-    return policy_from_checkpoint(load_checkpoint(path), env, scenario_id, channel=channel)
+    state = path if isinstance(path, dict) else load_checkpoint(path)
+    return policy_from_checkpoint(state, env, scenario_id, channel=channel)
