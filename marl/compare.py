@@ -76,8 +76,8 @@ class Cell:
     """One unit of work: a method on a scenario with one protocol, channel and seed."""
 
     scenario: str
-    method: str  #: controller name, or algorithm name when kind == "algo"
-    kind: Literal["controller", "algo"]
+    method: str  #: controller name, algorithm name when kind == "algo", the user's name when "policy"
+    kind: Literal["controller", "algo", "policy"]
     protocol: str
     channel: str  #: channel spec string; "" is a perfect channel
     seed: int
@@ -85,6 +85,7 @@ class Cell:
     overrides: tuple[tuple[str, str], ...] = ()  #: --set pairs, sorted
     steps: int | None = None  #: training environment steps (algo cells)
     algo_overrides: tuple[tuple[str, str], ...] = ()  #: --algo-set pairs of this setting, sorted (algo cells)
+    policy: str = ""  #: checkpoint file of a trained policy (policy cells)
 
     @property
     def label(self) -> str:
@@ -99,6 +100,8 @@ class Cell:
         data = asdict(self)
         data["overrides"] = dict(self.overrides)
         data["algo_overrides"] = dict(self.algo_overrides)
+        if not self.policy:  # cells of other kinds keep the cell.json they had before policies existed
+            del data["policy"]
         return data
 
 
@@ -185,6 +188,7 @@ def plan_grid(
     overrides: Mapping[str, str] | None = None,
     steps: int | None = None,
     algo_axes: Mapping[str, Sequence[str]] | None = None,
+    policies: Mapping[str, str] | None = None,
 ) -> GridPlan:
     """Validate every name up front (before any simulator starts) and list the cells.
 
@@ -200,9 +204,14 @@ def plan_grid(
     With ``kind="algo"``, ``methods`` are algorithms and ``algo_axes`` their hyper-parameter grid
     (``--algo-set learning_rate=3e-4,1e-3``): every algorithm × setting is a method of its own,
     labelled ``ippo[learning_rate=1e-3]`` in keys, records and reports.
+
+    ``policies`` (``{name: checkpoint}``, ``--policy NAME=PATH``) adds trained policies beside the
+    controllers, scored on the same episodes: each talks through the protocol it was trained with
+    (its cells' protocol, whatever ``protocols`` says), under every channel setting when it talks.
     """
     registry.scenario_spec(scenario)  # an unknown scenario fails first, with the closest match
-    if not methods:
+    trained = _policy_protocols(policies or {}, methods if kind == "controller" else ())
+    if not methods and not trained:
         raise ConfigError("no methods to compare; give --controllers a,b or --algo NAME")
     if isinstance(seeds, int) and not 1 <= seeds <= MAX_SEEDS:
         raise ConfigError(f"bad --seeds {seeds}; allowed: 1..{MAX_SEEDS}")
@@ -232,6 +241,9 @@ def plan_grid(
         settings = [(m, ()) for m in dict.fromkeys(methods)]
         for method in methods:
             talks[method] = registry.scenario_controller(scenario, method).uses_messages
+        # Trained policies: their own protocol; as for any method, "none" needs one perfect channel.
+        settings += [(name, ()) for name in trained]
+        talks.update(dict.fromkeys(trained, True))  # a silent one is handled as protocol none below
     else:
         settings = algo_settings(methods, algo_axes or {})
         talks.update(dict.fromkeys(methods, True))  # a learned policy may use any protocol
@@ -239,7 +251,8 @@ def plan_grid(
     cells: list[Cell] = []
     skipped: list[Skipped] = []
     for method, setting in settings:
-        combos = [(p, c) for p in dict.fromkeys(protocols) for c in dict.fromkeys(channel_texts)]
+        method_protocols = [trained[method]] if method in trained else list(dict.fromkeys(protocols))
+        combos = [(p, c) for p in method_protocols for c in dict.fromkeys(channel_texts)]
         if not talks[method]:
             # Protocol and channel cannot change a controller that never reads messages: one run
             # per seed as the no-communication baseline; the rest are skipped with the reason.
@@ -255,7 +268,7 @@ def plan_grid(
                         )
                     )
             combos = [("none", "")]
-        elif "none" in protocols:
+        elif "none" in method_protocols:
             # Protocol none sends nothing, so the channel cannot change the result either: one run
             # per seed on a perfect channel is the no-communication baseline of this method.
             for c in dict.fromkeys(channel_texts):
@@ -273,6 +286,12 @@ def plan_grid(
             combos.insert(0, ("none", ""))
         for protocol, channel in combos:
             for seed in seed_list:
+                if method in trained:
+                    cells.append(
+                        Cell(scenario, method, "policy", protocol, channel, seed, episodes, sorted_overrides,
+                             policy=str((policies or {})[method]))
+                    )  # fmt: skip
+                    continue
                 cells.append(
                     Cell(scenario, method, kind, protocol, channel, seed, episodes, sorted_overrides, steps, setting)
                 )
@@ -285,6 +304,21 @@ def plan_grid(
     if len(set(keys)) != len(keys):
         raise ConfigError("two cells map to the same directory; check for duplicate channel specs")
     return GridPlan(scenario, cells, skipped)
+
+
+def _policy_protocols(policies: Mapping[str, str], controllers: Sequence[str]) -> dict[str, str]:
+    """Each trained policy's protocol, read from its checkpoint's metadata (weights only, checked),
+    so a missing or foreign file fails before any cell runs; names must be new method names."""
+    from marl.training import load_checkpoint
+
+    protocols = {}
+    for name, path in policies.items():
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", name):
+            raise ConfigError(f"bad --policy name {name!r}; allowed: letters, digits and _ . + - (e.g. idqn-full)")
+        if name in controllers:
+            raise ConfigError(f"bad --policy name {name!r}: it is also a controller; give the policy another name")
+        protocols[name] = str(load_checkpoint(path)["meta"]["protocol"])
+    return protocols
 
 
 def _preflight_child(scenario: str, overrides: dict[str, str], channels: list[ChannelSpec]) -> None:
@@ -385,6 +419,30 @@ def _run_controller_cell(cell: Cell, cell_dir: Path) -> None:
     )
 
 
+def _run_policy_cell(cell: Cell, cell_dir: Path) -> None:
+    """Score a trained policy as ``marl run --policy`` does, then name its rows after the cell."""
+    from marl.results.records import RecordWriter
+    from marl.runner import RunRequest, run
+
+    def on_episode(i: int, _: Any) -> None:
+        _report(cell.key, fraction=(i + 1) / cell.episodes)
+
+    run(
+        RunRequest(
+            scenario=cell.scenario,
+            policy=cell.policy,
+            episodes=cell.episodes,
+            seed=cell.seed,
+            out=str(cell_dir),
+            overrides=dict(cell.overrides),
+            channel=cell.channel,
+        ),
+        on_episode=on_episode,
+    )
+    # Before done.json exists, so an interrupted rewrite is redone with the whole cell.
+    RecordWriter(cell_dir).relabel(lambda _method: cell.method)
+
+
 def _run_algo_cell(cell: Cell, cell_dir: Path) -> None:
     """Train ``cell.method`` for ``cell.steps`` steps; training writes its eval records to out."""
     import dataclasses
@@ -449,6 +507,8 @@ def execute_cell(cell: Cell, out_dir: str, inject_failure: str = "") -> CellOutc
         _inject_failure(cell, inject_failure)
         if cell.kind == "controller":
             _run_controller_cell(cell, cell_dir)
+        elif cell.kind == "policy":
+            _run_policy_cell(cell, cell_dir)
         else:
             _run_algo_cell(cell, cell_dir)
     except BaseException as exc:

@@ -87,6 +87,11 @@ class RunRequest:
             raise ConfigError(f"bad --episodes {self.episodes}; expected an integer >= 1")
         if self.seed < 0:
             raise ConfigError(f"bad --seed {self.seed}; expected an integer >= 0")
+        if self.policy is not None and self.protocol != "none":
+            raise ConfigError(
+                f"bad --protocol {self.protocol} with --policy {self.policy}: the trained policy talks through "
+                "the protocol it was trained with; allowed: --protocol none (the default)"
+            )
         if self.policy is not None and (self.controller is not None or self.controller_overrides):
             given = f"--controller {self.controller}" if self.controller is not None else "--controller-set"
             raise ConfigError(
@@ -153,7 +158,9 @@ def _build_comms(request: RunRequest, env: Any, payload_size: int) -> Any:
     )
 
 
-def recorded_episodes(out_dir: Path, request: RunRequest, method: str, channel: str) -> dict[int, dict[str, float]]:
+def recorded_episodes(
+    out_dir: Path, request: RunRequest, method: str, protocol: str, channel: str
+) -> dict[int, dict[str, float]]:
     """KPIs of the episodes of this request already in ``out_dir`` (by episode number).
 
     Rows with this run's key (scenario, method, protocol, channel, seed) written by a run with a
@@ -162,7 +169,7 @@ def recorded_episodes(out_dir: Path, request: RunRequest, method: str, channel: 
     path = out_dir / RECORDS_FILE
     if not path.exists():
         return {}
-    key = [request.scenario, method, request.protocol, channel, str(request.seed)]
+    key = [request.scenario, method, protocol, channel, str(request.seed)]
     with path.open(newline="") as fh:
         rows = [
             r for r in csv.DictReader(fh) if [r["scenario"], r["method"], r["protocol"], r["channel"], r["seed"]] == key
@@ -208,16 +215,18 @@ def run(
     try:
         if checkpoint is not None:
             controller = policy_controller(checkpoint, env, request.scenario, channel=request.channel_spec)
-            method = controller.method_name
+            # Rows as training's evaluation writes them: method = algorithm, protocol = the one it
+            # was trained with (a learned one such as tarmac included), so the two are comparable.
+            method, protocol = checkpoint["meta"]["algo"], checkpoint["meta"]["protocol"]
         else:
             name = request.controller or spec.default_controller
             controller = build_controller(request.scenario, name, env, request.controller_overrides)
-            method = method_label(name, request.controller_overrides)
+            method, protocol = method_label(name, request.controller_overrides), request.protocol
         comms = _build_comms(request, env, controller.payload_size)
 
         run_id = new_run_id()
         seeds = episode_seeds(request.seed, request.episodes)
-        done = recorded_episodes(out_dir, request, method, channel)
+        done = recorded_episodes(out_dir, request, method, protocol, channel)
         scenario_config = asdict(env.config) if hasattr(env, "config") else None
         manifest: dict[str, Any] = {
             "run_id": run_id,
@@ -252,7 +261,7 @@ def run(
                     run_id,
                     request.scenario,
                     method,
-                    request.protocol,
+                    protocol,
                     channel,
                     request.seed,
                     episode,

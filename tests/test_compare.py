@@ -93,7 +93,7 @@ def test_bad_input_fails_before_any_cell_runs(tmp_path, capsys):
     assert main(["compare", SCENARIO, "--controllers", "greedy", "--protocols", "gosip", "--out", out]) == 2
     assert "did you mean 'gossip'" in capsys.readouterr().err
     assert main(["compare", SCENARIO, "--out", out]) == 2
-    assert "exactly one of" in capsys.readouterr().err
+    assert "give --controllers a,b and/or --policy NAME=PATH, or --algo NAME" in capsys.readouterr().err
     assert main(["compare", SCENARIO, "--controllers", "greedy", "--seeds", "0", "--out", out]) == 2
     assert main(["compare", SCENARIO, "--controllers", "greedy", "--channel", "drop=0.1,drop=0.2", "--out", out]) == 2
     assert "'drop' given twice" in capsys.readouterr().err

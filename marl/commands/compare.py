@@ -9,6 +9,9 @@ Examples::
         --seeds 3 --ranks 2 --out results/ippo-comms
     marl compare traffic/grid4x4 --algo ippo,idqn --algo-set learning_rate=3e-4,1e-3 \\
         --steps 36000 --seeds 3 --episodes 3 --jobs 2 --out results/sweep   # 4 settings x 3 seeds
+    marl compare traffic/grid4x4 --controllers max-pressure \
+        --policy idqn=results/reference/checkpoints/grid4x4-full-idqn.pt \
+        --channel drop=0 --channel drop=0.3 --seeds 3 --out results/learned   # trained beside rules
 
 Every cell runs in its own process and writes its own directory, so the command is resumable:
 run it again and only unfinished cells run. A failed cell is recorded (cells/<key>/error.txt,
@@ -61,6 +64,14 @@ def _split(text: str | None) -> list[str]:
     metavar="KEY=V1,V2",
     help="A hyper-parameter axis of the sweep (repeatable): every combination of the values is a setting.",
 )
+@click.option(
+    "--policy",
+    "policies",
+    multiple=True,
+    metavar="NAME=PATH",
+    help="A trained policy (a 'marl train' checkpoint) scored beside the controllers on the same episodes, "
+    "under its own protocol and every --channel (repeatable).",
+)
 @click.option("--steps", type=int, default=None, help="Training steps per cell (with --algo).")
 @click.option("--protocols", default="none", help="Comma-separated protocols (see 'marl list protocols').")
 @channels_option
@@ -79,6 +90,7 @@ def command(
     controllers: str | None,
     algo: str | None,
     algo_set: tuple[str, ...],
+    policies: tuple[str, ...],
     steps: int | None,
     protocols: str,
     channels: tuple[str, ...],
@@ -105,8 +117,8 @@ def command(
     # emoji=False: user values such as a cell key or error text with ":x:" must print verbatim.
     err = Console(stderr=True, highlight=False, emoji=False)
     # Every check below runs before any cell, simulator or MPI launcher starts (exit code 2).
-    if (controllers is None) == (algo is None):
-        raise ConfigError("give exactly one of --controllers a,b or --algo NAME")
+    if (controllers is None and not policies) == (algo is None):
+        raise ConfigError("give --controllers a,b and/or --policy NAME=PATH, or --algo NAME (not both kinds)")
     if algo is not None and (steps is None or steps < 1):
         raise ConfigError(f"bad --steps {steps}; --algo needs --steps N with N >= 1")
     if jobs is not None and jobs < 1:
@@ -123,9 +135,10 @@ def command(
     channel_specs = [parse_channel(text) for text in channels]  # parsed once, here; trusted inside
     plan = plan_grid(
         scenario,
-        methods=_split(controllers if controllers is not None else algo),
-        kind="controller" if controllers is not None else "algo",
+        methods=_split(algo if algo is not None else controllers),
+        kind="algo" if algo is not None else "controller",
         algo_axes=_axes(algo_set),
+        policies=_named_paths(policies),
         protocols=_split(protocols) or ["none"],
         channels=channel_specs,  # plan_grid dedupes by canonical spelling
         seeds=seeds,
@@ -208,6 +221,21 @@ def _axes(items: tuple[str, ...]) -> dict[str, list[str]]:
             raise ConfigError(f"bad --algo-set {show(item)}: {key.strip()} is given twice; list its values once")
         axes[key.strip()] = _split(values)
     return axes
+
+
+def _named_paths(items: tuple[str, ...]) -> dict[str, str]:
+    """``("idqn=runs/a",)`` -> ``{"idqn": "runs/a"}``; a name given twice is refused."""
+    from marl.core.errors import ConfigError, show
+
+    named: dict[str, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ConfigError(f"bad --policy {show(item)}; expected NAME=PATH, e.g. idqn=results/train-run")
+        if name.strip() in named:
+            raise ConfigError(f"bad --policy {show(item)}: the name {name.strip()} is given twice")
+        named[name.strip()] = path.strip()
+    return named
 
 
 def _listing(keys: list[str], limit: int = 5) -> str:
