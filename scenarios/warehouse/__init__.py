@@ -68,11 +68,33 @@ _MEDIUM_NOTE = (
 _warehouse("medium", 50, "18x44 floor, 300 racks, 10 stations", replace(_SMALL_TRAINING, note=_MEDIUM_NOTE))
 _warehouse("large", 200, "39x84 floor, 1440 racks, 24 stations", replace(_SMALL_TRAINING, note=_UNMEASURED))
 
+#: warehouse/xl: League-of-Robot-Runners size. Its 498 x 500 floor has 75,030 goal cells, whose
+#: dense tables would need about 93 GB, so it runs on a distance-field cache of at most
+#: ``dist_cache`` fields (LRU, 1 MiB each). The test preset keeps the same settings on the
+#: large floor with 50 robots (a scaled-down xl: lazy distances, the rolling planner), so the
+#: conformance suite stays cheap.
+_XL_CACHE = 512
+register_scenario(
+    ScenarioSpec(
+        id="warehouse/xl",
+        entry_point=_ENV,
+        description="10000 robots, 498x500 floor, 148500 racks, 330 stations; distance fields cached on demand",
+        simulator="numpy",
+        n_agents=None,  # 10,000; the test preset runs 50 on the large floor
+        kwargs={"map_file": "xl.map", "n_robots": 10_000, "dist_cache": _XL_CACHE, "horizon": 500},
+        test_kwargs={"map_file": "large.map", "n_robots": 50, "dist_cache": 64, "horizon": 30},
+        default_controller="rolling",
+        training=replace(_SMALL_TRAINING, note="warehouse/small's settings; nobody has trained on 10,000 robots"),
+    )
+)
+
 _CTRL = "scenarios.warehouse.controllers:"
 for _name, _cls, _text in (
     ("random", "RandomController", "uniform random valid moves"),
     ("greedy", "GreedyController", "each robot steps along its shortest path; waits on conflict"),
     ("prioritized", "PrioritizedController",
      "windowed cooperative A* with a reservation table (WHCA*, Silver 2005)"),
+    ("rolling", "RollingController",
+     "rolling-horizon prioritized planning in a time budget per step, rule-based fallback (10,000 robots)"),
 ):  # fmt: skip
     register_controller(ControllerSpec("warehouse", _name, _CTRL + _cls, _text))

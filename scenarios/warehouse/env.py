@@ -23,8 +23,8 @@ step on the station while carrying. Released, unassigned tasks wait in a FIFO qu
 new one is released (rack and station uniform at random from the env's seeded generator), so
 robots are never starved. At reset and after every step each queued task, oldest first, goes to
 the **nearest free robot** by shortest-path distance to its pick cell (ties: lowest robot index)
-until no free robot is left. ``service_time`` therefore includes the time a task waits in the
-queue.
+until no free robot is left (on a lazy floor, see below: nearest by Manhattan distance).
+``service_time`` therefore includes the time a task waits in the queue.
 
 **Collisions** (resolved every step, vectorised; priority = robot index, lower wins):
 
@@ -43,7 +43,20 @@ egocentric window of obstacles (racks, walls, off-map = 1) and of other robots (
 row-major; then goal offset ``(d_row / H, d_col / W)`` in [-1, 1]; shortest-path distance to the
 goal divided by the longest distance on the floor, in [0, 1]; carrying flag; has-task flag; and a
 one-hot hint of the shortest-path move (up, down, left, right; all 0 at the goal or without a
-task). The goal is the pick cell before picking and the station after.
+task). The goal is the pick cell before picking and the station after. ``infos[agent]`` is a
+dict shared by every robot on the same cell: read it, do not write to it.
+
+**Lazy floors** (``dist_cache=K``, warehouse/xl). Dense distance tables grow as goals x cells
+(xl's 498 x 500 floor has 75,030 goal cells: about 93 GB), so with ``dist_cache`` set the layout
+builds none and keeps at most ``K`` exact distance fields, computed by BFS when first needed
+(:class:`~scenarios.warehouse.layout.DistanceFields`, least recently used evicted). Reading an
+exact distance for 10,000 different goals every step would need a BFS per goal and step, so on a
+lazy floor the observation's distance is the **Manhattan** distance divided by ``H + W - 2``,
+its hint the first of up, down, left, right that lowers the Manhattan distance without bumping
+into a rack or wall (:meth:`WarehouseEnv.manhattan_actions`), the shaping potential uses
+Manhattan lengths and tasks go to the nearest free robot by Manhattan distance. Collisions,
+tasks, KPIs and the state are as on any floor. ``shortest_path_actions()`` stays exact (one
+field per distinct goal, from the cache). Floors up to 1,000,000 cells are allowed then.
 
 **State** (``state()``, ``state_space``): for every robot its row/H, col/W, goal row/H, goal
 col/W, carrying, has-task; then the elapsed share of the horizon. Size ``6*n + 1``.
@@ -76,12 +89,14 @@ step. :meth:`WarehouseEnv.topology_edges` gives the (E, 2) index pairs without b
 
 **For baselines and learners.** Arrays over robots: ``pos`` (cell = row * width + col),
 ``task``, ``carrying``, ``last_moved``, ``last_refused``; ``layout`` (static tables, BFS
-distances); ``goal_targets()``, ``goal_cells()``, ``shortest_path_actions()``; ``step_array``
+distances: ``layout.field(target)`` on any floor); ``goal_targets()``, ``goal_cells()``,
+``shortest_path_actions()``, ``field_actions(goals)``, ``manhattan_actions()``; ``step_array``
 (the vectorised step without dicts); ``task_table()``.
 
 **Arguments**: see :class:`WarehouseConfig`.
 
-**Version history.** v0: first version.
+**Version history.** v0: first version; lazy floors (``dist_cache``) and warehouse/xl added
+without changing anything on dense floors.
 """
 
 from __future__ import annotations
@@ -126,6 +141,13 @@ class WarehouseConfig:
     shaping_gamma: float = field(
         default=0.99, metadata={"help": "discount in the shaping term; set it to the learner's gamma"}
     )
+    dist_cache: int | None = field(
+        default=None,
+        metadata={
+            "help": "none: dense distance tables for every goal (small floors); K: no tables, at most K "
+            "distance fields cached on demand (LRU; floors up to 1,000,000 cells, K x cells x 4 bytes <= 1 GiB)"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.n_robots < 1:
@@ -144,6 +166,8 @@ class WarehouseConfig:
             raise ConfigError(f"bad shaping {self.shaping}; expected a number >= 0 (0 turns shaping off)")
         if not 0.0 < self.shaping_gamma <= 1.0:
             raise ConfigError(f"bad shaping_gamma {self.shaping_gamma}; expected a number in (0, 1]")
+        if self.dist_cache is not None and (isinstance(self.dist_cache, bool) or self.dist_cache < 1):
+            raise ConfigError(f"bad dist_cache {self.dist_cache}; expected an integer >= 1 or none")
         resolve_map_path(self.map_file)  # a missing file fails with the config, before any run
 
 
@@ -207,7 +231,7 @@ class WarehouseEnv(Scenario):
         self.config = config if config is not None else WarehouseConfig()
         self._set_render_mode(render_mode)
         cfg = self.config
-        self.layout = layout if layout is not None else layout_from_file(cfg.map_file)
+        self.layout = layout if layout is not None else layout_from_file(cfg.map_file, cfg.dist_cache)
         lay = self.layout
         n = cfg.n_robots
         if n > lay.spawn_cells.size:
@@ -232,17 +256,29 @@ class WarehouseEnv(Scenario):
         self._pad_index = (rows + r) * self._pw + (cols + r)
         dr, dc = np.meshgrid(np.arange(-r, r + 1), np.arange(-r, r + 1), indexing="ij")
         self._offsets = (dr * self._pw + dc).reshape(-1)
-        self._static_window = pad_static.reshape(-1)[self._pad_index[:, None] + self._offsets[None, :]]
+        # int8 padded grids (a quarter of a MB on a 500 x 500 floor) stay in cache while one
+        # gather reads every robot's window; a per-cell window table would be 25 MB there.
+        self._static_pad = pad_static.reshape(-1).astype(np.int8)
         self._pad_size = pad_static.size
-        self._robot_pad = np.zeros(pad_static.size, dtype=np.float32)
+        self._robot_pad = np.zeros(pad_static.size, dtype=np.int8)
         self._hint_codes = np.arange(1, 5)[None, :]
         masks = lay.action_valid.astype(np.int8)  # int8: what Discrete.sample(mask) takes
         masks.flags.writeable = False
         self._mask_rows = list(masks)
+        #: One read-only info dict per cell, shared by every robot standing there at any step
+        #: (building 10,000 dicts a step cost more than the whole simulation step).
+        self._info_rows = [{"action_mask": row} for row in self._mask_rows]
+        # Bits of the moves the floor allows (1 up, 2 down, 4 left, 8 right) and, for each 4-bit
+        # set of wanted moves, its first one as an action (0: none): the lazy-floor hint.
+        self._valid_bits = (lay.action_valid[:, 1:] * np.array([1, 2, 4, 8])).sum(axis=1).astype(np.int64)
+        self._first_move = np.array([0] + [(b & -b).bit_length() for b in range(1, 16)], dtype=np.int64)
         self._rows = rows
         self._cols = cols
-        finite = lay.dist[lay.dist < UNREACHABLE]
-        self._max_dist = float(max(1, finite.max() if finite.size else 1))
+        if lay.dist is not None:
+            finite = lay.dist[lay.dist < UNREACHABLE]
+            self._max_dist = float(max(1, finite.max() if finite.size else 1))
+        else:  # lazy floors: the goal features are Manhattan distances (env card)
+            self._max_dist = float(max(1, H + W - 2))
         self.obs_size = 2 * self._k + 9
         box = spaces.Box(low=-1.0, high=1.0, shape=(self.obs_size,), dtype=np.float32)
         self._observation_spaces = dict.fromkeys(self.possible_agents, box)
@@ -397,6 +433,9 @@ class WarehouseEnv(Scenario):
         tasks = self._queue[:k]
         del self._queue[:k]
         dist = self.layout.dist
+        if dist is None:
+            self._assign_manhattan(free, tasks)
+            return
         free_pos = self.pos[free]
         # One loop iteration per task handed out this step (a few per step in steady state).
         for task in tasks:
@@ -407,6 +446,22 @@ class WarehouseEnv(Scenario):
             self._task_robot[task] = robot
             free = np.delete(free, j)
             free_pos = np.delete(free_pos, j)
+
+    def _assign_manhattan(self, free: np.ndarray, tasks: list[int]) -> None:
+        """:meth:`_assign` on lazy floors: nearest free robot by Manhattan distance to the pick
+        cell (ties: lowest robot index); one vectorised pass over the free robots per task."""
+        lay = self.layout
+        rows, cols = self._rows[self.pos[free]], self._cols[self.pos[free]]
+        taken = np.zeros(free.size, dtype=np.int64)
+        far = self.layout.n_cells  # more than any Manhattan distance: a taken robot is never nearest
+        for task in tasks:
+            cell = lay.target_cells[self._task_pick[task]]
+            d = np.abs(rows - self._rows[cell]) + np.abs(cols - self._cols[cell]) + taken
+            j = int(np.argmin(d))
+            robot = int(free[j])
+            self.task[robot] = task
+            self._task_robot[task] = robot
+            taken[j] = far
 
     def _pickup(self) -> None:
         lay = self.layout
@@ -453,6 +508,11 @@ class WarehouseEnv(Scenario):
         safe = np.maximum(task, 0)
         dist = self.layout.dist
         pick, drop = self._task_pick[safe], self._task_drop[safe]
+        if dist is None:  # lazy floors: Manhattan lengths (env card)
+            cells = self.layout.target_cells
+            to_goal = self._manhattan(np.where(self.carrying, cells[drop], cells[pick]), self.pos)
+            leg = np.where(self.carrying, 0, self._manhattan(cells[drop], cells[pick]))
+            return np.where(task >= 0, -(to_goal + leg), 0).astype(np.float64)
         to_goal = np.where(self.carrying, dist[drop, self.pos], dist[pick, self.pos])
         leg = np.where(self.carrying, 0, dist[drop, self.layout.target_cells[pick]])
         return np.where(task >= 0, -(to_goal + leg), 0).astype(np.float64)
@@ -463,32 +523,77 @@ class WarehouseEnv(Scenario):
         Ties go to the first action in the order up, down, left, right (a table per map).
         """
         goal = self.goal_targets()
-        act = self.layout.next_action[np.maximum(goal, 0), self.pos].astype(np.int64)
+        lay = self.layout
+        if lay.next_action is None:
+            return self.field_actions(goal)
+        act = lay.next_action[np.maximum(goal, 0), self.pos].astype(np.int64)
         return np.where(goal >= 0, act, 0)
+
+    def field_actions(self, goal: np.ndarray) -> np.ndarray:
+        """(n,) first moves of shortest paths to the target indices ``goal`` (-1: none, action
+        0) from the distance fields: one field per distinct goal (on a lazy floor a BFS for each
+        one not in the cache), the same tie rule as the dense table."""
+        lay = self.layout
+        out = np.zeros(self.n, dtype=np.int64)
+        has = np.flatnonzero(goal >= 0)
+        targets, inverse = np.unique(goal[has], return_inverse=True)
+        for k, target in enumerate(targets.tolist()):
+            robots = has[inverse == k]
+            here = self.pos[robots]
+            field_ = lay.field(target)
+            nb = field_[lay.neighbours[here, 1:]]  # (m, 4) distances after up, down, left, right
+            best = np.argmin(nb, axis=1)
+            out[robots] = np.where(nb[np.arange(robots.size), best] < field_[here], best + 1, 0)
+        return out
+
+    def manhattan_actions(self) -> np.ndarray:
+        """(n,) the observation's hint on a lazy floor: the first of up, down, left, right that
+        lowers the Manhattan distance to the goal and does not bump into a rack or wall (0 at
+        the goal, without a task, or when no such move exists). No distance field is read."""
+        goal = self.goal_targets()
+        cell = np.where(goal >= 0, self.layout.target_cells[np.maximum(goal, 0)], self.pos)
+        return self._lazy_hint(cell, self.pos)
+
+    def _manhattan(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Manhattan distance in cells between cell arrays ``a`` and ``b``."""
+        return np.abs(self._rows[a] - self._rows[b]) + np.abs(self._cols[a] - self._cols[b])
+
+    def _lazy_hint(self, goal_cell: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """(n,) first of up, down, left, right that lowers the Manhattan distance to the goal and
+        does not bump into a rack or wall (0 when none does, or at the goal)."""
+        dr = self._rows[goal_cell] - self._rows[pos]
+        dc = self._cols[goal_cell] - self._cols[pos]
+        wants = (dr < 0) + 2 * (dr > 0) + 4 * (dc < 0) + 8 * (dc > 0)
+        return self._first_move[wants & self._valid_bits[pos]]
 
     def _observations(self) -> dict[str, np.ndarray]:
         lay = self.layout
         n, k = self.n, self._k
         pos = self.pos
         obs = np.empty((n, self.obs_size), dtype=np.float32)
-        obs[:, :k] = self._static_window[pos]
         robots = self._robot_pad
         centre = self._pad_index[pos]
-        robots[centre] = 1.0
-        win = robots[centre[:, None] + self._offsets[None, :]]
-        robots[centre] = 0.0  # keep the scratch grid empty between steps
-        win[:, k // 2] = 0.0  # the robot itself is not an "other robot"
+        window = centre[:, None] + self._offsets[None, :]
+        obs[:, :k] = self._static_pad[window]
+        robots[centre] = 1
+        win = robots[window]
+        robots[centre] = 0  # keep the scratch grid empty between steps
+        win[:, k // 2] = 0  # the robot itself is not an "other robot"
         obs[:, k : 2 * k] = win
         goal = self.goal_targets()
         has = goal >= 0
         gcell = np.where(has, lay.target_cells[np.maximum(goal, 0)], pos)
         obs[:, 2 * k] = (self._rows[gcell] - self._rows[pos]) / lay.height
         obs[:, 2 * k + 1] = (self._cols[gcell] - self._cols[pos]) / lay.width
-        d = lay.dist[np.maximum(goal, 0), pos]
+        if lay.dist is None or lay.next_action is None:  # lazy floors: Manhattan features
+            d = self._manhattan(gcell, pos)
+            hint = np.where(has, self._lazy_hint(gcell, pos), 0)
+        else:
+            d = lay.dist[np.maximum(goal, 0), pos]
+            hint = np.where(has, lay.next_action[np.maximum(goal, 0), pos], 0)
         obs[:, 2 * k + 2] = np.where(has, np.minimum(d / self._max_dist, 1.0), 0.0)
         obs[:, 2 * k + 3] = self.carrying
         obs[:, 2 * k + 4] = has
-        hint = np.where(has, lay.next_action[np.maximum(goal, 0), pos], 0)
         obs[:, 2 * k + 5 :] = hint[:, None] == self._hint_codes
         return dict(zip(self.possible_agents, obs))
 
@@ -499,8 +604,8 @@ class WarehouseEnv(Scenario):
         return self._mask_rows[int(self.pos[self._agent_index[agent]])]
 
     def _infos(self) -> dict[str, dict[str, Any]]:
-        rows = self._mask_rows  # read-only per-cell views: no array is built per agent and step
-        return {a: {"action_mask": rows[c]} for a, c in zip(self.possible_agents, self.pos.tolist())}
+        # Shared per-cell dicts of read-only views: nothing is built per agent and step.
+        return dict(zip(self.possible_agents, map(self._info_rows.__getitem__, self.pos.tolist())))
 
     def state(self) -> np.ndarray:
         lay = self.layout
@@ -538,11 +643,16 @@ class WarehouseEnv(Scenario):
 
     def _edges(self) -> tuple[np.ndarray, np.ndarray]:
         if self._edges_cache is None:
+            from scipy.spatial import cKDTree
+
+            # A k-d tree finds the close pairs in O(n log n) (a full distance matrix would take
+            # n^2 floats: 800 MB at 10,000 robots); sorted as np.nonzero(np.triu(...)) gave them.
             rc = np.stack([self._rows[self.pos], self._cols[self.pos]], axis=1).astype(np.float64)
-            diff = rc[:, None, :] - rc[None, :, :]
-            d = np.sqrt((diff * diff).sum(-1))
-            i, j = np.nonzero(np.triu(d <= self.config.comm_radius, k=1))
-            self._edges_cache = (self.t, np.stack([i, j], axis=1).astype(np.int64), d[i, j])
+            pairs = cKDTree(rc).query_pairs(self.config.comm_radius, output_type="ndarray").astype(np.int64)
+            pairs.sort(axis=1)
+            pairs = pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
+            diff = rc[pairs[:, 0]] - rc[pairs[:, 1]]
+            self._edges_cache = (self.t, pairs.reshape(-1, 2), np.sqrt((diff * diff).sum(-1)))
         return self._edges_cache[1], self._edges_cache[2]
 
     def topology_edges(self) -> np.ndarray:

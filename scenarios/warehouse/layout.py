@@ -29,13 +29,26 @@ A malformed file raises :class:`~marl.core.errors.ConfigError` naming the file, 
 the header is checked against the rows before anything is allocated, and a floor is at most
 :data:`MAX_CELLS` cells (its distance tables grow with cells x targets). A UTF-8 byte-order
 mark at the start is ignored.
+
+**Two ways to hold distances.** By default :func:`build_layout` precomputes a dense table of
+shortest-path distances and first moves from every cell to every goal cell (``Layout.dist``,
+``Layout.next_action``): fast to read for any robot and goal, but its memory grows as goals x
+cells (about 1.2 GB for a 250 x 250 floor with 25,000 racks). With a *distance-field cache*
+(``dist_cache=K``, :class:`DistanceFields`) no table is built: the distance field of one goal
+(one int32 per cell, from a BFS over the floor, about 10 ms on 250,000 cells) is computed when
+first asked for and kept in a least-recently-used cache of at most ``K`` fields, so memory is
+bounded by ``K x cells x 4`` bytes whatever the number of goals; floors up to
+:data:`MAX_LAZY_CELLS` cells are allowed then. A field is a pure function of the floor and the
+goal, so what the cache holds changes only the speed of a query, never its answer.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -56,6 +69,9 @@ __all__ = [
     "UNREACHABLE",
     "MAX_CELLS",
     "MAX_TABLE_BYTES",
+    "MAX_LAZY_CELLS",
+    "MAX_FIELD_CACHE_BYTES",
+    "DistanceFields",
 ]
 
 FREE_CHARS = frozenset(".GS")
@@ -75,6 +91,10 @@ MAX_CELLS = 62_500
 #: Largest static tables a floor may need (distance int32 + first move int8, per target and
 #: cell), in bytes: a map with many racks can need far more than its cell count suggests.
 MAX_TABLE_BYTES = 2 * 2**30
+#: Largest floor with a distance-field cache (``dist_cache``), in cells: 1000 x 1000.
+MAX_LAZY_CELLS = 1_000_000
+#: Largest distance-field cache, in bytes (``dist_cache`` fields x cells x 4).
+MAX_FIELD_CACHE_BYTES = 2**30
 
 
 def builtin_maps() -> list[str]:
@@ -98,8 +118,9 @@ def resolve_map_path(map_file: str) -> Path:
     )
 
 
-def parse_map(text: str, source: str = "<map>") -> np.ndarray:
-    """Parse MovingAI map text into an (H, W) array of single characters (dtype '<U1')."""
+def parse_map(text: str, source: str = "<map>", max_cells: int = MAX_CELLS) -> np.ndarray:
+    """Parse MovingAI map text into an (H, W) array of single characters (dtype '<U1'); a floor
+    of more than ``max_cells`` cells is refused before anything is allocated."""
     # Split on newlines only (str.splitlines also splits on \x1c, \x85 ... and would shift line
     # numbers); a leading byte-order mark is not part of the header.
     lines = [line.rstrip("\r") for line in text.removeprefix("\ufeff").split("\n")]
@@ -147,8 +168,11 @@ def parse_map(text: str, source: str = "<map>") -> np.ndarray:
         raise err(i + len(rows) + 1, 1, f"expected {height} map rows, found {len(rows)}")
     if len(rows) > height:
         raise err(i + height + 1, 1, f"expected {height} map rows, found {len(rows)} (extra rows)")
-    if height * width > MAX_CELLS:
-        raise err(i - 1, 1, f"the map is {height} x {width} = {height * width} cells; allowed: at most {MAX_CELLS}")
+    if height * width > max_cells:
+        more = " (more with a distance-field cache, --set dist_cache=N)" if max_cells == MAX_CELLS else ""
+        raise err(
+            i - 1, 1, f"the map is {height} x {width} = {height * width} cells; allowed: at most {max_cells}{more}"
+        )
     # Check every row against the header before allocating the grid.
     for r, row in enumerate(rows):
         line_no = i + r + 1
@@ -167,7 +191,7 @@ def parse_map(text: str, source: str = "<map>") -> np.ndarray:
     return grid
 
 
-def load_map(path: str | Path) -> np.ndarray:
+def load_map(path: str | Path, max_cells: int = MAX_CELLS) -> np.ndarray:
     """Read and parse a ``.map`` file (see :func:`parse_map`)."""
     path = Path(path)
     try:
@@ -176,7 +200,7 @@ def load_map(path: str | Path) -> np.ndarray:
         raise ConfigError(f"cannot read map file {show(str(path))}: {exc.strerror}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"map file {show(str(path))} is not UTF-8 text (byte {exc.start})") from None
-    return parse_map(text, source=str(path))
+    return parse_map(text, source=str(path), max_cells=max_cells)
 
 
 def grid_to_text(grid: np.ndarray) -> str:
@@ -210,12 +234,104 @@ def generate_warehouse(block_rows: int, block_cols: int, block_width: int, aisle
     return grid_to_text(grid)
 
 
+class DistanceFields:
+    """Shortest-path distance fields to goal cells, computed on demand and kept in a bounded LRU.
+
+    ``get(cell)`` returns the (H*W,) int32 field of steps from every cell to ``cell`` over the
+    static floor (:data:`UNREACHABLE` outside the used component), from one BFS (scipy's
+    ``breadth_first_order``, then depths by pointer jumping over the BFS tree). At most
+    ``capacity`` fields are held; asking for another evicts the least recently used one, so the
+    cache never holds more than ``capacity x cells x 4`` bytes (checked against
+    :data:`MAX_FIELD_CACHE_BYTES` before anything is computed). ``hits``, ``misses`` and
+    ``evictions`` count queries since construction. A pickled copy starts with an empty cache
+    (fields are recomputed on demand, the answers are the same).
+    """
+
+    def __init__(self, graph: Any, n_cells: int, capacity: int, source: str = "<map>") -> None:
+        check_dist_cache(capacity, n_cells, source)
+        self.graph = graph
+        self.n_cells = n_cells
+        self.capacity = capacity
+        self._fields: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.hits = self.misses = self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._fields)
+
+    def __contains__(self, cell: int) -> bool:
+        return cell in self._fields
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cached fields now (at most ``capacity x cells x 4``)."""
+        return sum(f.nbytes for f in self._fields.values())
+
+    def get(self, cell: int) -> np.ndarray:
+        """The distance field of goal ``cell`` (read-only; computed and cached when missing)."""
+        field_ = self._fields.get(cell)
+        if field_ is not None:
+            self.hits += 1
+            self._fields.move_to_end(cell)
+            return field_
+        self.misses += 1
+        field_ = bfs_field(self.graph, cell, self.n_cells)
+        field_.flags.writeable = False
+        self._fields[cell] = field_
+        if len(self._fields) > self.capacity:
+            self._fields.popitem(last=False)
+            self.evictions += 1
+        return field_
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_fields"] = OrderedDict()  # a copy recomputes on demand: answers do not change
+        return state
+
+
+def check_dist_cache(capacity: Any, n_cells: int, source: str = "<map>") -> None:
+    """ConfigError unless ``capacity`` fields of ``n_cells`` int32 fit :data:`MAX_FIELD_CACHE_BYTES`."""
+    most = max(1, MAX_FIELD_CACHE_BYTES // (4 * n_cells))
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or not 1 <= capacity <= most:
+        raise ConfigError(
+            f"bad dist_cache {show(str(capacity))} for {one_line(source)} ({n_cells} cells, "
+            f"{4 * n_cells / 2**20:.1f} MiB per field); allowed: an integer 1..{most} "
+            f"(at most {MAX_FIELD_CACHE_BYTES / 2**30:.0f} GiB of fields)"
+        )
+
+
+def bfs_field(graph: Any, source: int, n_cells: int) -> np.ndarray:
+    """(n_cells,) int32 steps from ``source`` over the undirected ``graph`` (UNREACHABLE elsewhere).
+
+    BFS order and tree from scipy (C); each node's depth is then found by pointer jumping on the
+    tree in positions of the BFS order (about log2(depth) vectorised rounds), not a Python loop.
+    """
+    from scipy.sparse.csgraph import breadth_first_order
+
+    order, pred = breadth_first_order(graph, source, directed=False, return_predecessors=True)
+    m = order.size
+    position = np.empty(n_cells, dtype=np.int64)
+    position[order] = np.arange(m)
+    up = position[np.maximum(pred[order], 0)]  # parent's position; the root points to itself
+    up[0] = 0
+    depth = np.ones(m, dtype=np.int32)
+    depth[0] = 0
+    while True:  # depth[i] = steps from i to up[i]; jump until every pointer reaches the root
+        if not up.any():
+            break
+        depth += depth[up]
+        up = up[up]
+    out = np.full(n_cells, UNREACHABLE, dtype=np.int32)
+    out[order] = depth
+    return out
+
+
 @dataclass
 class Layout:
     """A parsed floor plus the static tables the env and the planners reuse every step.
 
     Cells are numbered row-major, ``cell = row * width + col``. Built once per map (and cached
-    by content hash), so creating many envs on the same map is cheap.
+    by content hash), so creating many envs on the same map is cheap. With a distance-field
+    cache (``fields`` set) the dense ``dist``/``next_action`` tables are ``None``.
     """
 
     grid: np.ndarray  #: (H, W) characters
@@ -229,40 +345,62 @@ class Layout:
     station_cells: np.ndarray  #: (n_stations,) station cells
     target_cells: np.ndarray  #: (T,) distinct goal cells: access cells then stations
     target_index: np.ndarray  #: (H*W,) index into target_cells, -1 elsewhere
-    dist: np.ndarray  #: (T, H*W) int32 shortest-path steps from every cell to each target
+    dist: np.ndarray | None  #: (T, H*W) int32 shortest-path steps from every cell to each target
     spawn_cells: np.ndarray  #: passable non-station cells robots may start on
-    next_action: np.ndarray  #: (T, H*W) int8: first move of a shortest path to each target (0 there)
+    next_action: np.ndarray | None  #: (T, H*W) int8: first move of a shortest path to each target (0 there)
     digest: str = ""
+    fields: DistanceFields | None = None  #: the distance-field cache instead of dist/next_action
     _dist_lists: dict[int, list[int]] = field(default_factory=dict, repr=False)
 
     @property
     def n_cells(self) -> int:
         return self.height * self.width
 
+    @property
+    def lazy(self) -> bool:
+        """True when distances come from the bounded field cache, not dense tables."""
+        return self.fields is not None
+
+    def field(self, target: int) -> np.ndarray:
+        """(H*W,) steps from every cell to target index ``target`` (a dense row or a cached field)."""
+        if self.dist is not None:
+            return self.dist[target]
+        assert self.fields is not None
+        return self.fields.get(int(self.target_cells[target]))
+
     def dist_list(self, target: int) -> list[int]:
         """Row ``target`` of :attr:`dist` as a Python list (fast scalar reads for the planner)."""
         row = self._dist_lists.get(target)
         if row is None:
-            row = self._dist_lists[target] = self.dist[target].tolist()
+            row = self.field(target).tolist()
+            if self.fields is None:  # dense maps keep every list; lazy maps would grow without bound
+                self._dist_lists[target] = row
         return row
 
     def text(self) -> str:
         return grid_to_text(self.grid)
 
 
-_CACHE: dict[str, Layout] = {}
+_CACHE: dict[tuple[str, int | None], Layout] = {}
 
 
-def build_layout(grid: np.ndarray, source: str = "<map>") -> Layout:
-    """Precompute neighbour tables, rack access cells and BFS distances (cached by content)."""
+def build_layout(grid: np.ndarray, source: str = "<map>", dist_cache: int | None = None) -> Layout:
+    """Precompute neighbour tables, rack access cells and BFS distances (cached by content).
+
+    ``dist_cache=None``: dense distance and first-move tables for every goal (refused past
+    :data:`MAX_TABLE_BYTES`); ``dist_cache=K``: no tables, a :class:`DistanceFields` cache of at
+    most ``K`` fields instead (one per layout object, shared by the envs built on it).
+    """
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components, shortest_path
 
-    digest = hashlib.sha1(grid_to_text(grid).encode()).hexdigest()
-    if digest in _CACHE:
-        return _CACHE[digest]
     height, width = grid.shape
     n = height * width
+    if dist_cache is not None:
+        check_dist_cache(dist_cache, n, source)  # before anything of the floor's size is built
+    digest = hashlib.sha1(grid_to_text(grid).encode()).hexdigest()
+    if (digest, dist_cache) in _CACHE:
+        return _CACHE[digest, dist_cache]
     flat = grid.reshape(-1)
     free = np.isin(flat, list(FREE_CHARS | {STATION}))
     rows, cols = np.divmod(np.arange(n), width)
@@ -289,42 +427,48 @@ def build_layout(grid: np.ndarray, source: str = "<map>") -> Layout:
     ok[:, 0] = True  # staying is always allowed
     neighbours = np.where(ok, target, np.arange(n)[:, None])
 
-    racks, access = [], []
-    for cell in np.flatnonzero(flat == RACK):
-        for a in (1, 2, 3, 4):  # up, down, left, right: the first free neighbour is the access cell
-            if inside[cell, a] and passable[target[cell, a]]:
-                racks.append(cell)
-                access.append(target[cell, a])
-                break
+    # Access cell of each rack: its first free neighbour, up, down, left, right (vectorised).
+    rack_all = np.flatnonzero(flat == RACK)
+    reach = inside[rack_all, 1:] & passable[target[rack_all, 1:]]
+    usable = reach.any(axis=1)
+    first = np.argmax(reach, axis=1)
+    racks = rack_all[usable]
+    access_cells = target[racks, 1 + first[usable]].astype(np.int64)
     stations = np.flatnonzero((flat == STATION) & passable)
-    if not racks:
+    if racks.size == 0:
         raise ConfigError(f"{source}: the map has no rack 'R' next to reachable free floor")
     if stations.size == 0:
         raise ConfigError(f"{source}: the map has no reachable pick station 'P'")
-    access_cells = np.asarray(access, dtype=np.int64)
     targets = np.unique(np.concatenate([access_cells, stations]))
-    # Peak bytes per (target, cell) below: float64 distances, int32 copy, the (T, n, 4) int32
-    # neighbour distances, int64 argmin, int8 first moves.
-    table_bytes = targets.size * n * 48
-    if table_bytes > MAX_TABLE_BYTES:
-        raise ConfigError(
-            f"{one_line(source)}: {targets.size} pick targets on {n} cells need "
-            f"{table_bytes / 2**30:.1f} GiB of distance tables; allowed: at most "
-            f"{MAX_TABLE_BYTES / 2**30:.0f} GiB (fewer racks or a smaller floor)"
-        )
     target_index = np.full(n, -1, dtype=np.int64)
     target_index[targets] = np.arange(targets.size)
-    # One BFS per goal cell over the static floor (the graph is undirected, so distance *from*
-    # a target equals distance *to* it). Computed once per map and reused by env and planners.
-    d = shortest_path(graph, method="D", unweighted=True, indices=targets)
-    dist = np.where(np.isfinite(d), d, UNREACHABLE).astype(np.int32)
     spawn = np.flatnonzero(passable & (flat != STATION))
-    # First move of a shortest path from every cell to every target: the first of up, down,
-    # left, right that lowers the distance (0 = stay, at the target or where unreachable).
-    nb_dist = dist[:, neighbours[:, 1:]]  # (T, n, 4)
-    best = np.argmin(nb_dist, axis=2)
-    improves = np.take_along_axis(nb_dist, best[..., None], axis=2)[..., 0] < dist
-    next_action = np.where(improves, best + 1, 0).astype(np.int8)
+    dist: np.ndarray | None = None
+    next_action: np.ndarray | None = None
+    fields = None
+    if dist_cache is not None:
+        fields = DistanceFields(graph, n, dist_cache, source)
+    else:
+        # Peak bytes per (target, cell) below: float64 distances, int32 copy, the (T, n, 4) int32
+        # neighbour distances, int64 argmin, int8 first moves.
+        table_bytes = targets.size * n * 48
+        if table_bytes > MAX_TABLE_BYTES:
+            raise ConfigError(
+                f"{one_line(source)}: {targets.size} pick targets on {n} cells need "
+                f"{table_bytes / 2**30:.1f} GiB of distance tables; allowed: at most "
+                f"{MAX_TABLE_BYTES / 2**30:.0f} GiB (fewer racks, a smaller floor, or a distance-field "
+                "cache: --set dist_cache=N)"
+            )
+        # One BFS per goal cell over the static floor (the graph is undirected, so distance *from*
+        # a target equals distance *to* it). Computed once per map and reused by env and planners.
+        d = shortest_path(graph, method="D", unweighted=True, indices=targets)
+        dist = np.where(np.isfinite(d), d, UNREACHABLE).astype(np.int32)
+        # First move of a shortest path from every cell to every target: the first of up, down,
+        # left, right that lowers the distance (0 = stay, at the target or where unreachable).
+        nb_dist = dist[:, neighbours[:, 1:]]  # (T, n, 4)
+        best = np.argmin(nb_dist, axis=2)
+        improves = np.take_along_axis(nb_dist, best[..., None], axis=2)[..., 0] < dist
+        next_action = np.where(improves, best + 1, 0).astype(np.int8)
     layout = Layout(
         grid=grid,
         height=height,
@@ -332,7 +476,7 @@ def build_layout(grid: np.ndarray, source: str = "<map>") -> Layout:
         passable=passable,
         neighbours=neighbours.astype(np.int64),
         action_valid=ok,
-        rack_cells=np.asarray(racks, dtype=np.int64),
+        rack_cells=racks.astype(np.int64),
         access_cells=access_cells,
         station_cells=stations.astype(np.int64),
         target_cells=targets.astype(np.int64),
@@ -341,12 +485,15 @@ def build_layout(grid: np.ndarray, source: str = "<map>") -> Layout:
         spawn_cells=spawn.astype(np.int64),
         next_action=next_action,
         digest=digest,
+        fields=fields,
     )
-    _CACHE[digest] = layout
+    _CACHE[digest, dist_cache] = layout
     return layout
 
 
-def layout_from_file(map_file: str) -> Layout:
-    """Resolve, parse and precompute a map named by the ``map_file`` config field."""
+def layout_from_file(map_file: str, dist_cache: int | None = None) -> Layout:
+    """Resolve, parse and precompute a map named by the ``map_file`` config field (with a
+    distance-field cache of ``dist_cache`` fields, floors up to :data:`MAX_LAZY_CELLS` cells)."""
     path = resolve_map_path(map_file)
-    return build_layout(load_map(path), source=str(path))
+    max_cells = MAX_CELLS if dist_cache is None else MAX_LAZY_CELLS
+    return build_layout(load_map(path, max_cells), source=str(path), dist_cache=dist_cache)
