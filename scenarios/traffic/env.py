@@ -20,6 +20,21 @@ passed", then per incoming lane its density (vehicles / (length / 7.5 m)) and qu
 vehicles / (length / 7.5 m)), both clipped to 1; L = most incoming lanes of any light. Lights with
 fewer phases or lanes are zero-padded at the end of each block.
 
+**Sensing** (``sensing``). ``full`` (default, the observation above, bit for bit sumo-rl's):
+each light sees the whole length of its incoming lanes (a few hundred metres on RESCO's maps, as
+if it had a camera over every approach). ``local``: each light sees only the last ``sensing_m``
+metres (default 50) before its stop line, the range of a stop-line loop or camera detector (the
+RESCO/real-world setting): density and queue count only the vehicles whose front is within that
+range (a vehicle whose front has crossed the stop line still counts, as in ``full``), per vehicle
+space of the sensed stretch (``min(length, sensing_m) / 7.5 m``), clipped to 1. A platoon still
+upstream of the range is invisible to the light it is heading for, but the upstream light has it
+queued at its own stop line or just released it: that is what a neighbour's message can tell.
+Phase one-hot, min-green flag, shapes, reward (a training signal computed from the whole lanes),
+KPIs, ``state()`` (the concatenated observations, so local too) and the controller API below (the
+classical controllers keep full sensing of their own lanes) do not change with ``sensing``.
+Costs two libsumo calls per vehicle on lanes longer than the range, once per decision (~3% of the
+env's time on grid4x4).
+
 **Actions.** ``Discrete(P)``, shared by all agents: the index of the green phase to show for the
 next ``delta_time`` seconds (the net's own green phases, in programme order). A change inserts
 ``yellow_time`` seconds of yellow (links losing green turn yellow) inside the interval; a change is
@@ -74,6 +89,7 @@ above). Counts are read at decision steps only.
 
 **Version history.** v0 (2026-11): first version; lean signal logic on libsumo (sumo-rl's
 ``TrafficSignal`` semantics: green set, yellow transitions, default observation).
+v0.1 (2026-12): ``sensing=local`` (stop-line detector range ``sensing_m``); ``full`` unchanged.
 """
 
 from __future__ import annotations
@@ -117,6 +133,9 @@ _LIVE: TrafficSignalEnv | None = None
 #: tripinfo and statistics files from the child.
 _LIVE_PID: int | None = None
 
+#: SUMO counts a vehicle as halting below this speed, m/s (``getLastStepHaltingNumber``).
+HALTING_SPEED = 0.1
+
 #: Prefix of agent ids: ``light_<i>``.
 AGENT_KIND = "light"
 
@@ -155,6 +174,13 @@ class Config:
     neighbour_max_m: float = field(
         default=1000.0, metadata=_help("max road metres between two lights joined in topology")
     )
+    sensing: Literal["full", "local"] = field(
+        default="full",
+        metadata=_help("full: whole incoming lanes (sumo-rl); local: only sensing_m metres before each stop line"),
+    )
+    sensing_m: float = field(
+        default=50.0, metadata=_help("local sensing: detector range upstream of each stop line, m")
+    )
     verbose: bool = field(default=False, metadata=_help("let SUMO print its console output"))
 
     def __post_init__(self) -> None:
@@ -172,6 +198,8 @@ class Config:
             raise ConfigError("bad min_green/max_green; expected integers >= 0")
         if not self.neighbour_max_m >= 0:
             raise ConfigError(f"bad neighbour_max_m {self.neighbour_max_m}; expected metres >= 0")
+        if not 0 < self.sensing_m < float("inf"):
+            raise ConfigError(f"bad sensing_m {self.sensing_m}; expected a finite range in metres > 0")
 
 
 def sumo_command(
@@ -288,6 +316,8 @@ class TrafficSignalEnv(Scenario):
     _count: np.ndarray  #: vehicles per lane (+ a padding slot), sampled at decisions
     _halt: np.ndarray  #: halting vehicles per lane (+ padding)
     _wait: np.ndarray  #: waiting time per lane (+ padding), s
+    _count_seen: np.ndarray  #: local sensing: vehicles per lane within the detector range
+    _halt_seen: np.ndarray  #: local sensing: halting vehicles per lane within the range
     _step_to: Any  #: advances the simulation to a time (libsumo's C entry point when available)
     _get_phase: Any
 
@@ -341,6 +371,16 @@ class TrafficSignalEnv(Scenario):
         self._n_phases = np.array([s.n_phases for s in sigs])
         self._program_to_green = [(s.id, s.program_to_green) for s in sigs]
         self._inv_capacity = 1.0 / self._capacity[self._in_idx]
+        # Local sensing: the incoming lanes longer than the detector range, each with the lane
+        # position (m from the lane's start) where the range begins; shorter lanes are seen whole.
+        # Densities and queues are then per vehicle space of the sensed stretch, not of the lane.
+        reach = float(cfg.sensing_m)
+        self._local = cfg.sensing == "local"
+        self._far_lanes = tuple(
+            (k, l, lengths[l] - reach) for k, l in enumerate(in_lanes) if lengths.get(l, 0.0) > reach
+        )
+        sensed = [max(min(lengths.get(l, 0.0), reach) / VEHICLE_SPACE_M, 1.0) for l in self._lanes] + [1.0]
+        self._inv_sensed = 1.0 / np.array(sensed)[self._in_idx]
         self._rows = np.arange(len(sigs))
         masks = {}
         for a, s in zip(self.possible_agents, sigs):
@@ -371,7 +411,7 @@ class TrafficSignalEnv(Scenario):
         """Pickle/deepcopy without the live simulation, its files and its C entry points: the
         copy starts its own simulation at its first ``reset()``."""
         state = self.__dict__.copy()
-        for key in ("_sim", "_getters", "_step_to", "_get_phase"):
+        for key in ("_sim", "_getters", "_vehicle_getters", "_step_to", "_get_phase"):
             state.pop(key, None)
         state.update(_sim=None, _tmp=None, _tmp_pid=-1, _traci_label="", agents=[])
         return state
@@ -586,6 +626,7 @@ class TrafficSignalEnv(Scenario):
             raise self._load_error(exc) from None
         self._t = float(cfg.begin)
         self._getters = self._lane_getters()
+        self._vehicle_getters = self._position_getters()
         self._step_to = self._sim.simulationStep
         self._get_phase = self._sim.trafficlight.getPhase
         if cfg.use_libsumo:  # the C entry points: no Python wrapper layers (nor step listeners)
@@ -636,6 +677,18 @@ class TrafficSignalEnv(Scenario):
         lane = self._sim.lane
         return lane.getLastStepVehicleNumber, lane.getLastStepHaltingNumber, lane.getWaitingTime
 
+    def _position_getters(self) -> tuple[Any, Any, Any]:
+        """(vehicle ids on a lane, a vehicle's front position on its lane in m, its speed in
+        m/s), for local sensing; libsumo's C entry points when available, as above."""
+        if self.config.use_libsumo:
+            try:
+                from libsumo import _libsumo as c
+
+                return c.lane_getLastStepVehicleIDs, c.vehicle_getLanePosition, c.vehicle_getSpeed
+            except (ImportError, AttributeError):
+                pass
+        return self._sim.lane.getLastStepVehicleIDs, self._sim.vehicle.getLanePosition, self._sim.vehicle.getSpeed
+
     def _stop(self) -> None:
         """Close this env's simulation (flushing SUMO's output files); idempotent."""
         global _LIVE, _LIVE_PID
@@ -671,6 +724,7 @@ class TrafficSignalEnv(Scenario):
         self._wait = np.zeros(size)
         self._out_fresh = False
         self._obs_matrix = np.zeros((n, self.obs_size), dtype=np.float32)
+        self._count_seen, self._halt_seen = self._count, self._halt
 
     def _read_program_phases(self) -> None:
         """In programme mode, the green phase each light's own programme is in (or follows)."""
@@ -717,6 +771,29 @@ class TrafficSignalEnv(Scenario):
         if self.config.reward in ("wait", "diff-waiting-time"):
             self._wait[:n] = np.fromiter(map(waiting, lanes), np.float64, n)
         self._out_fresh = False
+        if self._local:
+            self._sample_local()
+
+    def _sample_local(self) -> None:
+        """What the stop-line detectors of local sensing see: each lane's counts less the
+        vehicles whose front is farther than ``sensing_m`` from the stop line.
+
+        Subtracting (rather than counting the near ones) keeps SUMO's own definitions of the
+        counts: a vehicle whose front has passed the stop line but whose back is still on the
+        lane counts, as in ``full``, so a lane with nobody beyond the range reads exactly as in
+        ``full``. Two libsumo calls per vehicle on the long lanes, once per decision.
+        """
+        count = self._count_seen = self._count.copy()
+        halt = self._halt_seen = self._halt.copy()
+        ids_on, position, speed = self._vehicle_getters
+        for k, lane, start in self._far_lanes:
+            far = halted = 0
+            for vehicle in ids_on(lane):
+                if position(vehicle) < start:
+                    far += 1
+                    halted += speed(vehicle) < HALTING_SPEED
+            count[k] -= far
+            halt[k] -= halted
 
     def _sample_out(self) -> None:
         if self._out_fresh or self._sim is None:
@@ -743,10 +820,12 @@ class TrafficSignalEnv(Scenario):
         obs = self._obs_matrix = np.zeros((len(self.possible_agents), self.obs_size), np.float32)
         obs[self._rows, self._green] = 1.0
         obs[:, P] = self._since >= self.config.yellow_time + self.config.min_green
-        np.minimum(self._count[self._in_idx] * self._inv_capacity, 1.0, out=obs[:, P + 1 : P + 1 + L],
-                   casting="unsafe")  # fmt: skip
-        np.minimum(self._halt[self._in_idx] * self._inv_capacity, 1.0, out=obs[:, P + 1 + L :],
-                   casting="unsafe")  # fmt: skip
+        if self._local:
+            count, halt, inv = self._count_seen, self._halt_seen, self._inv_sensed
+        else:
+            count, halt, inv = self._count, self._halt, self._inv_capacity
+        np.minimum(count[self._in_idx] * inv, 1.0, out=obs[:, P + 1 : P + 1 + L], casting="unsafe")
+        np.minimum(halt[self._in_idx] * inv, 1.0, out=obs[:, P + 1 + L :], casting="unsafe")
         return dict(zip(self.agents, obs))
 
     def _rewards(self) -> dict[str, float]:
