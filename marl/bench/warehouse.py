@@ -15,6 +15,12 @@ Three figures, measured in one run on this machine:
    simulators and the best round of each is kept, so machine load hits both alike.
 3. **Planner**: the ``prioritized`` controller (WHCA*) on ``warehouse/large``: env steps per
    second including planning, and deliveries per step.
+4. **Planner curve** (``--curve 500,1000,...``): deliveries per step of a planner (``--curve-
+   controller``, default ``rolling``) on SCENARIO as the number of robots grows, against
+   ``random`` on the same episodes (the reference), over ``--curve-steps`` steps: the whole
+   episode and its second half (after the first deliveries), planning seconds per step, the
+   share of robot-steps the planner planned, and the process's peak RSS. Table, JSON and a figure
+   go to ``--curve-out`` (``<stem>.md/.json/.png``).
 """
 
 from __future__ import annotations
@@ -29,7 +35,10 @@ from typing import Any
 
 import click
 
-__all__ = ["command", "measure_ours", "measure_pogema", "ensure_pogema_python"]
+__all__ = ["command", "measure_ours", "measure_pogema", "ensure_pogema_python", "planner_curve", "parse_robots"]
+
+#: Most robots one curve size may ask for (the env also refuses more robots than free cells).
+MAX_CURVE_ROBOTS = 100_000
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_POGEMA_VENV = REPO_ROOT / ".venv-pogema"
@@ -129,6 +138,118 @@ def measure_pogema(
     return None
 
 
+def parse_robots(text: str) -> list[int]:
+    """Robot counts of ``--curve`` (comma-separated, at least 2, each 1..MAX_CURVE_ROBOTS)."""
+    from marl.core.errors import ConfigError
+
+    labels = [x.strip() for x in text.split(",") if x.strip()]
+    if len(labels) < 2 or not all(x.isdigit() and 1 <= int(x) <= MAX_CURVE_ROBOTS for x in labels):
+        raise ConfigError(
+            f"bad --curve '{text}'; expected at least 2 comma-separated robot counts in 1..{MAX_CURVE_ROBOTS}"
+        )
+    return [int(x) for x in labels]
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _episode(scenario: str, robots: int, steps: int, controller: str, seed: int) -> dict[str, Any]:
+    """One episode of ``controller`` with ``robots`` robots; KPIs plus timing and planner stats."""
+    from marl.core.registry import make_scenario
+    from marl.runner import build_controller
+
+    env = make_scenario(scenario, {"n_robots": robots, "horizon": steps})
+    ctrl = build_controller(scenario, controller, env)
+    obs, _ = env.reset(seed=seed)
+    ctrl.reset(env, seed)
+    act_s = 0.0
+    start = time.perf_counter()
+    while env.agents:
+        t0 = time.perf_counter()
+        actions = ctrl.act(obs, env)
+        act_s += time.perf_counter() - t0
+        obs, *_ = env.step(actions)
+    wall = time.perf_counter() - start
+    kpis = env.episode_kpis()
+    delivered = env.task_table()["delivered"]
+    half = steps // 2
+    stats = getattr(ctrl, "stats", {})
+    return {
+        "robots": robots,
+        "controller": controller,
+        "throughput": kpis["throughput"],
+        "throughput_2nd_half": float(((delivered > half) & (delivered <= steps)).sum()) / max(steps - half, 1),
+        "deliveries": kpis["deliveries"],
+        "conflicts_per_robot_step": kpis["conflicts"] / (steps * robots),
+        "act_s_per_step": act_s / steps,
+        "wall_s": wall,
+        "planned_share": stats["planned"] / (steps * robots) if "planned" in stats else None,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def planner_curve(
+    scenario: str, robots: list[int], steps: int, controller: str, seed: int, on_size: Any = None
+) -> list[dict[str, Any]]:
+    """Rows of :func:`_episode` for ``controller`` and ``random`` at each robot count."""
+    rows = []
+    for n in robots:
+        for name in (controller, "random"):
+            if on_size is not None:
+                on_size(f"{name}, {n} robots")
+            rows.append(_episode(scenario, n, steps, name, seed))
+    return rows
+
+
+def write_curve(rows: list[dict[str, Any]], scenario: str, controller: str, steps: int, stem: Path) -> list[Path]:
+    """``stem``.md (table), .json (rows) and .png (deliveries per step against robots)."""
+    from marl.results.io import atomic_write_bytes
+    from marl.results.plots import _pyplot, save_figure
+
+    ours = [r for r in rows if r["controller"] == controller]
+    ref = {r["robots"]: r for r in rows if r["controller"] == "random"}
+    lines = [
+        f"| robots | {controller} deliveries/step | 2nd half | random | 2nd half | x random | planned share | "
+        "act s/step | conflicts per robot-step | peak RSS MB |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in ours:
+        base = ref[r["robots"]]
+        times = r["throughput_2nd_half"] / base["throughput_2nd_half"] if base["throughput_2nd_half"] else float("inf")
+        share = "-" if r["planned_share"] is None else f"{r['planned_share']:.3f}"
+        lines.append(
+            f"| {r['robots']} | {r['throughput']:.3f} | {r['throughput_2nd_half']:.3f} | {base['throughput']:.3f} | "
+            f"{base['throughput_2nd_half']:.3f} | {times:.1f} | {share} | {r['act_s_per_step']:.3f} | "
+            f"{r['conflicts_per_robot_step']:.3f} | {r['peak_rss_mb']:.0f} |"
+        )
+    head = f"{scenario}, {steps} steps per episode, seed as given; deliveries per step (whole episode, 2nd half)\n\n"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    files = [
+        atomic_write_bytes(stem.with_suffix(".md"), (head + "\n".join(lines) + "\n").encode()),
+        atomic_write_bytes(
+            stem.with_suffix(".json"), json.dumps({"scenario": scenario, "rows": rows}, indent=1).encode()
+        ),
+    ]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.8, 3.4))
+    for name, style in ((controller, "-o"), ("random", "--s")):
+        pts = [r for r in rows if r["controller"] == name]
+        xs = [r["robots"] for r in pts]
+        ax.plot(xs, [r["throughput_2nd_half"] for r in pts], style, label=f"{name}, 2nd half")
+        ax.plot(xs, [r["throughput"] for r in pts], style, alpha=0.4, label=f"{name}, whole episode")
+    ax.set_xscale("log")
+    ax.set_xlabel("robots")
+    ax.set_ylabel("deliveries per step")
+    ax.set_title(f"{scenario}: throughput as robots grow ({steps} steps)", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    return files + save_figure(fig, stem.parent, stem.name)
+
+
 def _pogema_map(env: Any) -> list[str]:
     """Our floor as POGEMA rows: every cell robots cannot use becomes '#'."""
     lay = env.layout
@@ -150,6 +271,14 @@ def _pogema_map(env: Any) -> list[str]:
     "--planner-steps", type=int, default=500, help="Steps of the prioritized planner on warehouse/large (0: skip)."
 )
 @click.option("--out", default=None, help="Also write the figures as JSON to this file.")
+@click.option(
+    "--curve", default=None, help="Robot counts for the planner curve on SCENARIO, e.g. 500,1000,2000,5000,10000."
+)
+@click.option("--curve-steps", type=int, default=600, help="Steps per episode of the planner curve.")
+@click.option("--curve-controller", default="rolling", help="Controller of the planner curve (against random).")
+@click.option(
+    "--curve-out", default="results/bench-warehouse-curve", help="Path stem of the curve's .md/.json/.png files."
+)
 def command(
     scenario: str,
     steps: int,
@@ -160,6 +289,10 @@ def command(
     view_radius: int | None,
     planner_steps: int,
     out: str | None,
+    curve: str | None,
+    curve_steps: int,
+    curve_controller: str,
+    curve_out: str,
 ) -> None:
     """Agent-steps/s of SCENARIO with random actions vs POGEMA on the same floor, and the WHCA* planner's
     throughput on warehouse/large."""
@@ -178,6 +311,13 @@ def command(
             "bad --steps/--rounds/--planner-steps; expected --steps >= 1, --rounds >= 1, --planner-steps >= 0"
         )
     require_domain(scenario, "warehouse")
+    robots = parse_robots(curve) if curve is not None else []
+    if curve_steps < 2:
+        raise ConfigError(f"bad --curve-steps {curve_steps}; expected an integer >= 2")
+    if robots:
+        from marl.core.registry import scenario_controller
+
+        scenario_controller(scenario, curve_controller)  # an unknown controller fails before any run
     console = Console()
     overrides: dict[str, Any] = {"horizon": steps}
     if view_radius is not None:
@@ -247,6 +387,18 @@ def command(
             f"({planner_steps / elapsed:.0f} steps/s, {planner_steps * large.n / elapsed:,.0f} agent-steps/s); "
             f"throughput {kpis['throughput']:.3f} deliveries/step, deadlock steps {kpis['deadlock_steps']:.0f}"
         )
+    if robots:
+        with console.status("") as status:
+            rows = planner_curve(
+                scenario, robots, curve_steps, curve_controller, seed,
+                on_size=lambda label: status.update(f"planner curve: {label} ..."),
+            )  # fmt: skip
+        files = write_curve(rows, scenario, curve_controller, curve_steps, Path(curve_out))
+        click.echo(Path(curve_out).with_suffix(".md").read_text())
+        console.print("wrote " + ", ".join(str(f) for f in files))
+        figures["curve"] = rows
+    figures["peak_rss_mb"] = peak_rss_mb()
+    console.print(f"peak RSS of this process: {figures['peak_rss_mb']:.0f} MiB")
     if out:
         atomic_write_json(out, figures)
         console.print(f"figures: {out}")
