@@ -140,3 +140,12 @@ def test_ring_allreduce_model() -> None:
     # 64 ranks, 1 MB at 1 GB/s and 10 us: 2*63/64 ms of bandwidth + 126 * 10 us of latency.
     assert ring_allreduce_seconds(1e6, 64, 1e9, 1e-5) == pytest.approx(2 * 63 / 64 * 1e-3 + 126e-5)
     assert ring_allreduce_seconds(1e6, 1, 1e9, 1e-5) == 0.0, "one rank sends nothing"
+
+
+def test_default_warehouse_sizes_reach_ten_thousand_robots() -> None:
+    from marl.bench.scale import default_sizes, parse_sizes
+    from marl.core import registry
+
+    sizes = parse_sizes("warehouse", default_sizes("warehouse"))
+    robots = [s.overrides.get("n_robots", registry.scenario_spec(s.scenario).kwargs["n_robots"]) for s in sizes]
+    assert len(sizes) >= 5 and robots == sorted(robots) and robots[-1] == 10_000, robots

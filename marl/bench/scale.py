@@ -53,7 +53,7 @@ PAYLOAD = 8  #: floats each agent sends per step in the comms column
 DEFAULT_SIZES = {
     "traffic": "2x2,4x4,6x6,10x10,14x14,20x20",
     "grid": "ieee33,lv-rural,1-LV-rural3--0-sw,mv-rural,1-MV-semiurb--0-sw,1-MV-urban--0-sw",
-    "warehouse": "small,medium,large:100,large,large:400,large:800",
+    "warehouse": "small,medium,large,xl:1000,xl:3000,xl",
     "comms": "100,300,1000,3000,10000",
 }
 
@@ -79,7 +79,8 @@ def parse_sizes(domain: str, text: str) -> list[Size]:
     traffic: ``RxC`` generated grids (``generated/gridRxC-seed0``, the recipe of
     traffic/grid10x10); grid: a grid scenario name (``ieee33``, ``lv-rural``, ``mv-rural``) or a
     SimBench code (``1-MV-urban--0-sw``, on mv-rural's settings; LV codes on lv-rural's);
-    warehouse: ``small``/``medium``/``large`` or ``MAP:ROBOTS``; comms: agent counts.
+    warehouse: ``small``/``medium``/``large``/``xl`` or ``MAP:ROBOTS`` (``xl:3000``: the xl floor
+    with 3,000 robots); comms: agent counts.
     """
     from marl.core import registry
     from marl.core.errors import ConfigError
