@@ -69,6 +69,11 @@ def run_mpi(n: int, *args: str, ulfm: bool = False, timeout: float = 150) -> tup
         ({"ranks": 2, "host": "a b"}, "bad host 'a b'"),
         ({"ranks": 2, "hostfile": "/no/such/hostfile"}, "no such file"),
         ({"ranks": 2, "host": "a", "hostfile": "h"}, "--hostfile with --host"),
+        ({"respawn": True}, "respawn needs --fault-tolerance ulfm"),
+        ({"respawn": True, "fault_tolerance": "ulfm", "sync": "gossip"}, "respawn needs"),
+        ({"sync_every": 0}, "sync_every: '0'"),
+        ({"sync_every": 4, "sync": "ring"}, "allreduce or gossip"),
+        ({"inject_failure": "1:3:backward"}, "RANK:UPDATE[:checkpoint]"),
     ],
 )
 def test_bad_config_is_a_one_line_concord_error(kwargs: dict, fragment: str) -> None:

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -138,9 +139,45 @@ def test_chaos_bench_two_ranks_killed_from_outside_one_after_the_other() -> None
     # marl bench chaos SIGKILLs ranks from outside the job (not the job's own injection), at
     # random times; with a survivor left after both kills the job ends with complete records.
     proc = subprocess.run([str(MARL), "bench", "chaos", "--trials", "1", "--ranks", "3", "--kills", "2",
-                           "--updates", "8", "--seed", "0"], capture_output=True, text=True, timeout=400, cwd=ROOT)  # fmt: skip
+                           "--updates", "8", "--seed", "0", "--mode", "ulfm"], capture_output=True, text=True,
+                          timeout=400, cwd=ROOT)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "3 ranks: 1/1 survived with complete records" in proc.stdout, proc.stdout[-2000:]
+    assert "ulfm, 3 ranks: 1/1 survived with complete records" in proc.stdout, proc.stdout[-2000:]
     bad = subprocess.run([str(MARL), "bench", "chaos", "--ranks", "2", "--kills", "2"], capture_output=True,
                          text=True, timeout=60, cwd=ROOT)  # fmt: skip
     assert bad.returncode == 2 and "must leave a survivor" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ---- #16: respawn, root-free gossip, a kill aimed at the checkpoint writer
+BASE_EVAL = [*BASE[:-4], "--eval-episodes", "1", "--algo-set", "num_steps=64"]
+
+
+def assert_complete(rows: list[dict[str, str]], manifest: dict) -> None:
+    """One run, every update 1..updates_completed exactly once, no repeated key, a final evaluation."""
+    keys = Counter((r["run_id"], r["episode"], r["metric"]) for r in rows)
+    assert max(keys.values()) == 1
+    assert {r["run_id"] for r in rows} == {manifest["run_id"]}
+    updates = sorted(int(r["episode"]) for r in rows if r["metric"] == "train_env_steps")
+    assert updates == list(range(1, manifest["updates_completed"] + 1))
+    assert any(r["metric"] == "return" for r in rows)  # the final evaluation
+
+
+def test_respawn_grows_the_world_back_and_the_newcomer_trains(tmp_path: Path) -> None:
+    out = tmp_path / "respawn"
+    proc = marl(*BASE_EVAL, "--ranks", "3", "--fault-tolerance", "ulfm", "--respawn", "--inject-failure", "1:1",
+                "--algo-set", "checkpoint_every=1", "--steps", str(64 * 3 * 4), "--out", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows, m = records(out), manifest(out)
+    assert_complete(rows, m)
+    events = {(r["metric"], float(r["value"])) for r in rows if r["metric"].startswith("rank_")}
+    assert events == {("rank_failure_1", 2.0), ("rank_rejoin_1", 3.0)}
+    failure, rejoin = m["events"]
+    assert failure["event"] == "rank_failure" and rejoin["event"] == "rank_rejoin"
+    assert rejoin["rank"] == 1 and rejoin["world_size_after"] == 3 and rejoin["update"] == failure["update"] + 1
+    assert rejoin["seconds_since_failure"] >= rejoin["spawn_seconds"] > 0
+    assert m["identical_checks"] >= m["updates_completed"]  # every checkpoint (and the join) found them equal
+    # 3 ranks again after the rejoin: env steps per update back to 3 x 64
+    steps = {int(r["episode"]): float(r["value"]) for r in rows if r["metric"] == "train_env_steps"}
+    last = m["updates_completed"]
+    assert steps[last] - steps[last - 1] == 64 * 3
+    assert steps[failure["update"] + 1] - steps[failure["update"]] == 64 * 2

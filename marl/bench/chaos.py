@@ -1,7 +1,13 @@
 """``marl bench chaos``: kill a random rank of a real training job from outside, and check it lives.
 
-Each trial starts ``marl train traffic/2x2grid --ranks R --fault-tolerance ulfm`` (short test
-episodes), waits until the job has logged a random update of its first half, waits a random
+Three modes (``--mode``, default all three), each a ``marl train traffic/2x2grid --ranks R
+--fault-tolerance ulfm`` job (short test episodes) with:
+
+* ``ulfm``: allreduce; the survivors shrink and train on with R - 1 ranks;
+* ``respawn``: allreduce with ``--respawn``; the survivors spawn a replacement, the world is R again;
+* ``gossip``: ``--sync gossip``, root-free push-sum averaging; the survivors drop the dead peer.
+
+Each trial waits until the job has logged a random update of its first half, waits a random
 moment into the next update (rollout, backward, allreduce or checkpoint), then SIGKILLs one rank
 process chosen at random (rank 0 included), found among the job's processes by
 its ``OMPI_COMM_WORLD_RANK``. Reported per trial:
@@ -11,11 +17,19 @@ its ``OMPI_COMM_WORLD_RANK``. Reported per trial:
   ``rank_failure_<r>`` row and manifest event for the killed rank; the final evaluation) and free of
   duplicate keys;
 * the recovery time the survivors measured (detection to resumed training) and the work the
-  failure threw away (the interrupted update, in seconds), from the manifest's event.
+  failure threw away (the interrupted update, in seconds), from the manifest's event;
+* updates lost: allreduce redoes the interrupted update once (1 per failure); gossip loses no
+  update but the writing rank may skip averaging rounds (``gossip_rounds_skipped``);
+* the time from the kill to the next update logged in the records, measured from outside (the
+  bench polls the records every 50 ms);
+* allreduce modes: how often the ranks' parameters were checked bit-identical (at every
+  checkpoint, and when a replacement joins; a difference fails the job);
+* respawn: whether the world was back to R (a ``rank_rejoin`` event) and how long after the
+  failure.
 
-``--kills 2`` kills a second rank (another random survivor) later in the same trial. The trials
-run one after the other, so each job has the machine to itself. Respawning a lost rank and a
-root-free gossip mode are not built yet; this bench covers allreduce with ULFM.
+``--kills 2`` kills a second rank (another random survivor) later in the same trial (ulfm and
+gossip; a replacement is not found by its launch rank, so respawn mode kills once). The trials
+run one after the other, so each job has the machine to itself.
 """
 
 from __future__ import annotations
@@ -39,6 +53,8 @@ __all__ = ["command", "find_rank_pid", "check_records"]
 
 #: Most trials one command may ask for: each is a multi-process MPI job of about half a minute.
 MAX_TRIALS = 100
+#: Modes and the ``marl train`` options each adds to the ULFM job.
+MODES: dict[str, list[str]] = {"ulfm": [], "respawn": ["--respawn"], "gossip": ["--sync", "gossip"]}
 
 
 def _descendants(pid: int) -> list[int]:
@@ -92,7 +108,10 @@ def check_records(out: Path, killed: list[int], logged_at_kill: list[int] | None
     at = logged_at_kill if logged_at_kill is not None else [-1] * len(killed)
     expected = sorted(r for r, u in zip(killed, at) if u < done)
     events = manifest.get("events", [])
+    failures = [e for e in events if e.get("event", "rank_failure") == "rank_failure"]
+    rejoins = [e for e in events if e.get("event") == "rank_rejoin"]
     failed = sorted(int(r["metric"].rsplit("_", 1)[1]) for r in rows if r["metric"].startswith("rank_failure_"))
+    rejoined = sorted(int(r["metric"].rsplit("_", 1)[1]) for r in rows if r["metric"].startswith("rank_rejoin_"))
     main_kpi = {r["metric"] for r in rows if not r["metric"].startswith(("train_", "eval_", "rank_"))}
     return {
         "updates": done,
@@ -101,31 +120,39 @@ def check_records(out: Path, killed: list[int], logged_at_kill: list[int] | None
             and len({r["run_id"] for r in rows}) == 1
             and updates == list(range(1, done + 1))
             and failed == expected
-            and sorted(int(e["rank"]) for e in events) == expected
+            and sorted(int(e["rank"]) for e in failures) == expected
+            and rejoined == sorted(int(e["rank"]) for e in rejoins)
             and bool(main_kpi)
         ),
         "duplicates": sum(n - 1 for n in keys.values() if n > 1),
-        "recovery_s": max((float(e["recovery_seconds"]) for e in events), default=float("nan")),
-        "lost_s": sum(float(e["seconds_lost"]) for e in events),
+        "recovery_s": max((float(e["recovery_seconds"]) for e in failures), default=float("nan")),
+        "lost_s": sum(float(e["seconds_lost"]) for e in failures),
+        "rejoined": len(rejoins),
+        "back_s": max((float(e["seconds_since_failure"]) for e in rejoins), default=float("nan")),
+        "world_after": int(rejoins[-1]["world_size_after"]) if rejoins else None,
+        "rounds_skipped": sum(int(e.get("gossip_rounds_skipped", 0)) for e in failures),
+        "identical_checks": int(manifest.get("identical_checks", 0) or 0),
     }
 
 
 def run_trial(
-    ranks: int, updates: int, kills: int, rng: random.Random, workdir: Path, timeout: float
+    ranks: int, updates: int, kills: int, rng: random.Random, workdir: Path, timeout: float, mode: str = "ulfm"
 ) -> dict[str, Any]:
     """One job of ``updates`` updates (at full size), ``kills`` ranks SIGKILLed from outside at
-    random times; its outcome."""
+    random times, in ``mode`` (:data:`MODES`); its outcome."""
     steps = 64 * ranks * updates
     out = workdir / "run"
     marl = str(Path(sys.executable).parent / "marl")
     argv = [marl, "train", "traffic/2x2grid", "--test", "--eval-episodes", "1", "--algo-set", "num_steps=64",
-            "--ranks", str(ranks), "--fault-tolerance", "ulfm", "--steps", str(steps), "--out", str(out)]  # fmt: skip
+            "--ranks", str(ranks), "--fault-tolerance", "ulfm", "--steps", str(steps), "--out", str(out),
+            *MODES[mode]]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_COMM_WORLD", "PMIX_", "PMI_", "CONCORD_MPI"))}
     start = time.monotonic()
     job = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
                            start_new_session=True)  # fmt: skip
     killed: list[int] = []
     logged_at_kill: list[int] = []
+    next_update: list[float] = []
     alive = list(range(ranks))
     # When: after a random update of the first half of the job (the second kill a few updates
     # later), at a random moment within the next update (rollout, backward, allreduce, checkpoint).
@@ -142,14 +169,21 @@ def run_trial(
                 break
             logged_at_kill.append(_updates(out))
             os.kill(pid, signal.SIGKILL)
+            killed_at = time.monotonic()
             killed.append(rank)
             alive.remove(rank)
+            # from outside: the kill to the next update in the records (the job may end first)
+            while _updates(out) <= logged_at_kill[-1] and job.poll() is None and time.monotonic() - start < timeout:
+                time.sleep(0.05)
+            if _updates(out) > logged_at_kill[-1]:
+                next_update.append(time.monotonic() - killed_at)
         _, err = job.communicate(timeout=max(1.0, timeout - (time.monotonic() - start)))
     except subprocess.TimeoutExpired:
         os.killpg(job.pid, signal.SIGKILL)  # our own job's process group only
         job.communicate()
         err = "timed out"
-    result: dict[str, Any] = {"ranks": ranks, "killed": killed, "exit": job.returncode, "error": ""}
+    result: dict[str, Any] = {"mode": mode, "ranks": ranks, "killed": killed, "exit": job.returncode, "error": "",
+                              "next_update_s": max(next_update, default=float("nan"))}  # fmt: skip
     result["seconds"] = time.monotonic() - start
     if job.returncode != 0:
         result["error"] = (err or "").strip().splitlines()[-1:] or [""]
@@ -160,20 +194,21 @@ def run_trial(
 
 
 @click.command("chaos")
-@click.option("--trials", type=int, default=5, help=f"Trials per rank count (1..{MAX_TRIALS}).")
+@click.option("--trials", type=int, default=5, help=f"Trials per rank count and mode (1..{MAX_TRIALS}).")
 @click.option("--ranks", "ranks_text", default="3", help="Comma-separated rank counts, e.g. 3,4 (each >= 2).")
+@click.option("--mode", "mode_text", default="ulfm,respawn,gossip",
+              help="Comma-separated modes: ulfm (shrink), respawn (grow back), gossip (root-free push-sum).")  # fmt: skip
 @click.option("--kills", type=click.IntRange(1, 2), default=1, help="Ranks killed per trial, one after the other.")
 @click.option("--updates", type=int, default=10, help="Updates per training job at full size (64 steps per rank each).")
 @click.option("--seed", type=int, default=0, help="Seed of the random choices (which rank, when).")
 @click.option("--timeout", type=float, default=300.0, help="Seconds before a trial counts as hung.")
-def command(trials: int, ranks_text: str, kills: int, updates: int, seed: int, timeout: float) -> None:
-    """Kill a random rank (rank 0 included) of real ULFM training jobs from outside; print whether
-    each survived with complete, duplicate-free records, and how fast it recovered."""
+def command(trials: int, ranks_text: str, mode_text: str, kills: int, updates: int, seed: int, timeout: float) -> None:
+    """Kill a random rank (rank 0 included) of real ULFM training jobs from outside, in each mode;
+    print whether each survived with complete, duplicate-free records, and how fast it recovered."""
     from rich.console import Console
-    from rich.table import Table
 
     from marl.core.config import check_local_processes
-    from marl.core.errors import ConfigError, show
+    from marl.core.errors import ConfigError, show, unknown
     from marl.distributed.launch import ulfm_problem
 
     if not 1 <= trials <= MAX_TRIALS:
@@ -184,6 +219,12 @@ def command(trials: int, ranks_text: str, kills: int, updates: int, seed: int, t
         raise ConfigError(f"bad --ranks {show(ranks_text)}; expected comma-separated integers, e.g. 3,4") from None
     if not counts or min(counts) < 2 + (kills - 1):
         raise ConfigError(f"bad --ranks {show(ranks_text)}; each count must leave a survivor: >= {kills + 1}")
+    modes = [m.strip() for m in mode_text.split(",") if m.strip()]
+    for m in modes:
+        if m not in MODES:
+            raise unknown("chaos mode", m, list(MODES))
+    if not modes:
+        raise ConfigError(f"bad --mode {show(mode_text)}; allowed: a comma list of {', '.join(MODES)}")
     for n in counts:
         check_local_processes("--ranks", n, oversubscribe=True)
     if not 3 <= updates <= 10_000:
@@ -194,24 +235,59 @@ def command(trials: int, ranks_text: str, kills: int, updates: int, seed: int, t
     console = Console()
     rng = random.Random(seed)
     results = []
-    for n in counts:
-        for t in range(trials):
-            with tempfile.TemporaryDirectory() as tmp, console.status(f"{n} ranks, trial {t + 1}/{trials}..."):
-                results.append(run_trial(n, updates, kills, rng, Path(tmp), timeout))
-    table = Table(title=f"chaos: allreduce + ULFM, {kills} kill(s) per trial (traffic/2x2grid)", header_style="bold")
-    for col in ("ranks", "killed", "exit", "updates", "complete", "dup rows", "recovery s", "lost s", "wall s"):
+    for mode in modes:
+        for n in counts:
+            for t in range(trials):
+                # a replacement is not found by its launch rank: respawn mode kills once
+                k = 1 if mode == "respawn" else kills
+                with (
+                    tempfile.TemporaryDirectory() as tmp,
+                    console.status(f"{mode}, {n} ranks, trial {t + 1}/{trials}..."),
+                ):
+                    results.append(run_trial(n, updates, k, rng, Path(tmp), timeout, mode))
+    _report(console, results, modes, counts, kills)
+
+
+def _report(console: Any, results: list[dict[str, Any]], modes: list[str], counts: list[int], kills: int) -> None:
+    """The per-trial table, then one summary line per mode and rank count."""
+    from rich.table import Table
+
+    table = Table(title=f"chaos: {kills} kill(s) per trial (traffic/2x2grid)", header_style="bold")
+    columns = ("mode", "ranks", "killed", "exit", "updates", "complete", "dup rows", "recovery s", "lost s",
+               "next update s", "identical", "back to N s", "wall s")  # fmt: skip
+    for col in columns:
         table.add_column(col, justify="right")
+    nan = float("nan")
     for r in results:
-        table.add_row(str(r["ranks"]), ",".join(map(str, r["killed"])) or "-", str(r["exit"]), str(r.get("updates", "-")),
-                      "yes" if r.get("complete") else "NO", str(r.get("duplicates", "-")),
-                      f"{r.get('recovery_s', float('nan')):.3f}", f"{r.get('lost_s', float('nan')):.2f}",
-                      f"{r['seconds']:.0f}")  # fmt: skip
+        identical = "-" if r["mode"] == "gossip" else str(r.get("identical_checks", "-"))
+        back_s = f"{r.get('back_s', nan):.1f}" if r["mode"] == "respawn" else "-"
+        table.add_row(r["mode"], str(r["ranks"]), ",".join(map(str, r["killed"])) or "-", str(r["exit"]),
+                      str(r.get("updates", "-")), "yes" if r.get("complete") else "NO", str(r.get("duplicates", "-")),
+                      f"{r.get('recovery_s', nan):.3f}", f"{r.get('lost_s', nan):.2f}", f"{r['next_update_s']:.2f}",
+                      identical, back_s, f"{r['seconds']:.0f}")  # fmt: skip
     console.print(table)
-    for n in counts:
-        mine = [r for r in results if r["ranks"] == n]
-        ok = sum(r["exit"] == 0 and bool(r.get("complete")) and r.get("duplicates") == 0 for r in mine)
-        worst = max((r.get("recovery_s", float("nan")) for r in mine), default=float("nan"))
-        console.print(f"{n} ranks: {ok}/{len(mine)} survived with complete records; worst recovery {worst:.3f} s")
+    for mode in modes:
+        for n in counts:
+            mine = [r for r in results if r["ranks"] == n and r["mode"] == mode]
+            ok = sum(_survived(r) for r in mine)
+            worst = max((r.get("recovery_s", nan) for r in mine), default=nan)
+            nxt = max((r["next_update_s"] for r in mine), default=nan)
+            line = (f"{mode}, {n} ranks: {ok}/{len(mine)} survived with complete records; worst recovery {worst:.3f} s; "
+                    f"worst kill -> next update {nxt:.2f} s")  # fmt: skip
+            if mode == "respawn":
+                back = [r for r in mine if r.get("world_after") == n]
+                line += f"; world back to {n} in {len(back)}/{len(mine)}, worst {max((r.get('back_s', nan) for r in back), default=nan):.1f} s"
+            if mode == "gossip":
+                line += f"; averaging rounds skipped (writing rank) {sum(r.get('rounds_skipped', 0) for r in mine)}"
+            else:
+                line += f"; updates lost: {sum(len(r['killed']) for r in mine)} (each failure redoes its update once)"
+            console.print(line, markup=False)
     for r in results:
         if r["error"]:
-            console.print(f"  {r['ranks']} ranks, killed {r['killed']}: {r['error']}", markup=False)
+            console.print(f"  {r['mode']}, {r['ranks']} ranks, killed {r['killed']}: {r['error']}", markup=False)
+
+
+def _survived(r: dict[str, Any]) -> bool:
+    """Exit 0, complete records without duplicates; respawn: the world grew back when it could."""
+    ok = r["exit"] == 0 and bool(r.get("complete")) and r.get("duplicates") == 0
+    return ok and (r["mode"] != "respawn" or not r["killed"] or r.get("world_after") in (None, r["ranks"]))

@@ -85,6 +85,13 @@ __all__ = ["command"]
 @click.option("--bucket-mb", type=float, default=25.0, help="Fused gradient bucket size, MB.")
 @click.option("--overlap/--no-overlap", default=False, help="Overlap bucket allreduce with backward.")
 @click.option("--fault-tolerance", default="none", help="none, ulfm or checkpoint.")
+@click.option(
+    "--respawn", is_flag=True, help="With ulfm: replace a lost rank by a new one; the world grows back to --ranks."
+)
+@click.option(
+    "--sync-every", type=int, default=1, help="K local updates, then one parameter averaging round (allreduce, gossip)."
+)
+@click.option("--respawned", is_flag=True, hidden=True, help="Set by --respawn on the replacement's command line.")
 @click.option("--inject-failure", default="", hidden=True, help="R:U kills rank R at update U (tests, demos).")
 def command(
     scenario: str,
@@ -159,7 +166,7 @@ def command(
         from marl.distributed import launch_if_needed
 
         launch_if_needed(dist_cfg, sys.argv)
-    if _launcher_rank() != 0:  # under mpiexec only rank 0 draws progress and prints results
+    if _launcher_rank() != 0 or dist_cfg.respawned:  # under mpiexec only rank 0 draws progress and prints results
         train(plan)
         return
     err_console = Console(stderr=True)

@@ -23,6 +23,7 @@ __all__ = [
     "FAULT_TOLERANCE",
     "parse_compress",
     "parse_inject_failure",
+    "inject_failure_point",
     "parse_hosts",
     "read_hostfile",
     "is_local_host",
@@ -119,17 +120,25 @@ def is_local_host(name: str) -> bool:
     return name.strip("[]") in ("localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn())
 
 
-_INJECT = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+_INJECT = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*(?::\s*(update|checkpoint)\s*)?$")
 
 
 def parse_inject_failure(spec: str) -> tuple[int, int] | None:
-    """``"1:3"`` -> ``(1, 3)`` (rank 1 dies at update 3); ``""`` -> None."""
+    """``"1:3"`` -> ``(1, 3)`` (rank 1 dies at update 3); ``""`` -> None. An optional third field
+    names where: ``update`` (default, as the update starts) or ``checkpoint`` (see
+    :func:`inject_failure_point`)."""
     if not spec:
         return None
     match = _INJECT.match(spec)
     if not match:
-        raise ConfigError(f"bad inject_failure {show(spec)}; expected RANK:UPDATE, e.g. 1:3")
+        raise ConfigError(f"bad inject_failure {show(spec)}; expected RANK:UPDATE[:checkpoint], e.g. 1:3")
     return int(match.group(1)), int(match.group(2))
+
+
+def inject_failure_point(spec: str) -> str:
+    """Where an ``inject_failure`` spec kills: ``"update"`` or ``"checkpoint"``."""
+    match = _INJECT.match(spec) if spec else None
+    return (match.group(3) or "update") if match else "update"
 
 
 @dataclass
@@ -168,8 +177,30 @@ class DistConfig:
             "--with-ft ulfm) or checkpoint (atomic checkpoints + --resume)."
         },
     )
+    respawn: bool = field(
+        default=False,
+        metadata={
+            "help": "After a failure (ULFM), spawn one new rank per lost rank, hand it the live state "
+            "and train on at the full size; needs fault_tolerance=ulfm and sync=allreduce."
+        },
+    )
+    respawned: bool = field(
+        default=False,
+        metadata={"help": "Hidden: set on the command line of a process spawned by --respawn to replace a rank."},
+    )
+    sync_every: int = field(
+        default=1,
+        metadata={
+            "help": "K local updates, then one averaging round of parameters (LocalSGD/DiLoCo); "
+            "allreduce with K=1 averages gradients every optimiser step instead. allreduce or gossip."
+        },
+    )
     inject_failure: str = field(
-        default="", metadata={"help": "Hidden, for tests and demos: 'R:U' kills rank R at update U."}
+        default="",
+        metadata={
+            "help": "Hidden, for tests and demos: 'R:U' kills rank R at update U; 'R:U:checkpoint' kills it "
+            "inside the checkpoint writer of update U (the temporary file half written)."
+        },
     )
     oversubscribe: bool = field(
         default=False,
@@ -206,6 +237,22 @@ class DistConfig:
         if self.overlap and (self.sync != "allreduce" or name != "none"):
             raise ConfigError("bad value for overlap: 'true'; overlap works with sync=allreduce and compress=none only")
         parse_inject_failure(self.inject_failure)
+        if self.respawn and (self.fault_tolerance != "ulfm" or self.sync != "allreduce"):
+            raise ConfigError(
+                f"bad combination --respawn with fault_tolerance={show(self.fault_tolerance)}, sync={show(self.sync)}; "
+                "respawn needs --fault-tolerance ulfm and --sync allreduce"
+            )
+        if (
+            isinstance(self.sync_every, bool)
+            or not isinstance(self.sync_every, int)
+            or not 1 <= self.sync_every <= 10_000
+        ):
+            raise ConfigError(f"bad value for sync_every: {show(self.sync_every)}; allowed: an integer in 1..10000")
+        if self.sync_every > 1 and (self.sync not in ("allreduce", "gossip") or name != "none" or self.overlap):
+            raise ConfigError(
+                f"bad value for sync_every: {self.sync_every}; K > 1 works with sync=allreduce or gossip, "
+                "without compression or overlap"
+            )
         if self.hostfile and self.host:
             raise ConfigError("bad combination --hostfile with --host; give one of them")
         hosts = self.hosts

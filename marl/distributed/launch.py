@@ -57,6 +57,7 @@ __all__ = [
     "ulfm_problem",
     "run_under_mpiexec",
     "die_with_launcher",
+    "respawn_command",
 ]
 
 #: Set by us in the environment of every rank we launch (guards against relaunch loops).
@@ -146,7 +147,8 @@ def mpiexec_flags(cfg: DistConfig, cores: int | None = None, *, shared_node: boo
         cmd += ["--hostfile", str(Path(cfg.hostfile).resolve())]
     elif cfg.host:
         cmd += ["--host", ",".join(f"{name}:{slots}" for name, slots in hosts)]
-    if cfg.oversubscribe or (not hosts and cfg.ranks > cores):
+    # --respawn: a replacement is spawned while the launcher may still count the dead rank's slot.
+    if cfg.oversubscribe or (not hosts and cfg.ranks > cores) or cfg.respawn:
         # Open MPI refuses more ranks than cores (or listed slots) without it; it also makes idle
         # ranks yield the CPU while polling (mpi_yield_when_idle), which an oversubscribed node needs.
         cmd.append("--oversubscribe")
@@ -182,6 +184,14 @@ def _self_command(argv: list[str]) -> list[str]:
             raise ConfigError(f"cannot relaunch under mpiexec: {show(script)} is not a file")
         path = Path(found)
     return [sys.executable, str(path.resolve()), *argv[1:]]
+
+
+def respawn_command(argv: list[str]) -> list[str]:
+    """The program and arguments a rank spawns to replace a lost peer (``--respawn``): this
+    rank's own command line (interpreter, resolved script, same options) plus ``--respawned``,
+    which tells ``marl train`` that its output directory is the job's, in use, not a clash."""
+    command = _self_command(argv)
+    return command if "--respawned" in command else [*command, "--respawned"]
 
 
 def launch_if_needed(cfg: DistConfig, argv: list[str]) -> None:

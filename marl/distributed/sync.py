@@ -11,10 +11,10 @@ chosen by ``DistConfig.sync``:
   allgather, each in size-1 steps (Patarasuk & Yuan, JPDC 2009; the Baidu/Horovod algorithm).
   Bandwidth-optimal: each rank sends 2(n-1)/n of the buffer.
 * ``ps``: a parameter server on rank 0: ``Gather`` the buckets, average, ``Bcast`` the result.
-* ``gossip``: decentralised SGD (D-PSGD; Lian et al., NeurIPS 2017). No global average at all:
-  each rank mixes its *parameters* with its topology neighbours' using Metropolis-Hastings
-  weights (Xiao & Boyd 2004) and then applies its own local gradient. Ranks drift apart a little
-  and are pulled to consensus; the default topology is a ring of ranks.
+* ``gossip`` and ``sync_every > 1``: gradients stay local (:class:`NoSync`); parameters are
+  averaged between updates by :mod:`marl.distributed.averaging` (push-sum gossip, LocalSGD).
+  :class:`GossipSync` (D-PSGD mixing with Metropolis-Hastings weights on a fixed graph; Lian et
+  al., NeurIPS 2017) remains as a building block and is tested, but ``marl train`` no longer uses it.
 
 Averaging without an averaging pass (``prescaled``; Horovod's ``prescale_factor``, Sergeev & Del
 Balso 2018): dividing the summed bucket by the world size is a second full pass over memory, and
@@ -403,15 +403,16 @@ class GossipSync(GradientSync):
 def make_sync(world: World, cfg: DistConfig, topology: Any = None, *, prescaled: bool = False) -> GradientSync:
     """The gradient sync chosen by ``cfg.sync``.
 
-    ``topology`` matters for gossip only: a connected networkx graph whose nodes are the ranks
-    0..n-1. Any other graph (None, or a scenario's graph over agent names) means a ring of ranks.
+    ``topology`` is kept for callers that build a :class:`GossipSync` themselves; ``sync=gossip``
+    and ``sync_every > 1`` get :class:`NoSync` (parameters are averaged between updates).
 
     ``prescaled=True`` is a promise that the caller multiplies its loss by ``sync.grad_scale``
     before every ``backward`` (what ``marl train`` does); methods that can use it then skip their
     averaging pass. The default (False) keeps ``grad_scale == 1`` for callers that do not scale,
     so forgetting it is slower, never wrong.
     """
-    if not isinstance(world, MPIWorld):
+    if not isinstance(world, MPIWorld) or cfg.sync == "gossip" or cfg.sync_every > 1:
+        # Gradients stay local: parameters are averaged between updates (marl/distributed/averaging.py).
         return NoSync(world, cfg)
     if cfg.sync == "allreduce":
         return AllreduceSync(world, cfg, make_compressor(cfg.compressor), prescaled=prescaled)
@@ -419,6 +420,4 @@ def make_sync(world: World, cfg: DistConfig, topology: Any = None, *, prescaled:
         return RingSync(world, cfg)
     if cfg.sync == "ps":
         return ParameterServerSync(world, cfg)
-    if cfg.sync == "gossip":
-        return GossipSync(world, cfg, topology)
     raise ValueError(cfg.sync)  # DistConfig validated it already

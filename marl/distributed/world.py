@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import time
+from datetime import UTC
 from typing import Any
 
 import numpy as np
@@ -71,6 +72,12 @@ class World:
     def __init__(self, cfg: DistConfig) -> None:
         self.cfg = cfg
         self.events = []
+        self.lost = []
+        #: check_identical() calls that found every rank bit-identical (the manifest reports it).
+        self.identical_checks = 0
+        #: True in a process spawned by ``--respawn`` to replace a lost rank.
+        self.newcomer = False
+        self.siblings: set[int] = set()
         #: Incremented by every recovery; gradient syncs reset their per-communicator state.
         self.generation = 0
         self._update = -1
@@ -82,16 +89,27 @@ class World:
         the lowest survivor becomes rank 0 of the shrunk world and takes the writing over."""
         return self.rank == 0
 
-    def maybe_inject_failure(self, update: int) -> None:
-        """Kill this process with SIGKILL if ``cfg.inject_failure`` is ``"<my rank>:<update>"``.
+    def maybe_inject_failure(self, update: int, point: str = "update") -> None:
+        """Kill this process with SIGKILL if ``cfg.inject_failure`` is ``"<my rank>:<update>"``
+        (``point`` "update": called as the update starts) or ``"<my rank>:<update>:checkpoint"``
+        (``point`` "checkpoint": called by the checkpoint writer with its file half written).
 
-        Also marks the start of ``update`` (used to measure the work a failure throws away).
-        The rank is the original MPI rank, so "1:3" means the process started as rank 1.
+        At the start of an update, also marks it (used to measure the work a failure throws away).
+        The rank is the original MPI rank, so "1:3" means the process started as rank 1 (or the
+        rank that replaced it, ``--respawn``).
         """
-        self._update = update
-        self._update_start = time.perf_counter()
+        from marl.distributed.config import inject_failure_point
+
+        if point == "update":
+            self._update = update
+            self._update_start = time.perf_counter()
         failure = self.cfg.failure
-        if failure is not None and failure == (self.original_rank, update):
+        if (
+            failure is not None
+            and failure == (self.original_rank, update)
+            and inject_failure_point(self.cfg.inject_failure) == point
+            and not getattr(self, "newcomer", False)
+        ):
             sys.stdout.flush()
             sys.stderr.flush()
             os.kill(os.getpid(), signal.SIGKILL)
@@ -100,6 +118,24 @@ class World:
     def original_rank(self) -> int:
         return self.rank
 
+    @property
+    def seed_stream(self) -> int:
+        """Which training-episode and action-sampling stream this process draws from: its rank,
+        or for a rank spawned by ``--respawn`` ``original rank + N x respawn round`` (N: the
+        world size at launch), so a replacement never replays the episodes of the rank it
+        replaces or of an earlier replacement."""
+        return self.rank
+
+    #: Original ranks lost and not yet replaced (``--respawn`` replaces them between updates).
+    lost: list[int]
+
+    def respawn(self, update: int) -> list[dict[str, Any]]:
+        """Spawn one rank per lost rank and merge them in (MPIWorld with ``cfg.respawn``) when
+        ``update`` updates are complete (the numbering of ``maybe_inject_failure`` and of the
+        failure events: the rows of both land on update ``update + 1``); returns the
+        ``rank_rejoin`` events."""
+        return []
+
     # -- collective operations; no-ops for one rank -------------------------------------------
     def broadcast_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Copy parameters, buffers and optimiser state from rank 0 to every rank."""
@@ -107,6 +143,10 @@ class World:
     def broadcast_text(self, text: str) -> str:
         """Rank 0's ``text`` on every rank (e.g. the run id that every rank must log under)."""
         return text
+
+    def broadcast_json(self, value: Any) -> Any:
+        """Rank 0's JSON-able ``value`` on every rank (other ranks may pass None)."""
+        return value
 
     def check_identical(self, model: torch.nn.Module) -> None:
         """Raise RanksDivergedError unless every rank holds bit-identical parameters and buffers."""
@@ -119,7 +159,7 @@ class World:
         """The last update every live rank completed: the minimum of ``update`` over ranks."""
         return int(update)
 
-    def recover(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    def recover(self, model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Continue after a RankFailure with the survivors (ULFM only)."""
         raise RuntimeError("recover() called in a world without peers; nothing can have failed")
 
@@ -143,14 +183,6 @@ class MPIWorld(World):
 
         self.MPI = MPI
         self.ulfm = cfg.fault_tolerance == "ulfm"
-        self.comm: Any = MPI.COMM_WORLD.Dup()  # an Intracomm; a Comm after a ULFM shrink
-        # mpi4py raises MPI.Exception on errors (ERRORS_RETURN); ULFM needs that to survive.
-        self.comm.Set_errhandler(MPI.ERRORS_RETURN)
-        self.rank = self.comm.Get_rank()
-        self.size = self.comm.Get_size()
-        #: Original MPI rank of each current rank (changes after a shrink).
-        self.world_ranks = list(range(self.size))
-        self._original_rank = self.rank
         self._failure_classes = {
             getattr(MPI, name)
             for name in ("ERR_PROC_FAILED", "ERR_PROC_FAILED_PENDING", "ERR_REVOKED")
@@ -158,6 +190,40 @@ class MPIWorld(World):
         }
         self._detected_at: float | None = None
         self._recovered = False
+        self._lost_at: dict[int, float] = {}  # original rank -> when its death was detected
+        #: Respawn rounds so far (every process of the job agrees on it; see :attr:`seed_stream`).
+        self.respawns = 0
+        #: The respawn round this process joined in (0: launched with the job).
+        self.join_round = 0
+        parent = MPI.Comm.Get_parent()
+        if parent != MPI.COMM_NULL:  # spawned by the survivors of a failure (--respawn)
+            self.newcomer = True
+            self.comm: Any = parent.Merge(high=True)  # the survivors keep ranks 0..n-1; we come last
+            self.comm.Set_errhandler(MPI.ERRORS_RETURN)
+            self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+            # Who we replace, and the job's bookkeeping, from the survivors' rank 0 (respawn()).
+            header = json.loads(self._bcast_bytes(None))
+            self.world_ranks = [int(r) for r in header["world_ranks"]]
+            self.original_size, self.respawns = int(header["original_size"]), int(header["respawns"])
+            self.generation, self.join_round = int(header["generation"]), self.respawns
+            self._original_rank = self.world_ranks[self.rank]
+            #: Original ranks spawned together with this one (one spawned job; they finalise together).
+            self.siblings = {int(r) for r in header["joined"]}
+            return
+        self.comm = MPI.COMM_WORLD.Dup()  # an Intracomm; a Comm after a ULFM shrink
+        # mpi4py raises MPI.Exception on errors (ERRORS_RETURN); ULFM needs that to survive.
+        self.comm.Set_errhandler(MPI.ERRORS_RETURN)
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        #: The world size at launch: --respawn grows the world back to it.
+        self.original_size = self.size
+        #: Original MPI rank of each current rank (changes after a shrink).
+        self.world_ranks = list(range(self.size))
+        self._original_rank = self.rank
+
+    @property
+    def seed_stream(self) -> int:
+        return self._original_rank + self.original_size * self.join_round
 
     @property
     def original_rank(self) -> int:
@@ -238,12 +304,17 @@ class MPIWorld(World):
     def broadcast_text(self, text: str) -> str:
         return self._bcast_bytes(text.encode() if self.rank == 0 else None).decode()
 
+    def broadcast_json(self, value: Any) -> Any:
+        return json.loads(self._bcast_bytes(json.dumps(value).encode() if self.rank == 0 else None))
+
     def check_identical(self, model: torch.nn.Module) -> None:
         MPI = self.MPI
         d = _digest(_state_tensors(model))
         both = np.array([d, -d], dtype=np.int64)
         self.call(self.comm.Allreduce, MPI.IN_PLACE, [both, MPI.INT64_T], op=MPI.MAX)
-        if both[0] != -both[1]:
+        if both[0] == -both[1]:
+            self.identical_checks += 1
+        else:
             raise RanksDivergedError(
                 f"parameters differ between ranks (checksum on rank {self.rank}: {d:x}); ranks "
                 "must start from the same torch seed and apply the same synchronised updates"
@@ -268,8 +339,9 @@ class MPIWorld(World):
         self.call(self.comm.Barrier)
 
     # -- recovery --------------------------------------------------------------------------------
-    def recover(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Revoke, shrink to the survivors, agree on the last completed update, re-broadcast.
+    def recover(self, model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Revoke, shrink to the survivors, agree on the last completed update, re-broadcast
+        (unless ``model`` is None: root-free gossip keeps every survivor's own parameters).
 
         Afterwards ``rank``/``size`` describe the shrunk world, ``generation`` is incremented and
         one event per failed rank is appended to ``events``. A further failure during recovery
@@ -299,8 +371,10 @@ class MPIWorld(World):
                 # ULFM's fault-tolerant consensus: every survivor reaches this point together.
                 self.call(new.Agree, 1)
                 last_completed = self.agree(failed_update - 1)
-                # Shrink keeps the order of ranks, so new rank 0 is the lowest survivor.
-                self.broadcast_state(model, optimizer, root=0)
+                # Shrink keeps the order of ranks, so new rank 0 is the lowest survivor. Push-sum
+                # gossip passes no model: each survivor keeps its own parameters.
+                if model is not None:
+                    self.broadcast_state(model, optimizer, root=0)
                 self.call(new.Barrier)
                 break
             except RankFailure:
@@ -309,10 +383,14 @@ class MPIWorld(World):
             raise RuntimeError("recovery failed: ranks kept dying")
         now = time.perf_counter()
         for r in failed:
+            if self.cfg.respawn:
+                self.lost.append(int(r))
+                self._lost_at[int(r)] = detected
             self.events.append(
                 {
                     "event": "rank_failure",
                     "rank": int(r),
+                    "time": _iso_now(),
                     "update": int(failed_update),
                     "last_completed_update": int(last_completed),
                     "seconds_lost": float(now - min(self._update_start, detected)),
@@ -325,6 +403,60 @@ class MPIWorld(World):
         self._recovered = True
         global _skip_finalize
         _skip_finalize = True
+
+    def respawn(self, update: int) -> list[dict[str, Any]]:
+        """Grow the world back: spawn one process per lost rank and merge it in (``--respawn``).
+
+        Collective over the survivors, called between updates. ``MPI_Comm_spawn`` starts the same
+        command line (it joins in :class:`MPIWorld`'s constructor through ``Get_parent``), the
+        intercommunicator is merged with the survivors first, so the survivors keep their ranks
+        and rank 0 keeps writing, and rank 0 sends the newcomers who they replace. The caller then
+        hands them the training state (:meth:`broadcast_state` and its own counters). Returns one
+        ``rank_rejoin`` event per replaced rank (also appended to :attr:`events`); a spawn that
+        fails (no slots, no launcher support) is reported on stderr and the world stays shrunk.
+        """
+        if not (self.cfg.respawn and self.lost):
+            return []
+        from marl.distributed.launch import respawn_command
+
+        MPI = self.MPI
+        lost, start = sorted(self.lost), time.perf_counter()
+        command = respawn_command(sys.argv)
+        try:
+            inter = self.call(self.comm.Spawn, command[0], args=command[1:], maxprocs=len(lost), root=0)
+            merged = self.call(inter.Merge, False)
+        except self.MPI.Exception as exc:
+            if self.rank == 0:
+                print(f"marl: respawn failed, training goes on with {self.size} ranks: {exc.Get_error_string()}",
+                      file=sys.stderr, flush=True)  # fmt: skip
+            self.lost = []
+            return []
+        merged.Set_errhandler(MPI.ERRORS_RETURN)
+        self.comm = merged
+        self.rank, self.size = merged.Get_rank(), merged.Get_size()
+        self.world_ranks = self.world_ranks + lost
+        self.respawns += 1
+        self.generation += 1  # per-communicator state of the gradient syncs is rebuilt
+        header = {"world_ranks": self.world_ranks, "original_size": self.original_size, "respawns": self.respawns,
+                  "generation": self.generation, "joined": lost}  # fmt: skip
+        self._bcast_bytes(json.dumps(header).encode() if self.rank == 0 else None)
+        now = time.perf_counter()
+        events = [
+            {
+                "event": "rank_rejoin",
+                "rank": r,
+                "time": _iso_now(),
+                "update": int(update),
+                "spawn_seconds": float(now - start),
+                "seconds_since_failure": float(now - self._lost_at.pop(r, start)),
+                "world_size_after": int(self.size),
+                "respawn_round": self.respawns,
+            }
+            for r in lost
+        ]
+        self.lost = []
+        self.events += events
+        return events
 
     def close(self) -> None:
         exc = sys.exc_info()[1]
@@ -340,6 +472,39 @@ class MPIWorld(World):
         # (docs/ARCHITECTURE.md, "Dependency facts"); the barrier also keeps rank 0 from exiting while others still write.
         with contextlib.suppress(RankFailure, self.MPI.Exception):
             self.call(self.comm.Barrier)
+        if self.newcomer:
+            self._wait_for_the_others()
+
+    def _wait_for_the_others(self, timeout: float = 30.0) -> None:
+        """A process spawned by ``--respawn`` must call MPI_Finalize (the launcher calls an exit
+        without it an abnormal termination: exit code 1), but Finalize waits for every process
+        connected to it, and the survivors that spawned it skip Finalize (see _skip_finalize):
+        entered while they are alive, it spun forever (measured). Entered after they are gone it
+        returns at once. So wait, at most ``timeout`` s, until ULFM reports every rank outside our
+        own spawned job dead (a receive nobody sends fails with ERR_PROC_FAILED when its source
+        exits). Known limit: after two respawn rounds the replacements of different rounds wait
+        for each other until the timeout."""
+        MPI = self.MPI
+        deadline = time.perf_counter() + timeout
+        buf = np.empty(1, np.uint8)
+        for r in range(self.size):
+            if r == self.rank or self.world_ranks[r] in self.siblings:
+                continue
+            try:
+                request = self.comm.Irecv([buf, MPI.BYTE], source=r, tag=_GONE_TAG)
+                while time.perf_counter() < deadline and not request.Test():
+                    time.sleep(0.02)
+            except MPI.Exception:
+                continue  # rank r is gone
+            if time.perf_counter() >= deadline:
+                return
+
+
+def _iso_now() -> str:
+    """UTC wall-clock time, ISO 8601 (for events a user lines up with logs)."""
+    from datetime import datetime
+
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def _to_skeleton(obj: Any, tensors: list[torch.Tensor]) -> Any:
@@ -376,6 +541,9 @@ def _from_skeleton(obj: Any, tensors: list[torch.Tensor]) -> Any:
         return [_from_skeleton(v, tensors) for v in obj]
     return obj
 
+
+#: Tag of the receive a respawned process waits on until the others have exited (nobody sends it).
+_GONE_TAG = 31999
 
 #: Set after a ULFM recovery: MPI_Finalize must then be skipped. Open MPI 5.0's finalize
 #: synchronises with every process of MPI_COMM_WORLD, the dead one included, and was seen to

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,11 +115,28 @@ def checked_config(state: dict[str, Any]) -> Any:
     return config
 
 
-def save_checkpoint(directory: Path, update: int, state: dict[str, Any], keep: int) -> Path:
-    """Write ``update-<N>.pt`` atomically, point ``latest.json`` at it, keep the newest ``keep``."""
+def save_checkpoint(
+    directory: Path, update: int, state: dict[str, Any], keep: int, during_write: Callable[[], None] | None = None
+) -> Path:
+    """Write ``update-<N>.pt`` atomically, point ``latest.json`` at it, keep the newest ``keep``.
+
+    ``during_write`` is called with the new file written to its temporary name, before the rename
+    (tests aim a kill there: ``--inject-failure R:U:checkpoint``). A writer killed there leaves
+    ``latest.json`` on the previous checkpoint and a ``.update-*.tmp`` file, which the next writer
+    (the survivor that takes the writing over) removes.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     name = f"update-{update:06d}.pt"
-    target = atomic_write(directory / name, lambda fh: torch.save(state, fh))
+
+    def write(fh: Any) -> None:
+        torch.save(state, fh)
+        if during_write is not None:
+            fh.flush()
+            during_write()
+
+    target = atomic_write(directory / name, write)
+    for stale in directory.glob(".update-*.tmp"):  # left by a writer that died mid-write
+        stale.unlink(missing_ok=True)
     atomic_write_json(
         directory / LATEST_FILE,
         {

@@ -6,7 +6,10 @@ update ``u`` (in the ``episode`` column): ``train_<loss metric>``, ``train_env_s
 (means over the training episodes that ended during the update), ``rank_failure_<r>`` (rank ``r``,
 its original MPI rank, died; value: the world size after), and after a
 periodic evaluation ``eval_<kpi>``. The final evaluation writes one row per KPI per episode
-(``episode`` = evaluation episode), exactly like ``marl run``. Only rank 0 writes; every rank
+(``episode`` = evaluation episode), exactly like ``marl run``. With ``--respawn`` a replacement
+of rank ``r`` that joined during update ``u`` adds ``rank_rejoin_<r>`` (value: the world size
+after, N again) to ``u``'s rows; both kinds of event (time, update, world size, seconds) are also
+in the manifest's ``events``. Only rank 0 writes; every rank
 logs under rank 0's run id and keeps its last update's rows, so that when rank 0 dies (ULFM) the
 lowest survivor, rank 0 of the shrunk world, takes the writing over (:meth:`TrainLog.take_over`):
 it drops the rows of the updates it is about to log (the old writer may have logged one of them)
@@ -45,7 +48,7 @@ __all__ = ["TrainLog", "drop_superseded_rows", "is_curve_metric"]
 
 def is_curve_metric(metric: str) -> bool:
     """Rows logged per update (the ``episode`` column is an update number)."""
-    return metric.startswith(("train_", "eval_", "rank_failure"))
+    return metric.startswith(("train_", "eval_", "rank_failure", "rank_rejoin"))
 
 
 def drop_superseded_rows(out_dir: Path, run_id: str, after_update: int) -> int:
@@ -98,6 +101,8 @@ class TrainLog:
         self.main_kpi: str = getattr(env, "main_kpi", "") or ""
         self.writer = RecordWriter(plan.out_dir) if is_root else None
         self.unwritten: list[Row] = []  #: a non-writing rank's rows of its last update (see take_over)
+        # A rank spawned by --respawn already holds the run's events (from the survivors): they are not new.
+        known_events = list(world.events) if world is not None and getattr(world, "newcomer", False) else []
         self.manifest: dict[str, Any] = {
             "run_id": run_id,
             "command": "train",
@@ -111,7 +116,7 @@ class TrainLog:
             "end_time": None,
             "updates_completed": update,
             "env_steps": env_steps,
-            "events": [],
+            "events": known_events,
             **environment_info(world_size),
         }
         if self.writer is not None:
@@ -183,8 +188,9 @@ class TrainLog:
             if self.main_kpi and values:
                 rows.append(self.row(update, f"train_{self.main_kpi}", float(np.mean(values))))
         for event in events[len(self.manifest["events"]) :]:  # new distributed events only
-            # One metric per rank: two ranks dying in one update are two rows, not a repeated key.
-            metric = f"rank_failure_{event.get('rank', -1)}"
+            # One metric per rank: two ranks dying in one update are two rows, not a repeated key;
+            # rank_failure_<r> or (--respawn) rank_rejoin_<r>, value: the world size after.
+            metric = f"{event.get('event', 'rank_failure')}_{event.get('rank', -1)}"
             rows.append(self.row(update, metric, float(event.get("world_size_after", -1))))
             self.manifest["events"].append(event)
         self._append(rows)

@@ -30,6 +30,7 @@ import copy
 import json
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -40,10 +41,10 @@ from marl.core import registry
 from marl.core.errors import CheckpointError
 from marl.core.seeding import rank_seed
 from marl.policies import ActorCritic
-from marl.results.records import new_run_id
 from marl.training.buffer import EnvRewardScaler, RolloutBuffer, env_advantages
 from marl.training.checkpoint import CHECKPOINT_DIR, checkpoint_meta, save_checkpoint
 from marl.training.communication import Communication
+from marl.training.elastic import grow, start_state
 from marl.training.evaluation import evaluate, final_seeds, periodic_seeds
 from marl.training.layout import TeamLayout
 from marl.training.log import TrainLog
@@ -73,13 +74,14 @@ def train(
     """
     # ---- setup
     from marl.distributed import DistConfig, RankFailure, init_world, make_sync
+    from marl.distributed.averaging import make_averager
 
     plan = request if isinstance(request, TrainPlan) else prepare(request)
     if getattr(plan.algo_cls, "off_policy", False):  # replay-based learners (IDQN) have their own loop
         from marl.training.offpolicy import train_offpolicy
 
         return train_offpolicy(plan, on_progress)
-    req, config, algo_cls = plan.request, plan.config, plan.algo_cls
+    req, config, algo_cls = plan.request, plan.config, plan.algo_cls  # (Adam eps 1e-5: Huang et al. 2022, detail 3)
     torch.set_num_threads(config.torch_threads)
     env = registry.make_scenario(req.scenario, req.overrides, test=req.test)
     world, envs = None, None
@@ -91,35 +93,33 @@ def train(
         world = init_world(dist_cfg)
         # prescaled: the loss is multiplied by sync.grad_scale, so the allreduce needs no averaging pass.
         sync = make_sync(world, dist_cfg, env.topology, prescaled=True)
+        averager = make_averager(world, dist_cfg)  # gossip / --sync-every K: parameters between updates
         check_ranks(config, world.size)
         torch.manual_seed(req.seed)  # identical initial weights on every rank
-        comm = Communication.for_policy(
-            req.protocol, plan.channel_spec, layout, rank_seed(req.seed, world.rank), config
-        )
+        comm = Communication.for_policy(req.protocol, plan.channel_spec, layout, rank_seed(req.seed, world.seed_stream),
+                                        config)  # fmt: skip
         model = build_model(algo_cls, config, layout, comm)
-        # Adam eps 1e-5 (Huang et al. 2022, detail 3).
         optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=1e-5, foreach=True)
         scaler = EnvRewardScaler(layout.n, config.gamma, req.envs) if config.norm_reward else None
         value_rms = RunningMeanStd() if config.norm_value else None
-        envs = TrainingEpisodes.open(env, layout, comm, req, world.rank, algo_cls.centralised_critic)
-        update, env_steps, eval_due = _restore(plan.resumed, model, optimizer, scaler, value_rms, envs, world.rank)
-        world.broadcast_state(model, optimizer)
-        world.check_identical(model)
-        if world.rank > 0:
-            torch.manual_seed(rank_seed(req.seed, world.rank))  # different action sampling per rank
-        run_id = world.broadcast_text(new_run_id())  # one run id: any rank may end up writing its rows
+        envs = TrainingEpisodes.open(env, layout, comm, req, world.seed_stream, algo_cls.centralised_critic)
+        restore = lambda: _restore(plan.resumed, model, optimizer, scaler, value_rms, envs, world.rank)
+        update, env_steps, eval_due, run_id = start_state(world, plan, model, optimizer, scaler, value_rms, envs,
+                                                          restore)  # fmt: skip
         log = TrainLog(plan, run_id, world, env, layout, update, env_steps, on_progress)
+        last_update = _last_update(req, config, len(envs), world, averager)
         policy = PolicyController(model, layout, comm, plan.method, deterministic=config.deterministic_eval)
-        buf = RolloutBuffer.for_team(
-            config.num_steps, layout, comm, critic_input_size(algo_cls, layout, comm), req.envs
-        )
+        buf = RolloutBuffer.for_team(config.num_steps, layout, comm, critic_input_size(algo_cls, layout, comm),
+                                     req.envs)  # fmt: skip
         returns: list[float] = []  # of every finished training episode
         finished: list[tuple[float, dict[str, float]]] = []  # (return, kpis) during this update
         busy = rollout_seconds = 0.0  # rollout + update time; rollout only (envs.seconds: inside the envs)
         local_steps, last_ckpt, start = 0, None, time.perf_counter()
 
-        while env_steps < req.steps:
-            # ---- rollout
+        while env_steps < req.steps and update < last_update:
+            # ---- rollout (with --respawn, replacements for lost ranks join first and get the state)
+            grow(world, model, optimizer, scaler, value_rms, run_id=run_id, update=update, env_steps=env_steps,
+                 eval_due=eval_due, out_dir=str(plan.out_dir))  # fmt: skip
             world.maybe_inject_failure(update)
             tick = time.perf_counter()
             if config.anneal_lr:  # linear decay to 0 over the run (detail 4), also after --resume
@@ -160,11 +160,10 @@ def train(
             batch = buf.batch(values, adv, targets)
 
             # ---- update and sync: a peer's death (ULFM) makes the survivors shrink, re-broadcast
-            # the lowest survivor's parameters and redo the update with the new world's scale
+            # the lowest survivor's parameters and redo the update with the new world's scale;
+            # every K updates one averaging round of the parameters (gossip: root-free, survives dead peers)
             model.train()
-            metrics = _with_recovery(
-                world, model, optimizer, RankFailure, _update, algo_cls, model, optimizer, batch, config, sync, world
-            )
+            metrics = _learn(world, model, optimizer, RankFailure, algo_cls, batch, config, sync, averager, update)
             update += 1
             env_steps += config.num_steps * len(envs) * world.size
             busy += time.perf_counter() - tick
@@ -174,17 +173,18 @@ def train(
             log.update_rows(update, metrics, env_steps, local_steps / busy, envs.seconds / busy, finished,
                             world.events, last_return)  # fmt: skip
             finished = []
-            done = env_steps >= req.steps
+            done = env_steps >= req.steps or update >= last_update
             # due evaluations run at the next episode end (a rollout may end none)
             eval_due = eval_due or bool(config.eval_every and update % config.eval_every == 0 and not done)
 
             # ---- checkpoint (every rank agrees on the update first; a peer may die here too)
             if update % config.checkpoint_every == 0 or done:
-                agreed = _with_recovery(world, model, optimizer, RankFailure, world.agree, update)
+                agreed = _agreed(world, model, optimizer, RankFailure, averager, update)
                 if world.is_root:
                     state = _state(plan, layout, run_id, model, optimizer, scaler, value_rms, envs, update,
                                    agreed, env_steps, world.size, eval_due)  # fmt: skip
-                    last_ckpt = save_checkpoint(plan.out_dir / CHECKPOINT_DIR, update, state, config.keep_checkpoints)
+                    last_ckpt = save_checkpoint(plan.out_dir / CHECKPOINT_DIR, update, state, config.keep_checkpoints,
+                                                during_write=partial(world.maybe_inject_failure, update, "checkpoint"))  # fmt: skip
                     log.save_manifest(updates_completed=update, env_steps=env_steps,
                                       last_checkpoint=str(last_ckpt), agreed_update=int(agreed))  # fmt: skip
 
@@ -200,7 +200,7 @@ def train(
         log.save_manifest(updates_completed=update, env_steps=env_steps, train_seconds=train_seconds,
                           steps_per_second=sps, rollout_steps_per_second=rollout_sps, final_kpis=final_kpis,
                           env_time_fraction=None if np.isnan(fraction) else fraction,
-                          cpu_seconds=envs.cpu_seconds())  # fmt: skip
+                          cpu_seconds=envs.cpu_seconds(), identical_checks=world.identical_checks)  # fmt: skip
         return TrainResult(run_id=run_id, out_dir=plan.out_dir, method=plan.method, checkpoint=last_ckpt,
                            updates=update, env_steps=env_steps, seconds=train_seconds, steps_per_second=sps,
                            final_kpis=final_kpis, env_fraction=fraction, train_returns=returns,
@@ -262,13 +262,72 @@ def _with_recovery(
             world.recover(model, optimizer)
 
 
-def _update(
-    algo_cls: Any, model: ActorCritic, optimizer: torch.optim.Optimizer, batch: Any, config: Any, sync: Any, world: Any
+def _learn(
+    world: Any,
+    model: ActorCritic,
+    optimizer: torch.optim.Optimizer,
+    failure: type[Exception],
+    algo_cls: Any,
+    batch: Any,
+    config: Any,
+    sync: Any,
+    averager: Any,
+    update: int,
 ) -> dict[str, float]:
-    """The algorithm's update on this rank's batch, gradients synced; metrics averaged over ranks.
-    The loss scale is read per call: a recovery may have shrunk the world."""
+    """Update ``update + 1`` and its sync, redone after a recovery (:func:`_with_recovery`), then
+    the averaging round when one is due (bytes in ``param_sync_bytes``; push-sum gossip handles
+    failures itself, LocalSGD allreduce through the same recovery)."""
+    metrics = _with_recovery(world, model, optimizer, failure, _update, algo_cls, model, optimizer, batch, config,
+                             sync, world, averager)  # fmt: skip
+    metrics["param_sync_bytes"] = float(_with_recovery(world, model, optimizer, failure, averager, model, update + 1))
+    return metrics
+
+
+def _agreed(
+    world: Any,
+    model: ActorCritic,
+    optimizer: torch.optim.Optimizer,
+    failure: type[Exception],
+    averager: Any,
+    update: int,
+) -> int:
+    """The update every rank completed (ULFM's agreement; a peer may die here too), after checking
+    that every rank holds bit-identical parameters (RanksDivergedError otherwise; with
+    ``--sync-every K`` only after an averaging round). Root-free gossip writes its own state
+    without a collective: the update itself."""
+    if averager.root_free:
+        return update
+    if update % averager.every == 0:
+        _with_recovery(world, model, optimizer, failure, world.check_identical, model)
+    return int(_with_recovery(world, model, optimizer, failure, world.agree, update))
+
+
+def _update(
+    algo_cls: Any,
+    model: ActorCritic,
+    optimizer: torch.optim.Optimizer,
+    batch: Any,
+    config: Any,
+    sync: Any,
+    world: Any,
+    averager: Any,
+) -> dict[str, float]:
+    """The algorithm's update on this rank's batch, gradients synced; metrics averaged over ranks
+    (root-free gossip: this rank's own, no collective). The loss scale is read per call: a
+    recovery may have shrunk the world."""
     metrics = algo_cls.update(model, optimizer, batch, config, sync_grads=sync, grad_scale=sync.grad_scale)
-    return world.mean_metrics(metrics)
+    return metrics if averager.root_free else world.mean_metrics(metrics)
+
+
+def _last_update(req: Any, config: Any, envs: int, world: Any, averager: Any) -> float:
+    """The update count that ends training, besides ``--steps``: root-free gossip runs a fixed
+    number, ``steps / (num_steps x envs x ranks at launch)`` rounded up, so that every rank stops
+    after the same update without a collective (a failure makes the world smaller, and ranks
+    notice it at different updates); otherwise unlimited (the ranks count steps in lockstep)."""
+    if not averager.root_free:
+        return float("inf")
+    size = getattr(world, "original_size", world.size)
+    return float(-(-req.steps // (config.num_steps * envs * size)))
 
 
 def _state(

@@ -289,6 +289,6 @@ def prepare(request: TrainRequest) -> TrainPlan:
     registry.scenario_config(request.scenario, request.overrides, test=request.test)
     out_dir = Path(request.out) if request.out else default_out_dir(request)
     check_out_dir(out_dir)
-    if resumed is None:
+    if resumed is None and not getattr(request.dist, "respawned", False):  # a replacement joins the run there
         check_out_is_free(out_dir, request)
     return TrainPlan(request, algo_cls, config, proto_spec.learned, channel_spec, out_dir, resumed)
