@@ -181,3 +181,41 @@ def test_respawn_grows_the_world_back_and_the_newcomer_trains(tmp_path: Path) ->
     last = m["updates_completed"]
     assert steps[last] - steps[last - 1] == 64 * 3
     assert steps[failure["update"] + 1] - steps[failure["update"]] == 64 * 2
+
+
+def test_gossip_survives_a_dead_peer_without_a_root(tmp_path: Path) -> None:
+    # Root-free push-sum: rank 1 dies; its neighbours' sends/receives fail, the survivors shrink
+    # (no parameter broadcast) and average on. Every rank runs the same number of updates.
+    out = tmp_path / "gossip"
+    proc = marl(*BASE_EVAL, "--ranks", "3", "--fault-tolerance", "ulfm", "--sync", "gossip", "--inject-failure", "1:2",
+                "--steps", str(64 * 3 * 5), "--out", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows, m = records(out), manifest(out)
+    assert_complete(rows, m)
+    assert m["updates_completed"] == 5  # a fixed number of updates: steps / (64 x 3 ranks at launch)
+    assert [(r["metric"], float(r["value"])) for r in rows if r["metric"].startswith("rank_")] == [
+        ("rank_failure_1", 2.0)
+    ]
+    # one model (+ its push-sum weight) per round and rank, far less than a gradient allreduce per step
+    sent = {float(r["value"]) for r in rows if r["metric"] == "train_param_sync_bytes"}
+    grads = [float(r["value"]) for r in rows if r["metric"] == "train_grad_sync_bytes"]
+    assert len(sent) == 1 and next(iter(sent)) > 0 and (not grads or max(grads) == 0)
+
+
+def test_writer_killed_inside_the_checkpoint_writer_loses_nothing(tmp_path: Path) -> None:
+    # Rank 0 dies with update 2's checkpoint written to its temporary name, not yet renamed: the
+    # survivors redo the next update, rank 1 takes the writing over, and the checkpoint on disk
+    # is whole, the newest, loadable, with no temporary file left behind.
+    from marl.training.checkpoint import load_checkpoint
+
+    out = tmp_path / "ckpt-kill"
+    proc = marl(*BASE_EVAL, "--ranks", "2", "--fault-tolerance", "ulfm", "--inject-failure", "0:2:checkpoint",
+                "--algo-set", "checkpoint_every=1", "--steps", str(64 * 2 * 4), "--out", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows, m = records(out), manifest(out)
+    assert_complete(rows, m)
+    (event,) = m["events"]
+    assert event["rank"] == 0 and event["world_size_after"] == 1
+    state = load_checkpoint(out / "checkpoints")
+    assert state["update"] == m["updates_completed"] and state["run_id"] == m["run_id"]
+    assert not list((out / "checkpoints").glob(".*.tmp"))

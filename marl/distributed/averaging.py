@@ -192,7 +192,8 @@ class PushSumGossip(ParameterAverager):
             world.call(world.comm.Irecv, [inc.numpy(), MPI.FLOAT], source=source, tag=PUSH_SUM_TAG),
             world.call(world.comm.Isend, [out.numpy(), MPI.FLOAT], dest=dest, tag=PUSH_SUM_TAG),
         ]
-        world.call(MPI.Request.Waitall, requests)
+        for request in requests:  # one by one: Waitall reports a dead peer as ERR_IN_STATUS
+            world.call(request.Wait)
         # ... and the half we keep equals the half we gave away: s = z w / 2 + s_in, w = w / 2 + w_in.
         mass = out + inc
         self.weight = float(mass[-1])
