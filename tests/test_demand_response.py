@@ -174,3 +174,101 @@ def test_the_issue_command_talks_through_consensus_and_voltage_controllers_are_r
     capsys.readouterr()
     assert main(["run", "grid/demand-response", "--controller", "volt-var", "--out", str(tmp_path / "v")]) == 2
     assert "allowed: consensus, local-rule, lp-optimum, no-control" in capsys.readouterr().err
+
+
+# -- action=residual and reward=share (the learned agents' interface) ---------------------------
+
+
+def _kpis_of(overrides: dict[str, Any], name: str | None, day: int = WINTER_EVAL_DAY) -> tuple[dict, list]:
+    """KPIs of one day and the battery powers of every step; ``name`` None: zero actions."""
+    env = registry.make_scenario(SCENARIO, {"split": "eval", **overrides})
+    controller = build_controller(SCENARIO, name, env) if name else None
+    obs, _ = env.reset(seed=0, options={"day": day})
+    if controller is not None:
+        controller.reset(env, seed=0)
+    powers = []
+    while env.agents:
+        if controller is None:
+            acts = {a: np.zeros(1, np.float32) for a in env.agents}
+        else:
+            acts = controller.act(obs, env)
+        obs, *_ = env.step(acts)
+        powers.append(env.battery.copy())
+    kpis = env.episode_kpis()
+    env.close()
+    return kpis, powers
+
+
+def test_residual_zero_action_plays_the_local_rule() -> None:
+    rule, rule_b = _kpis_of({"action": "absolute"}, "local-rule")
+    zero, zero_b = _kpis_of({"action": "residual"}, None)
+    assert rule["throughput_kwh"] > 10.0  # the rule did use the batteries that day
+    np.testing.assert_allclose(np.array(zero_b), np.array(rule_b), atol=1e-5)  # float32 actions
+    for key in ("peak_kw", "cost_eur", "ramping_kw", "throughput_kwh", "soc_change_kwh"):
+        assert zero[key] == pytest.approx(rule[key], rel=1e-6, abs=1e-5), key
+    idle, _ = _kpis_of({"action": "absolute"}, None)
+    assert idle["throughput_kwh"] == 0.0 and zero["cost_eur"] < idle["cost_eur"] - 1.0  # not just idle
+
+
+@pytest.mark.parametrize("name", ["no-control", "lp-optimum"])
+def test_baselines_play_the_same_in_both_action_modes(name: str) -> None:
+    absolute, _ = _kpis_of({"action": "absolute"}, name)
+    residual, _ = _kpis_of({"action": "residual"}, name)
+    for key in ("peak_kw", "cost_eur", "throughput_kwh"):
+        assert residual[key] == pytest.approx(absolute[key], rel=1e-6, abs=1e-5), key
+
+
+def test_share_reward_prices_the_feeder_deviation_and_adds_up_to_the_bill() -> None:
+    options = {"split": "eval", "reward": "share", "cost_weight": 0.0, "action": "residual"}
+    env = registry.make_scenario(SCENARIO, options)
+    env.reset(seed=0, options={"day": WINTER_EVAL_DAY})
+    mean = float(sum(env.day_net_kw(WINTER_EVAL_DAY).sum(axis=1)) / 96)
+    signs = set()
+    for _ in range(90):  # not the last step (its soc term)
+        load, pv = env.interval_kw()
+        _, rewards, *_ = env.step({a: np.full(1, 0.1, np.float32) for a in env.agents})
+        net = load - pv + env.battery
+        r = np.array([rewards[a] for a in env.possible_agents])
+        np.testing.assert_allclose(r, -len(net) * net * (env.import_kw - mean) / env.p_ref**2, rtol=1e-9)
+        signs.add(np.sign(env.import_kw - mean))
+    assert signs == {-1.0, 1.0}  # the price changes sign over the day
+    # over a whole day the peak terms add up to -N/P_ref² Σ_t Σ_i net_i (import - realised mean)
+    env = registry.make_scenario(SCENARIO, {**options, "soc_weight": 0.0})
+    env.reset(seed=0, options={"day": WINTER_EVAL_DAY})
+    total, nets, imports = 0.0, [], []
+    while env.agents:
+        load, pv = env.interval_kw()
+        _, rewards, *_ = env.step({a: np.full(1, 0.4, np.float32) for a in env.agents})  # charges: ends fuller
+        total += sum(rewards.values())
+        nets.append(float((load - pv + env.battery).sum()))
+        imports.append(env.import_kw)
+    assert env.episode_kpis()["soc_change_kwh"] > 1.0
+    n, imp = len(env.possible_agents), np.array(imports)
+    assert total == pytest.approx(-n * float(np.dot(nets, imp - imp.mean())) / env.p_ref**2, rel=1e-9)
+    # cost terms alone (no peak, no soc term): the rewards add up to -cost_eur in reward units
+    options = {"split": "eval", "reward": "share", "peak_weight": 0.0, "soc_weight": 0.0, "action": "residual"}
+    env = registry.make_scenario(SCENARIO, options)
+    env.reset(seed=0, options={"day": WINTER_EVAL_DAY})
+    total = 0.0
+    while env.agents:
+        _, rewards, *_ = env.step({a: np.full(1, -0.3, np.float32) for a in env.agents})
+        total += sum(rewards.values())
+    c = env.config
+    kpis = env.episode_kpis()
+    assert kpis["soc_change_kwh"] < -1.0  # the batteries did end emptier: the buy-back term is tested
+    assert total == pytest.approx(-kpis["cost_eur"] / (c.battery_kw * HOURS_PER_STEP * c.price_peak), rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "allowed"),
+    [
+        ("action", "delta", "absolute, residual"),
+        ("reward", "mine", "shared, local, share"),
+        ("residual_scale", "0", "0 < x <= 2"),
+    ],
+)
+def test_bad_interface_options_are_one_line_errors(key: str, value: str, allowed: str, tmp_path, capsys) -> None:
+    argv = ["run", SCENARIO, "--controller", "local-rule", "--set", f"{key}={value}", "--out", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and key in err and value in err and allowed in err, err

@@ -42,6 +42,15 @@ Actions (float32 Box [-1, 1], shape (1,))
     outside [-1, 1] are clipped, nothing is rejected. A discharge larger than the household's
     load is exported.
 
+    ``action=residual``: ``a[0]`` is a correction to what the ``local-rule`` controller would do
+    in this interval (its default hours): battery share ``= clip(base + residual_scale·a[0], −1, 1)``
+    with ``base`` the local rule's share (:meth:`DemandResponseEnv.local_rule_kw`, within the
+    battery's limits), then limited as above. A zero action plays the local rule exactly, so a
+    zero-mean policy starts there. With the default ``residual_scale`` 2 every share in [-1, 1] is
+    reachable from every base, so :meth:`~DemandResponseEnv.encode_actions` turns any baseline's
+    shares into the residual actions that play them: the baselines' actions and KPIs are the same
+    in both modes.
+
 Reward
     ``reward="shared"`` (default), every agent: ``− peak_weight·(import/P_ref)² −
     cost_weight·bill/(N·P·Δt·price_peak)``; ``import`` is the feeder's active power drawn at
@@ -49,9 +58,24 @@ Reward
     over the profile year of Σ household net load without batteries (the feeder's mean import
     less losses), ``bill`` the households' total bill for the interval (below). ``"local"``:
     each agent the same terms for its own household (``net_i`` over the year's mean of its
-    own ``|load − pv|``, its own bill over ``P·Δt·price_peak``). At the last step
-    every agent also gets ``− soc_weight·|soc_end − soc_init|`` (mean over households for
-    ``shared``, its own for ``local``), so that emptying the battery is not free.
+    own ``|load − pv|``, its own bill over ``P·Δt·price_peak``). ``"share"``: each household
+    pays for its share of the feeder's deviation from the day's mean and its own bill:
+    ``− peak_weight·N·net_i·(import − m)/P_ref² − cost_weight·bill_i/(P·Δt·price_peak)`` with ``m``
+    the day's mean of Σ household net load without batteries (known to the env at reset, not to
+    the agents). ``N·(import − m)/P_ref²`` is the marginal cost of the household's kW to
+    ``Σ_t (import − m)²`` — a price that is positive above the day's mean and negative below
+    it, so a household gains by moving energy from the feeder's peak to its valley, not only
+    from its own. At the last step each household also gets ``+ peak_weight·N·S_i·(m − M)/P_ref²``
+    with ``S_i = Σ_t net_i`` and ``M`` the day's realised mean import, which re-centres its
+    terms on ``M``: over the day the households' terms add up to ``−N·Σ_t Σ_i net_i·(import − M)
+    /P_ref²``, about ``−N·Σ_t (import − M)²/P_ref²`` (Σ net_i is the import less losses), the
+    variance of the import, which energy left in (or taken from) the batteries does not change.
+    At its last step ``share`` also charges every household the energy
+    missing from its battery at ``price_offpeak/efficiency`` (as ``cost_eur`` does; a fuller
+    battery earns it back), so its cost terms add up to its part of ``cost_eur``.
+    At the last step every agent also gets ``− soc_weight·|soc_end − soc_init|`` (mean over
+    households for ``shared``, its own for ``local`` and ``share``), so that emptying the battery
+    is not free.
 
 Prices (time of use, €/kWh)
     ``price_offpeak`` from 22:00 to 07:00, ``price_peak`` from 17:00 to 21:00, ``price_day`` in
@@ -91,13 +115,17 @@ Arguments (``--set key=value``; types, defaults and help in :class:`DRConfig`)
     ``feeder`` (a SimBench LV code), ``load_scale``, ``pv_share``, ``pv_kwp``, ``battery_kwh``,
     ``battery_kw``, ``efficiency``, ``soc_init``, ``soc_min``, ``price_offpeak``, ``price_day``,
     ``price_peak``, ``feed_in``, ``horizon``, ``split``, ``season``, ``day``, ``holdout_every``,
-    ``v_min``/``v_max``, ``reward``, ``peak_weight``, ``cost_weight``, ``soc_weight``, ``hops``
+    ``v_min``/``v_max``, ``reward`` (shared|local|share), ``peak_weight``, ``cost_weight``,
+    ``soc_weight``, ``action`` (absolute|residual), ``residual_scale``, ``hops``
     (topology: households within ``hops`` feeder branches are linked; edge ``distance`` = Σ|z|
     in p.u. along the feeder), ``max_iter``, ``solver`` (lightsim2grid | pandapower, the runpp
     reference for ``marl bench grid``).
 
 Version history
     v0 (issue 18): first version.
+    v1: ``action=residual`` with ``residual_scale``, ``reward=share``; defaults unchanged (the
+    ``grid/demand-response`` registration selects residual actions and the share reward, the
+    learned agents' interface; the baselines play the same actions in both modes).
 """
 
 from __future__ import annotations
@@ -145,10 +173,18 @@ class DRConfig(FeederDays):
     price_day: float = field(default=0.30, metadata={"help": "€/kWh from 07:00 to 17:00 and 21:00 to 22:00"})
     price_peak: float = field(default=0.40, metadata={"help": "€/kWh from 17:00 to 21:00"})
     feed_in: float = field(default=0.08, metadata={"help": "€/kWh paid for exports"})
-    reward: Literal["shared", "local"] = field(default="shared", metadata={"help": "feeder-level or own terms"})
+    reward: Literal["shared", "local", "share"] = field(
+        default="shared", metadata={"help": "feeder-level terms, own terms, or own share of the feeder's (env card)"}
+    )
     peak_weight: float = field(default=1.0, metadata={"help": "reward weight of (import / mean import)²"})
     cost_weight: float = field(default=1.0, metadata={"help": "reward weight of the normalised bill"})
     soc_weight: float = field(default=1.0, metadata={"help": "end-of-episode weight of |soc_end - soc_init|"})
+    action: Literal["absolute", "residual"] = field(
+        default="absolute", metadata={"help": "battery share, or a correction to the local rule's share"}
+    )
+    residual_scale: float = field(
+        default=2.0, metadata={"help": "residual mode: share = clip(local rule + scale*a, -1, 1); 0 < x <= 2"}
+    )
     hops: int = field(default=6, metadata={"help": "households within this many feeder branches are linked"})
     max_iter: int = field(default=20, metadata={"help": "Newton-Raphson iterations per solve"})
     solver: Literal["lightsim2grid", "pandapower"] = field(
@@ -163,6 +199,8 @@ class DRConfig(FeederDays):
         for name in ("price_offpeak", "price_day", "price_peak", "feed_in", "peak_weight", "cost_weight", "soc_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"bad value for {name}: {getattr(self, name)}; expected >= 0")
+        if not 0 < self.residual_scale <= 2:
+            raise ConfigError(f"bad value for residual_scale: {self.residual_scale}; expected 0 < x <= 2")
         if not 0 <= self.pv_share <= 1:
             raise ConfigError(f"bad value for pv_share: {self.pv_share}; expected 0..1")
         if not 0 < self.efficiency <= 1:
@@ -285,6 +323,8 @@ class DemandResponseEnv(Scenario):
         self.energy = np.full(n, c.soc_init * c.battery_kwh)  #: stored energy per household, kWh
         self.battery = np.zeros(n)  #: battery power applied in the last step, kW (charging > 0)
         self.import_kw = 0.0  #: feeder import of the last step, kW
+        self._day_mean_kw = 0.0  # the episode's mean Σ household net load (reward=share), kW
+        self._net_sum = np.zeros(n)
         self._load_ep = self._pv_ep = np.zeros((1, n))  # this episode's loads and PV, kW
         zl, zs = np.zeros(n), np.zeros(len(f.sgen_bus))
         self._inj: tuple[np.ndarray, ...] = (zl, zl, zs, zs)  # injections of the last solve (MW, Mvar)
@@ -350,9 +390,38 @@ class DemandResponseEnv(Scenario):
         discharge = np.minimum(self._p_kw, (self.energy - self._e_min) * c.efficiency / HOURS_PER_STEP)
         return np.maximum(charge, 0.0), np.maximum(discharge, 0.0)
 
+    def local_rule_kw(self, evening: tuple[float, float] = (17.0, 21.0), refill_end: float = 6.0) -> np.ndarray:
+        """Battery power (kW, charging > 0) the local rule asks of every household this interval,
+        before the battery's limits: its own PV surplus in; in the ``evening`` hours its own net
+        load out; before ``refill_end`` the energy missing to ``soc_init`` in, spread over the
+        hours left (the ``local-rule`` controller and the residual mode's base)."""
+        c = self.config
+        load, pv = self.interval_kw()
+        net = load - pv
+        hour = (self.t % STEPS_PER_DAY) * HOURS_PER_STEP
+        b = np.zeros_like(net)
+        surplus = net < 0
+        b[surplus] = -net[surplus]
+        if evening[0] <= hour < evening[1]:
+            b[~surplus] = -net[~surplus]
+        elif hour < refill_end:
+            missing = np.maximum(c.soc_init * c.battery_kwh - self.energy, 0.0) / c.efficiency
+            b = np.maximum(b, missing / (refill_end - hour))
+        return b
+
+    def _base_share(self) -> np.ndarray:
+        """The local rule's battery share within this interval's limits (the residual mode's base)."""
+        charge, discharge = self.battery_limits()
+        return np.clip(np.clip(self.local_rule_kw(), -discharge, charge) / self._p_kw, -1.0, 1.0)
+
     def encode_actions(self, a: np.ndarray) -> np.ndarray:
-        """Battery shares ``[N, 1]`` as actions (identity, clipped): the grid baselines' hook."""
-        return np.clip(np.asarray(a, dtype=np.float64), -1.0, 1.0).astype(np.float32)
+        """Battery shares ``[N, 1]`` as this env's actions: the grid baselines' hook. Absolute
+        mode: the shares, clipped. Residual mode: the corrections to the local rule that play them
+        (exact for every share in [-1, 1] when ``residual_scale`` is 2)."""
+        share = np.clip(np.asarray(a, dtype=np.float64), -1.0, 1.0)
+        if self.config.action == "residual":
+            share = np.clip((share - self._base_share()[:, None]) / self.config.residual_scale, -1.0, 1.0)
+        return share.astype(np.float32)
 
     # ------------------------------------------------------------------ PettingZoo API
     def reset(self, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[dict, dict]:
@@ -375,6 +444,8 @@ class DemandResponseEnv(Scenario):
         steps = np.arange(self._start, self._start + self._horizon)
         self._load_ep = self.household_load_kw(steps)
         self._pv_ep = self.household_pv_kw(steps)
+        self._day_mean_kw = float((self._load_ep - self._pv_ep).sum(axis=1).mean())  # share reward's m
+        self._net_sum = np.zeros(n)  # Σ_t net_i so far (share reward's last-step correction)
         self._reset_kpis()
         self.pf.reset()
         self._solve(self.battery)  # what the households measure before their first decision
@@ -398,7 +469,10 @@ class DemandResponseEnv(Scenario):
             raise RuntimeError("step() called on a finished episode; call reset() first")
         c = self.config
         charge, discharge = self.battery_limits()
-        b = np.clip(self._actions(actions) * self._p_kw, -discharge, charge)
+        share = self._actions(actions)
+        if c.action == "residual":
+            share = np.clip(self._base_share() + c.residual_scale * share, -1.0, 1.0)
+        b = np.clip(share * self._p_kw, -discharge, charge)
         self.energy = np.clip(
             self.energy + (c.efficiency * np.maximum(b, 0) - np.maximum(-b, 0) / c.efficiency) * HOURS_PER_STEP,
             self._e_min,
@@ -437,7 +511,19 @@ class DemandResponseEnv(Scenario):
                 r -= c.soc_weight * float(np.abs(self.energy / c.battery_kwh - c.soc_init).mean())
             rewards = dict.fromkeys(agents, r)
         else:
-            local = -c.peak_weight * (net / self._house_ref) ** 2 - c.cost_weight * bills / scale
+            if c.reward == "share":  # own share of the feeder's deviation from the day's mean (env card)
+                n = len(net)
+                peak = c.peak_weight * n * net * (imp - self._day_mean_kw) / self.p_ref**2
+                self._net_sum += net
+                if done:  # re-centre on the day's realised mean import: stored energy buys nothing
+                    shift = float(np.mean(self._imports)) - self._day_mean_kw
+                    peak = peak - c.peak_weight * n * self._net_sum * shift / self.p_ref**2
+                    # energy missing at the end, bought back off-peak: the cost_eur KPI's rule
+                    missing = c.soc_init * c.battery_kwh - self.energy
+                    bills = bills + missing * c.price_offpeak / c.efficiency
+            else:
+                peak = c.peak_weight * (net / self._house_ref) ** 2
+            local = -peak - c.cost_weight * bills / scale
             if done:
                 local -= c.soc_weight * np.abs(self.energy / c.battery_kwh - c.soc_init)
             rewards = dict(zip(self.possible_agents, local.tolist()))

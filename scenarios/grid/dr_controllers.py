@@ -83,7 +83,7 @@ def _to_actions(env: Any, b_kw: np.ndarray) -> dict[str, np.ndarray]:
     """Battery powers (kW, charging > 0) as the env's actions, limited to what each battery can do."""
     charge, discharge = env.battery_limits()
     a = np.clip(b_kw, -discharge, charge) / env.config.battery_kw
-    a = np.clip(a, -1.0, 1.0).astype(np.float32)[:, None]
+    a = env.encode_actions(np.clip(a, -1.0, 1.0)[:, None])  # residual mode: the correction that plays it
     return {agent: a[i] for i, agent in enumerate(env.possible_agents) if agent in env.agents}
 
 
@@ -102,19 +102,8 @@ class LocalRule(Controller):
     def act(self, observations: dict[str, np.ndarray], env: Any, messages: Any = None) -> dict[str, Any]:
         if not _is_dr(env):
             return _idle(env, "local-rule")
-        cfg, c = self.config, env.config
-        load, pv = env.interval_kw()
-        net = load - pv
-        hour = (env.t % STEPS_PER_DAY) * HOURS_PER_STEP
-        b = np.zeros_like(net)
-        surplus = net < 0
-        b[surplus] = -net[surplus]
-        if cfg.evening_start <= hour < cfg.evening_end:
-            b[~surplus] = -net[~surplus]
-        elif hour < cfg.refill_end:
-            missing = np.maximum(c.soc_init * c.battery_kwh - env.energy, 0.0) / c.efficiency
-            b = np.maximum(b, missing / (cfg.refill_end - hour))
-        return _to_actions(env, b)
+        cfg = self.config
+        return _to_actions(env, env.local_rule_kw((cfg.evening_start, cfg.evening_end), cfg.refill_end))
 
 
 @dataclass
