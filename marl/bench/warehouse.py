@@ -213,17 +213,18 @@ def write_curve(rows: list[dict[str, Any]], scenario: str, controller: str, step
     ours = [r for r in rows if r["controller"] == controller]
     ref = {r["robots"]: r for r in rows if r["controller"] == "random"}
     lines = [
-        f"| robots | {controller} deliveries/step | 2nd half | random | 2nd half | x random | planned share | "
+        f"| robots | {controller} deliveries/step | 2nd half | random | 2nd half | vs random | planned share | "
         "act s/step | conflicts per robot-step | peak RSS MB |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in ours:
         base = ref[r["robots"]]
-        times = r["throughput_2nd_half"] / base["throughput_2nd_half"] if base["throughput_2nd_half"] else float("inf")
+        ref_rate = base["throughput_2nd_half"]
+        times = f"{r['throughput_2nd_half'] / ref_rate:.0f}x" if ref_rate else "random: none"
         share = "-" if r["planned_share"] is None else f"{r['planned_share']:.3f}"
         lines.append(
             f"| {r['robots']} | {r['throughput']:.3f} | {r['throughput_2nd_half']:.3f} | {base['throughput']:.3f} | "
-            f"{base['throughput_2nd_half']:.3f} | {times:.1f} | {share} | {r['act_s_per_step']:.3f} | "
+            f"{base['throughput_2nd_half']:.3f} | {times} | {share} | {r['act_s_per_step']:.3f} | "
             f"{r['conflicts_per_robot_step']:.3f} | {r['peak_rss_mb']:.0f} |"
         )
     head = f"{scenario}, {steps} steps per episode, seed as given; deliveries per step (whole episode, 2nd half)\n\n"

@@ -44,7 +44,7 @@ row-major; then goal offset ``(d_row / H, d_col / W)`` in [-1, 1]; shortest-path
 goal divided by the longest distance on the floor, in [0, 1]; carrying flag; has-task flag; and a
 one-hot hint of the shortest-path move (up, down, left, right; all 0 at the goal or without a
 task). The goal is the pick cell before picking and the station after. ``infos[agent]`` is a
-dict shared by every robot on the same cell: read it, do not write to it.
+dict shared by every robot whose cell allows the same moves: read it, do not write to it.
 
 **Lazy floors** (``dist_cache=K``, warehouse/xl). Dense distance tables grow as goals x cells
 (xl's 498 x 500 floor has 75,030 goal cells: about 93 GB), so with ``dist_cache`` set the layout
@@ -262,15 +262,20 @@ class WarehouseEnv(Scenario):
         self._pad_size = pad_static.size
         self._robot_pad = np.zeros(pad_static.size, dtype=np.int8)
         self._hint_codes = np.arange(1, 5)[None, :]
-        masks = lay.action_valid.astype(np.int8)  # int8: what Discrete.sample(mask) takes
-        masks.flags.writeable = False
-        self._mask_rows = list(masks)
-        #: One read-only info dict per cell, shared by every robot standing there at any step
-        #: (building 10,000 dicts a step cost more than the whole simulation step).
+        # A cell's mask is one of at most 32 patterns (5 moves allowed or not): one read-only
+        # int8 array (what Discrete.sample(mask) takes) and one info dict per pattern, shared by
+        # every robot on a cell with that pattern at any step. Building 10,000 dicts a step cost
+        # more than the simulation step, and 32 shared objects stay in the CPU cache.
+        self._mask_code = (lay.action_valid * np.array([1, 2, 4, 8, 16])).sum(axis=1).astype(np.int8)
+        self._mask_rows: list[np.ndarray] = []
+        for code in range(32):
+            row = np.array([(code >> a) & 1 for a in range(N_ACTIONS)], dtype=np.int8)
+            row.flags.writeable = False
+            self._mask_rows.append(row)
         self._info_rows = [{"action_mask": row} for row in self._mask_rows]
         # Bits of the moves the floor allows (1 up, 2 down, 4 left, 8 right) and, for each 4-bit
         # set of wanted moves, its first one as an action (0: none): the lazy-floor hint.
-        self._valid_bits = (lay.action_valid[:, 1:] * np.array([1, 2, 4, 8])).sum(axis=1).astype(np.int64)
+        self._valid_bits = (lay.action_valid[:, 1:] * np.array([1, 2, 4, 8])).sum(axis=1).astype(np.int8)
         self._first_move = np.array([0] + [(b & -b).bit_length() for b in range(1, 16)], dtype=np.int64)
         self._rows = rows
         self._cols = cols
@@ -558,11 +563,15 @@ class WarehouseEnv(Scenario):
         """Manhattan distance in cells between cell arrays ``a`` and ``b``."""
         return np.abs(self._rows[a] - self._rows[b]) + np.abs(self._cols[a] - self._cols[b])
 
-    def _lazy_hint(self, goal_cell: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    def _lazy_hint(
+        self, goal_cell: np.ndarray, pos: np.ndarray, dr: np.ndarray | None = None, dc: np.ndarray | None = None
+    ) -> np.ndarray:
         """(n,) first of up, down, left, right that lowers the Manhattan distance to the goal and
-        does not bump into a rack or wall (0 when none does, or at the goal)."""
-        dr = self._rows[goal_cell] - self._rows[pos]
-        dc = self._cols[goal_cell] - self._cols[pos]
+        does not bump into a rack or wall (0 when none does, or at the goal); ``dr``/``dc``: the
+        goal's row/column offsets when already known."""
+        if dr is None or dc is None:
+            dr = self._rows[goal_cell] - self._rows[pos]
+            dc = self._cols[goal_cell] - self._cols[pos]
         wants = (dr < 0) + 2 * (dr > 0) + 4 * (dc < 0) + 8 * (dc > 0)
         return self._first_move[wants & self._valid_bits[pos]]
 
@@ -572,7 +581,10 @@ class WarehouseEnv(Scenario):
         pos = self.pos
         obs = np.empty((n, self.obs_size), dtype=np.float32)
         robots = self._robot_pad
-        centre = self._pad_index[pos]
+        # Rows and columns by arithmetic, not by gathers from per-cell tables: on a 500 x 500
+        # floor those tables are megabytes, and 10,000 random reads a step miss the cache.
+        prow, pcol = np.divmod(pos, lay.width)
+        centre = (prow + self._r) * self._pw + (pcol + self._r)
         window = centre[:, None] + self._offsets[None, :]
         obs[:, :k] = self._static_pad[window]
         robots[centre] = 1
@@ -583,11 +595,13 @@ class WarehouseEnv(Scenario):
         goal = self.goal_targets()
         has = goal >= 0
         gcell = np.where(has, lay.target_cells[np.maximum(goal, 0)], pos)
-        obs[:, 2 * k] = (self._rows[gcell] - self._rows[pos]) / lay.height
-        obs[:, 2 * k + 1] = (self._cols[gcell] - self._cols[pos]) / lay.width
+        grow, gcol = np.divmod(gcell, lay.width)
+        dr, dc = grow - prow, gcol - pcol
+        obs[:, 2 * k] = dr / lay.height
+        obs[:, 2 * k + 1] = dc / lay.width
         if lay.dist is None or lay.next_action is None:  # lazy floors: Manhattan features
-            d = self._manhattan(gcell, pos)
-            hint = np.where(has, self._lazy_hint(gcell, pos), 0)
+            d = np.abs(dr) + np.abs(dc)
+            hint = np.where(has, self._lazy_hint(gcell, pos, dr, dc), 0)
         else:
             d = lay.dist[np.maximum(goal, 0), pos]
             hint = np.where(has, lay.next_action[np.maximum(goal, 0), pos], 0)
@@ -601,11 +615,12 @@ class WarehouseEnv(Scenario):
         """int8 vector over ``Discrete(5)`` for ``agent`` now: 0 for moves into racks, walls or off
         the map (the same read-only row as ``infos[agent]["action_mask"]``). Policies acting through
         ``marl run --policy`` read masks here, since that loop does not pass infos on."""
-        return self._mask_rows[int(self.pos[self._agent_index[agent]])]
+        return self._mask_rows[int(self._mask_code[self.pos[self._agent_index[agent]]])]
 
     def _infos(self) -> dict[str, dict[str, Any]]:
         # Shared per-cell dicts of read-only views: nothing is built per agent and step.
-        return dict(zip(self.possible_agents, map(self._info_rows.__getitem__, self.pos.tolist())))
+        codes = self._mask_code[self.pos].tolist()
+        return dict(zip(self.possible_agents, map(self._info_rows.__getitem__, codes)))
 
     def state(self) -> np.ndarray:
         lay = self.layout
