@@ -425,3 +425,29 @@ def test_envs_per_rank_count_only_against_the_ranks_on_this_machine() -> None:
     local = TrainRequest(scenario="traffic/2x2grid", envs=100, dist=DistConfig(ranks=4))
     with pytest.raises(ConcordError, match=r"bad --ranks 4 x --envs 100 = 400; allowed: 1\.\.\d+ on this machine"):
         check_envs(local, None, 4)
+
+
+def test_push_sum_schedule_conserves_mass_and_reaches_the_average() -> None:
+    # The one-peer exponential graph of marl.distributed.averaging, simulated: each round every
+    # rank keeps half of (z w, w) and sends half to its peer; z = s / w.
+    import numpy as np
+
+    from marl.distributed.averaging import push_sum_peer
+
+    for n in (2, 3, 4, 5, 8):
+        rng = np.random.default_rng(n)
+        z, w = rng.normal(size=(n, 3)), np.ones(n)
+        target = z.mean(axis=0)
+        for t in range(60):
+            pairs = [push_sum_peer(r, n, t) for r in range(n)]
+            assert sorted(d for d, _ in pairs) == list(range(n))  # a permutation: one message in, one out
+            assert all(pairs[d][1] == r for r, (d, _) in enumerate(pairs))  # my receiver receives from me
+            s_new, w_new = z * w[:, None] / 2, w / 2
+            for r, (d, _) in enumerate(pairs):
+                s_new[d] += z[r] * w[r] / 2
+                w_new[d] += w[r] / 2
+            z, w = s_new / w_new[:, None], w_new
+            assert np.isclose(w.sum(), n) and np.allclose((z * w[:, None]).sum(0), target * n)
+            if n in (2, 4, 8) and t + 1 == int(np.log2(n)):  # a power of two: exact after log2 n rounds
+                assert np.allclose(z, target, atol=1e-12)
+        assert np.allclose(z, target, atol=1e-9)
