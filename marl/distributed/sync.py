@@ -13,8 +13,9 @@ chosen by ``DistConfig.sync``:
 * ``ps``: a parameter server on rank 0: ``Gather`` the buckets, average, ``Bcast`` the result.
 * ``gossip`` and ``sync_every > 1``: gradients stay local (:class:`NoSync`); parameters are
   averaged between updates by :mod:`marl.distributed.averaging` (push-sum gossip, LocalSGD).
-  :class:`GossipSync` (D-PSGD mixing with Metropolis-Hastings weights on a fixed graph; Lian et
-  al., NeurIPS 2017) remains as a building block and is tested, but ``marl train`` no longer uses it.
+  :class:`GossipSync` (D-PSGD: mixing parameters with Metropolis-Hastings weights on a fixed graph
+  at every optimiser step; Lian et al., NeurIPS 2017) is what ``make_sync`` returns for gossip
+  outside training (``marl bench allreduce`` compares it); ``marl train`` uses push-sum.
 
 Averaging without an averaging pass (``prescaled``; Horovod's ``prescale_factor``, Sergeev & Del
 Balso 2018): dividing the summed bucket by the world size is a second full pass over memory, and
@@ -400,19 +401,25 @@ class GossipSync(GradientSync):
         return sent
 
 
-def make_sync(world: World, cfg: DistConfig, topology: Any = None, *, prescaled: bool = False) -> GradientSync:
+def make_sync(
+    world: World, cfg: DistConfig, topology: Any = None, *, prescaled: bool = False, training: bool = False
+) -> GradientSync:
     """The gradient sync chosen by ``cfg.sync``.
 
-    ``topology`` is kept for callers that build a :class:`GossipSync` themselves; ``sync=gossip``
-    and ``sync_every > 1`` get :class:`NoSync` (parameters are averaged between updates).
+    ``topology`` matters for gossip only: a connected networkx graph whose nodes are the ranks
+    0..n-1. Any other graph (None, or a scenario's graph over agent names) means a ring of ranks.
+
+    ``training=True`` (``marl train``): with ``sync=gossip`` or ``sync_every > 1`` gradients stay
+    local (:class:`NoSync`); the parameters are averaged between updates by
+    :mod:`marl.distributed.averaging` (push-sum gossip, LocalSGD). Otherwise ``gossip`` is the
+    per-step D-PSGD :class:`GossipSync` (the allreduce bench compares it).
 
     ``prescaled=True`` is a promise that the caller multiplies its loss by ``sync.grad_scale``
     before every ``backward`` (what ``marl train`` does); methods that can use it then skip their
     averaging pass. The default (False) keeps ``grad_scale == 1`` for callers that do not scale,
     so forgetting it is slower, never wrong.
     """
-    if not isinstance(world, MPIWorld) or cfg.sync == "gossip" or cfg.sync_every > 1:
-        # Gradients stay local: parameters are averaged between updates (marl/distributed/averaging.py).
+    if not isinstance(world, MPIWorld) or (training and (cfg.sync == "gossip" or cfg.sync_every > 1)):
         return NoSync(world, cfg)
     if cfg.sync == "allreduce":
         return AllreduceSync(world, cfg, make_compressor(cfg.compressor), prescaled=prescaled)
@@ -420,4 +427,6 @@ def make_sync(world: World, cfg: DistConfig, topology: Any = None, *, prescaled:
         return RingSync(world, cfg)
     if cfg.sync == "ps":
         return ParameterServerSync(world, cfg)
+    if cfg.sync == "gossip":
+        return GossipSync(world, cfg, topology)
     raise ValueError(cfg.sync)  # DistConfig validated it already

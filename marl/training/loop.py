@@ -92,7 +92,7 @@ def train(
         dist_cfg = req.dist if req.dist is not None else DistConfig()
         world = init_world(dist_cfg)
         # prescaled: the loss is multiplied by sync.grad_scale, so the allreduce needs no averaging pass.
-        sync = make_sync(world, dist_cfg, env.topology, prescaled=True)
+        sync = make_sync(world, dist_cfg, env.topology, prescaled=True, training=True)
         averager = make_averager(world, dist_cfg)  # gossip / --sync-every K: parameters between updates
         check_ranks(config, world.size)
         torch.manual_seed(req.seed)  # identical initial weights on every rank

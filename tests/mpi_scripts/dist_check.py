@@ -15,7 +15,6 @@ import torch
 
 from marl.core.errors import ConcordError
 from marl.distributed import DistConfig, RankFailure, init_world, make_sync
-from marl.distributed.sync import GossipSync
 
 
 def make_model(dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
@@ -110,7 +109,7 @@ def check_gossip(world, cfg: DistConfig, updates: int) -> dict:
     graph of ranks, where one round of mixing is not enough)."""
     import networkx as nx
 
-    sync = GossipSync(world, cfg, topology=nx.path_graph(world.size))
+    sync = make_sync(world, cfg, topology=nx.path_graph(world.size))
     model = make_model(seed=world.rank)  # different starting points on purpose
     mean = [torch.zeros_like(p) for p in model.parameters()]
     for r in range(world.size):
