@@ -241,6 +241,9 @@ class RollingConfig:
     patience: int = field(
         default=3, metadata={"help": "steps an unplanned robot waits before one random side-step (0: never)"}
     )
+    yield_head_on: bool = field(
+        default=True, metadata={"help": "in a head-on pair of unplanned robots the higher index gives way at once"}
+    )
 
     def __post_init__(self) -> None:
         for name, least in (("window", 1), ("max_plans", 0), ("max_expansions", 1), ("new_fields", 0),
@@ -272,7 +275,9 @@ class RollingController(Controller):
        when its goal's field is at hand (dense table, or cached on a lazy floor), else the
        Manhattan hint (``env.manhattan_actions()``); it waits instead of entering a cell or
        taking a swap reserved for the next step, and after ``patience`` waits it side-steps at
-       random once (seeded). The env's collision rule settles what is left; a planned robot
+       random once (seeded). Of two such robots meeting head-on (each wanting the other's
+       cell), the higher index gives way at once to a free neighbouring cell
+       (``yield_head_on``). The env's collision rule settles what is left; a planned robot
        that was held back drops its plan and is planned again.
 
     With ``budget_ms=0`` and ``max_plans=0`` every robot without a plan is planned each step (a
@@ -431,6 +436,8 @@ class RollingController(Controller):
                 scores = self._rng.random(valid.shape) * valid
                 acts[escape] = np.argmax(scores, axis=1)
         nxt = lay.neighbours[here, acts]
+        if self.config.yield_head_on:
+            acts, nxt = self._yield(env, robots, here, acts, nxt)
         # Never into a cell or across an edge a plan holds for the next step.
         base = (t + 1) * N
         keys = (base + nxt).tolist()
@@ -441,6 +448,32 @@ class RollingController(Controller):
         acts[clash] = 0
         actions[robots] = acts
         return actions
+
+    def _yield(
+        self, env: Any, robots: np.ndarray, here: np.ndarray, acts: np.ndarray, nxt: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Head-on pairs of fallback robots (each wants the other's cell; the env's swap rule
+        would hold both): the higher-index one gives way at once, to a free cell other than the
+        one it wanted (a side aisle if there is one, else back), chosen at random (seeded)."""
+        lay = env.layout
+        target = env.pos.copy()  # where every robot wants to be next (planned ones: unknown, stay)
+        target[robots] = nxt
+        fallback = np.zeros(env.n, dtype=bool)
+        fallback[robots] = True
+        occ = env.occupant[nxt]
+        safe = np.maximum(occ, 0)
+        head_on = (occ >= 0) & (occ != robots) & fallback[safe] & (target[safe] == here) & (robots > occ)
+        if head_on.any():
+            cells = here[head_on]
+            options = lay.action_valid[cells].copy()
+            options[:, 0] = False
+            options[np.arange(cells.size), acts[head_on]] = False
+            options &= env.occupant[lay.neighbours[cells]] < 0  # only into free cells
+            scores = self._rng.random(options.shape) * options
+            acts = acts.copy()
+            acts[head_on] = np.argmax(scores, axis=1)  # 0 (stay) when no cell is free
+            nxt = lay.neighbours[here, acts]
+        return acts, nxt
 
     def _manhattan_detour(self, env: Any, goals: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """Moves of the Manhattan rule with a detour (robots in ``mask``; others get 0).

@@ -253,13 +253,11 @@ class WarehouseEnv(Scenario):
         pad_static = np.ones((H + 2 * r, W + 2 * r), dtype=np.float32)
         pad_static[r : r + H, r : r + W] = ~lay.passable.reshape(H, W)
         rows, cols = np.divmod(np.arange(H * W), W)
-        self._pad_index = (rows + r) * self._pw + (cols + r)
         dr, dc = np.meshgrid(np.arange(-r, r + 1), np.arange(-r, r + 1), indexing="ij")
         self._offsets = (dr * self._pw + dc).reshape(-1)
         # int8 padded grids (a quarter of a MB on a 500 x 500 floor) stay in cache while one
         # gather reads every robot's window; a per-cell window table would be 25 MB there.
         self._static_pad = pad_static.reshape(-1).astype(np.int8)
-        self._pad_size = pad_static.size
         self._robot_pad = np.zeros(pad_static.size, dtype=np.int8)
         self._hint_codes = np.arange(1, 5)[None, :]
         # A cell's mask is one of at most 32 patterns (5 moves allowed or not): one read-only
