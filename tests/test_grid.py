@@ -19,7 +19,7 @@ from marl.core.errors import ConcordError, ConfigError
 from marl.runner import build_controller, run_episode
 from scenarios.grid.controllers import volt_var_curve
 from scenarios.grid.env import SUMMER_DAYS, GridConfig, barrier, days_of
-from scenarios.grid.feeder import PowerFlow, load_feeder, runpp_voltages, simbench_net
+from scenarios.grid.feeder import PowerFlow, agent_sgens, load_feeder, runpp_voltages, simbench_net
 
 #: A held-out summer day on which uncontrolled ieee33 leaves the band for ~a quarter of the day
 #: (measured: no-control 0.77, volt-var 0.89, opf 1.0 controllable rate).
@@ -356,3 +356,26 @@ def test_residual_deadband_and_reward_terms() -> None:
         GridConfig(loss_weight=-1)
     # barrier_inside: the bowl's value at the band edge; the slope outside stays 1 per %
     assert barrier(np.array([1.05, 1.06]), 0.95, 1.05, inside=0.0) == pytest.approx([0.0, 1.0])
+
+
+def test_hvmv_urban_has_hundreds_of_rated_inverters_inside_the_band() -> None:
+    """grid/hvmv-urban (issue 17): the agent rule on the full SimBench code gives 1,343 inverters
+    (1,399 PV units less 56 HV plants rated 0 MVA); its test feeder (same HV grid, one MV grid)
+    is built through the same loader: slack at 1.025 p.u. (not 1.068), so MV voltages stay near the band."""
+    full = simbench_net(registry.scenario_spec("grid/hvmv-urban").kwargs["feeder"])
+    types = full.sgen["type"].astype(str).to_numpy()
+    assert int(np.isin(types, ["PV", "PV_MV", "lv_RES"]).sum()) == 1399
+    assert len(agent_sgens(full)) == 1343
+    env = registry.make_scenario("grid/hvmv-urban", {"day": 154, "split": "eval", "season": "summer"}, test=True)
+    try:
+        f = env.feeder
+        assert float(f.net.ext_grid["vm_pu"].iloc[0]) == 1.025
+        assert len(env.possible_agents) == len(agent_sgens(f.net)) > 100 and np.all(env.agent_s_mva > 0)
+        assert nx.is_connected(env.topology)  # hops=8 reaches every inverter
+        env.reset(seed=0)
+        while env.agents:
+            env.step(zero_actions(env))
+        k = env.episode_kpis()
+        assert 0.95 < k["v_min"] < k["v_max"] < 1.1 and k["nonconverged"] == 0
+    finally:
+        env.close()

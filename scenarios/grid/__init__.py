@@ -107,6 +107,25 @@ register_scenario(
     )
 )
 
+#: The largest grid (issue 17): SimBench's 110 kV urban grid with all four of its MV grids, whose LV
+#: grids are aggregated into one ``lv_RES`` rooftop-PV unit per MV bus as on mv-rural; every rated
+#: PV unit (HV plants, MV plants, aggregated LV rooftop) is an inverter agent. The test preset
+#: plays the same HV grid with one MV grid (1-HVMV-urban-4.201), so the agent count varies.
+HVMV_URBAN = "1-HVMV-urban-all-0-sw"
+register_scenario(
+    ScenarioSpec(
+        id="grid/hvmv-urban",
+        entry_point=_ENV,
+        description="SimBench 1-HVMV-urban-all (110 kV + four 20/10 kV grids), 1,343 PV inverters",
+        simulator=_SIM,
+        n_agents=None,
+        # hops: the fewest that connect every inverter (one HV PV plant sits 8 branches out).
+        kwargs={"feeder": HVMV_URBAN, "pv_scale": 1.0, "hops": 8, **_IEEE33_INTERFACE},
+        test_kwargs={**_TEST, "feeder": "1-HVMV-urban-4.201-0-sw"},
+        default_controller="no-control",
+    )
+)
+
 for _name, _cls, _desc in (
     ("no-control", "NoControl", "q = 0 for every inverter (unity power factor)"),
     ("volt-var", "VoltVar", "IEEE 1547-2018 Category B default volt-var curve, local"),
