@@ -192,3 +192,14 @@ def test_goals_come_from_the_registry():
     for metric, goal in cls.kpi_goals.items():
         assert goals.goal(metric) == goal
     assert goals.goal("unheard_of") == "min" and any("unheard_of" in n for n in goals.notes)
+
+
+def test_fault_tolerance_rows_are_training_logs_not_kpis():
+    """``rank_failure_<r>``/``rank_rejoin_<r>`` rows (world size after a death or a rejoin) sit
+    beside the training curves: never a KPI of a table, and a resumed run may log them again."""
+    import pandas as pd
+
+    from marl.results.aggregate import kpi_metrics
+
+    frame = pd.DataFrame({"metric": ["delay", "train_return", "rank_failure_1", "rank_rejoin_1", "throughput"]})
+    assert kpi_metrics(frame) == ["delay", "throughput"]

@@ -79,8 +79,8 @@ CHANNEL_TOTALS = frozenset(
 #: Training logs (marl.training): ``train_*`` per update and ``eval_*`` periodic evaluations, with the
 #: update number in the episode column. They feed learning curves; tables use the final
 #: evaluation rows, which carry the plain KPI names. ``rank_failure_<r>`` rows (a rank died during
-#: that update) are logged per update too.
-TRAINING_PREFIXES: tuple[str, ...] = ("train_", "eval_", "rank_failure")
+#: that update) and ``rank_rejoin_<r>`` rows (its replacement joined) are logged per update too.
+TRAINING_PREFIXES: tuple[str, ...] = ("train_", "eval_", "rank_failure", "rank_rejoin")
 #: The protocol that sends nothing (its result cannot depend on the channel).
 NO_PROTOCOL = "none"
 #: Appended to an improvement's context when protocol none's perfect-channel run stood in.
