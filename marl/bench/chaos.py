@@ -186,8 +186,9 @@ def run_trial(
                               "next_update_s": max(next_update, default=float("nan"))}  # fmt: skip
     result["seconds"] = time.monotonic() - start
     if job.returncode != 0:
-        result["error"] = (err or "").strip().splitlines()[-1:] or [""]
-        result["error"] = result["error"][0][:200]
+        # the last line that says something (progress output ends lines with carriage returns)
+        lines = [x.strip() for x in (err or "").replace("\r", "\n").splitlines() if x.strip()]
+        result["error"] = lines[-1][:200] if lines else f"exit code {job.returncode}, no message"
     if (out / "records.csv").exists():
         result.update(check_records(out, killed, logged_at_kill))
     return result
@@ -232,7 +233,8 @@ def command(trials: int, ranks_text: str, mode_text: str, kills: int, updates: i
     problem = ulfm_problem()
     if problem is not None:
         raise ConfigError(f"ULFM is unsupported here: {problem}")
-    console = Console()
+    # a file or pipe gets the whole table (rich would squeeze it to 80 columns)
+    console = Console() if sys.stdout.isatty() else Console(width=200)
     rng = random.Random(seed)
     results = []
     for mode in modes:
@@ -270,13 +272,13 @@ def _report(console: Any, results: list[dict[str, Any]], modes: list[str], count
         for n in counts:
             mine = [r for r in results if r["ranks"] == n and r["mode"] == mode]
             ok = sum(_survived(r) for r in mine)
-            worst = max((r.get("recovery_s", nan) for r in mine), default=nan)
-            nxt = max((r["next_update_s"] for r in mine), default=nan)
+            worst = _worst(r.get("recovery_s", nan) for r in mine)
+            nxt = _worst(r["next_update_s"] for r in mine)
             line = (f"{mode}, {n} ranks: {ok}/{len(mine)} survived with complete records; worst recovery {worst:.3f} s; "
                     f"worst kill -> next update {nxt:.2f} s")  # fmt: skip
             if mode == "respawn":
                 back = [r for r in mine if r.get("world_after") == n]
-                line += f"; world back to {n} in {len(back)}/{len(mine)}, worst {max((r.get('back_s', nan) for r in back), default=nan):.1f} s"
+                line += f"; world back to {n} in {len(back)}/{len(mine)}, worst {_worst(r.get('back_s', nan) for r in back):.1f} s"
             if mode == "gossip":
                 line += f"; averaging rounds skipped (writing rank) {sum(r.get('rounds_skipped', 0) for r in mine)}"
             else:
@@ -285,6 +287,12 @@ def _report(console: Any, results: list[dict[str, Any]], modes: list[str], count
     for r in results:
         if r["error"]:
             console.print(f"  {r['mode']}, {r['ranks']} ranks, killed {r['killed']}: {r['error']}", markup=False)
+
+
+def _worst(values: Any) -> float:
+    """The largest of the measured values (trials without a measurement, NaN, are left out)."""
+    found = [float(v) for v in values if v == v]
+    return max(found, default=float("nan"))
 
 
 def _survived(r: dict[str, Any]) -> bool:

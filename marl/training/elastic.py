@@ -18,6 +18,7 @@ the rank it replaces. Its reward scaler's running returns start at zero: its epi
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,13 @@ def grow(
     the state (``counters``: run_id, update, env_steps, eval_due). True when the world grew."""
     if not world.lost:
         return False
-    if not world.respawn(int(counters["update"])):
+    joined = world.respawn(int(counters["update"]))
+    if not joined:
         return False
+    start = time.perf_counter()
     share_state(world, model, optimizer, scaler, value_rms, {**counters, "events": world.events})
+    # The world is back to N once the newcomers hold the state (they build their model first).
+    for event in joined:
+        event["state_seconds"] = time.perf_counter() - start
+        event["seconds_since_failure"] += event["state_seconds"]
     return True
