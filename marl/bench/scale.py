@@ -52,7 +52,7 @@ PAYLOAD = 8  #: floats each agent sends per step in the comms column
 #: Default sizes (the ``--sizes`` spelling of each domain; see :func:`parse_sizes`).
 DEFAULT_SIZES = {
     "traffic": "2x2,4x4,6x6,10x10,14x14,20x20",
-    "grid": "ieee33,lv-rural,1-LV-rural3--0-sw,mv-rural,1-MV-semiurb--0-sw,1-MV-urban--0-sw",
+    "grid": "ieee33,lv-rural,1-LV-rural3--0-sw,mv-rural,1-MV-semiurb--0-sw,1-MV-urban--0-sw,hvmv-urban",
     "warehouse": "small,medium,large,xl:1000,xl:3000,xl",
     "comms": "100,300,1000,3000,10000",
 }
