@@ -177,3 +177,17 @@ def test_bench_curve_rejects_bad_sizes(capsys) -> None:
     assert main(["bench", "warehouse", "warehouse/large", "--no-pogema", "--curve", "10"]) == 2
     err = capsys.readouterr().err.strip()
     assert "bad --curve '10'" in err and "\n" not in err
+
+
+def test_rolling_plans_every_robot_without_a_single_refused_move_when_unlimited() -> None:
+    # budget 0, no plan cap, every field allowed: each robot holds a reserved space-time plan, so
+    # the env's collision rule never has to hold anyone back.
+    env = make_scenario("warehouse/xl", {"horizon": 80}, test=True)
+    ctrl = build_controller("warehouse/xl", "rolling", env, {"budget_ms": 0, "max_plans": 0, "new_fields": 1000})
+    obs, _ = env.reset(seed=4)
+    ctrl.reset(env, 4)
+    while env.agents:
+        obs, *_ = env.step(ctrl.act(obs, env))
+    kpis = env.episode_kpis()
+    assert ctrl.stats["fallback"] == 0 and ctrl.stats["kept"] > ctrl.stats["planned"] > 0, ctrl.stats
+    assert kpis["conflicts"] == 0 and kpis["deliveries"] > 0, kpis
