@@ -32,8 +32,8 @@ queued at its own stop line or just released it: that is what a neighbour's mess
 Phase one-hot, min-green flag, shapes, reward (a training signal computed from the whole lanes),
 KPIs, ``state()`` (the concatenated observations, so local too) and the controller API below (the
 classical controllers keep full sensing of their own lanes) do not change with ``sensing``.
-Costs two libsumo calls per vehicle on lanes longer than the range, once per decision (~3% of the
-env's time on grid4x4).
+Costs one libsumo call per occupied lane longer than the range and two per vehicle on it, once per
+decision.
 
 **Actions.** ``Discrete(P)``, shared by all agents: the index of the green phase to show for the
 next ``delta_time`` seconds (the net's own green phases, in programme order). A change inserts
@@ -787,6 +787,8 @@ class TrafficSignalEnv(Scenario):
         halt = self._halt_seen = self._halt.copy()
         ids_on, position, speed = self._vehicle_getters
         for k, lane, start in self._far_lanes:
+            if not count[k]:  # an empty lane (most of them, most of the time): nothing to ask SUMO
+                continue
             far = halted = 0
             for vehicle in ids_on(lane):
                 if position(vehicle) < start:
