@@ -33,7 +33,7 @@ mark at the start is ignored.
 **Two ways to hold distances.** By default :func:`build_layout` precomputes a dense table of
 shortest-path distances and first moves from every cell to every goal cell (``Layout.dist``,
 ``Layout.next_action``): fast to read for any robot and goal, but its memory grows as goals x
-cells (about 1.2 GB for a 250 x 250 floor with 25,000 racks). With a *distance-field cache*
+cells (93 GB for warehouse/xl's 498 x 500 floor with 75,030 goal cells). With a *distance-field cache*
 (``dist_cache=K``, :class:`DistanceFields`) no table is built: the distance field of one goal
 (one int32 per cell, from a BFS over the floor, about 10 ms on 250,000 cells) is computed when
 first asked for and kept in a least-recently-used cache of at most ``K`` fields, so memory is
