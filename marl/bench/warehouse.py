@@ -259,6 +259,25 @@ def write_curve(rows: list[dict[str, Any]], scenario: str, controller: str, step
     return files + save_figure(fig, stem.parent, stem.name)
 
 
+def _run_curve(
+    console: Any, scenario: str, robots: list[int], steps: int, controller: str, seed: int, out: str
+) -> list[dict[str, Any]]:
+    """:func:`planner_curve` with a status line; prints the table and writes its files."""
+    with console.status("") as status:
+        rows = planner_curve(
+            scenario,
+            robots,
+            steps,
+            controller,
+            seed,
+            on_size=lambda label: status.update(f"planner curve: {label} ..."),
+        )
+    files = write_curve(rows, scenario, controller, steps, Path(out))
+    click.echo(Path(out).with_suffix(".md").read_text())
+    console.print("wrote " + ", ".join(str(f) for f in files))
+    return rows
+
+
 def _pogema_map(env: Any) -> list[str]:
     """Our floor as POGEMA rows: every cell robots cannot use becomes '#'."""
     lay = env.layout
@@ -405,15 +424,7 @@ def command(
             f"throughput {kpis['throughput']:.3f} deliveries/step, deadlock steps {kpis['deadlock_steps']:.0f}"
         )
     if robots:
-        with console.status("") as status:
-            rows = planner_curve(
-                scenario, robots, curve_steps, curve_controller, seed,
-                on_size=lambda label: status.update(f"planner curve: {label} ..."),
-            )  # fmt: skip
-        files = write_curve(rows, scenario, curve_controller, curve_steps, Path(curve_out))
-        click.echo(Path(curve_out).with_suffix(".md").read_text())
-        console.print("wrote " + ", ".join(str(f) for f in files))
-        figures["curve"] = rows
+        figures["curve"] = _run_curve(console, scenario, robots, curve_steps, curve_controller, seed, curve_out)
     figures["peak_rss_mb"] = peak_rss_mb()
     console.print(f"peak RSS of this process: {figures['peak_rss_mb']:.0f} MiB")
     if out:
