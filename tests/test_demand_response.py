@@ -29,7 +29,7 @@ WINTER_EVAL_DAY = 339  # 5 December: a held-out day with a clear evening peak
 
 @pytest.fixture(scope="module")
 def env() -> Iterator[Any]:
-    made = registry.make_scenario(SCENARIO, {"split": "eval"})
+    made = registry.make_scenario(SCENARIO, {"split": "eval", "action": "absolute"})  # raw battery shares
     yield made
     made.close()
 
