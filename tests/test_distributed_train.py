@@ -210,3 +210,17 @@ def test_gossip_survives_a_dead_peer_without_a_root(tmp_path: Path) -> None:
     sent = {float(r["value"]) for r in rows if r["metric"] == "train_param_sync_bytes"}
     grads = [float(r["value"]) for r in rows if r["metric"] == "train_grad_sync_bytes"]
     assert len(sent) == 1 and next(iter(sent)) > 0 and (not grads or max(grads) == 0)
+
+
+def test_sync_every_k_averages_parameters_every_k_updates(tmp_path: Path) -> None:
+    # LocalSGD: gradients stay local, every 2nd update one Allreduce of the parameters, after
+    # which the ranks are bit-identical (checked at the checkpoints of updates 2 and 4).
+    out = tmp_path / "local-sgd"
+    proc = marl(*BASE, "--ranks", "2", "--sync-every", "2", "--algo-set", "checkpoint_every=2",
+                "--steps", str(64 * 2 * 4), "--out", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows, m = records(out), manifest(out)
+    sent = {int(r["episode"]): float(r["value"]) for r in rows if r["metric"] == "train_param_sync_bytes"}
+    assert [u for u in sorted(sent) if sent[u] > 0] == [2, 4]
+    assert all(float(r["value"]) == 0 for r in rows if r["metric"] == "train_grad_sync_bytes")
+    assert m["identical_checks"] >= 3  # at the start, after update 2 and after update 4
