@@ -11,6 +11,13 @@ into :class:`RankFailure`; the training loop then calls :meth:`World.recover`, w
 communicator (so every survivor stops waiting on it), shrinks it to the survivors, agrees on the
 last update everybody completed, and re-broadcasts parameters and optimiser state from the
 lowest surviving rank, so that the survivors continue from identical state with n-1 ranks.
+
+Growing back (``cfg.respawn``): :meth:`MPIWorld.respawn`, called between updates, spawns one
+process per lost rank with ``MPI_Comm_spawn`` (the same command line plus ``--respawned``) and
+merges the intercommunicator, survivors first; the newcomer joins in its constructor through
+``Comm.Get_parent()`` and learns from rank 0 whom it replaces. The training state travels in
+:mod:`marl.training.elastic`. Push-sum gossip calls ``recover(None)``: shrink without a broadcast
+(:mod:`marl.distributed.averaging`).
 """
 
 from __future__ import annotations

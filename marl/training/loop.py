@@ -20,6 +20,11 @@ per env), the final evaluation on ``marl run``'s episodes (on env 0). ``--resume
 parameters, optimiser, normalisers, torch RNG, counters and the episodes in progress, so a
 resumed one-rank run is bit-exact (with the same ``--envs``).
 
+Fault tolerance (``--fault-tolerance ulfm``): a failed update is redone by the survivors from the
+state before it (:func:`_with_recovery`); with ``--respawn`` replacements join between updates
+and receive the live state (:mod:`marl.training.elastic`); ``--sync gossip`` and
+``--sync-every K`` average parameters between updates (:mod:`marl.distributed.averaging`).
+
 The pieces (layout, communication, model, buffer, checkpoint, evaluation, log) do not depend on
 PPO: an off-policy algorithm can bring its own loop module and reuse them.
 """
