@@ -42,7 +42,7 @@ Actions (float32 Box [-1, 1], shape (1,))
     outside [-1, 1] are clipped, nothing is rejected. A discharge larger than the household's
     load is exported.
 
-    ``action=residual``: ``a[0]`` is a correction to what the ``local-rule`` controller would do
+    ``action=residual`` (registered for ``grid/demand-response``): ``a[0]`` is a correction to what the ``local-rule`` controller would do
     in this interval (its default hours): battery share ``= clip(base + residual_scale·a[0], −1, 1)``
     with ``base`` the local rule's share (:meth:`DemandResponseEnv.local_rule_kw`, within the
     battery's limits), then limited as above. A zero action plays the local rule exactly, so a
@@ -52,7 +52,7 @@ Actions (float32 Box [-1, 1], shape (1,))
     in both modes.
 
 Reward
-    ``reward="shared"`` (default), every agent: ``− peak_weight·(import/P_ref)² −
+    ``reward="shared"`` (the config's default; ``grid/demand-response`` registers ``share``), every agent: ``− peak_weight·(import/P_ref)² −
     cost_weight·bill/(N·P·Δt·price_peak)``; ``import`` is the feeder's active power drawn at
     the slack bus (kW, losses included, negative when it exports), ``P_ref`` (``p_ref``) the mean
     over the profile year of Σ household net load without batteries (the feeder's mean import
@@ -68,8 +68,9 @@ Reward
     from its own. At the last step each household also gets ``+ peak_weight·N·S_i·(m − M)/P_ref²``
     with ``S_i = Σ_t net_i`` and ``M`` the day's realised mean import, which re-centres its
     terms on ``M``: over the day the households' terms add up to ``−N·Σ_t Σ_i net_i·(import − M)
-    /P_ref²``, about ``−N·Σ_t (import − M)²/P_ref²`` (Σ net_i is the import less losses), the
-    variance of the import, which energy left in (or taken from) the batteries does not change.
+    /P_ref²``, about ``−N·Σ_t (import − M)²/P_ref²`` (Σ net_i is the import less losses): the
+    import's spread about its own mean, which a constant shift (energy stored or drawn evenly
+    over the day) does not change; filling valleys and shaving peaks does.
     At its last step ``share`` also charges every household the energy
     missing from its battery at ``price_offpeak/efficiency`` (as ``cost_eur`` does; a fuller
     battery earns it back), so its cost terms add up to its part of ``cost_eur``.
