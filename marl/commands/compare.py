@@ -111,7 +111,6 @@ def command(
     from marl.compare import plan_grid, preflight, write_plan
     from marl.core.config import check_local_processes, parse_sets
     from marl.core.errors import ConfigError
-    from marl.results.cells import collect_cells, merge_cells, stale_cells
     from marl.results.records import check_out_dir, make_out_dir
 
     # emoji=False: user values such as a cell key or error text with ":x:" must print verbatim.
@@ -177,6 +176,13 @@ def command(
         world.close()  # barrier: every rank has finished its cells before rank 0 merges
         if rank != 0:
             return 0
+    return _summarise(scenario, plan, out, counts, size, err)
+
+
+def _summarise(scenario: str, plan: GridPlan, out: str, counts: tuple[int, int], size: int, err: Console) -> int:
+    """Merge the cells' records, print the summary and any failures; exit code 1 if a cell failed."""
+    from marl.results.cells import collect_cells, merge_cells, stale_cells
+
     _finished, rows = merge_cells(out)
     _, failed = collect_cells(out)  # failures of this plan's cells only (not stale directories)
     stale = stale_cells(out)
