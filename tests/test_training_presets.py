@@ -129,3 +129,21 @@ def test_no_preset_gives_the_bare_defaults(capsys):
     assert main(["train", "grid/ieee33", "--no-preset", "--show-config"]) == 0
     bare = capsys.readouterr().out
     assert "learning_rate = 0.0003" in bare and "init_logstd = 0.0" in bare
+
+
+def test_preset_scenario_sets_train_and_travel_with_the_checkpoint(tmp_path, capsys):
+    """grid4x4's preset trains IPPO on local sensing: its --set is a default under the user's, for
+    the preset's algorithm only, and the checkpoint carries it to marl run --policy."""
+    from marl.training.request import preset_sets
+
+    assert registry.scenario_spec("traffic/grid4x4").training.sets == {"sensing": "local"}
+    assert preset_sets("traffic/grid4x4", "ippo", {}) == ({"sensing": "local"}, " --set sensing=local")
+    assert preset_sets("traffic/grid4x4", "ippo", {"sensing": "full"}) == ({"sensing": "full"}, "")
+    assert preset_sets("traffic/grid4x4", "idqn", {}) == ({}, "")
+    assert main(["train", "traffic/grid4x4", "--set", "sensing=full", "--show-config"]) == 0
+    assert "sensing = 'full'" in capsys.readouterr().out
+    out = tmp_path / "run"
+    argv = ["train", "traffic/grid4x4", "--test", "--steps", "32", "--algo-set", "num_steps=32", "--eval-episodes", "1"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert "--set sensing=local" in capsys.readouterr().err
+    assert load_checkpoint(out)["meta"]["overrides"] == {"sensing": "local"}

@@ -123,13 +123,12 @@ def command(
 
     console = Console()
     if preset:
-        algo, protocol, channel, steps, algo_overrides, preset_note = _preset(
-            scenario, algo, protocol, channel, steps, algo_set, resume
+        algo, protocol, channel, steps, algo_overrides, overrides, preset_note = _preset(
+            scenario, algo, protocol, channel, steps, algo_set, set_, resume
         )
     else:  # the bare defaults of TrainRequest and the algorithm's Config, under what was given
-        algo_overrides, preset_note = parse_sets(algo_set), ""
+        algo_overrides, overrides, preset_note = parse_sets(algo_set), parse_sets(set_), ""
     dist_cfg = DistConfig(**dist)
-    overrides = parse_sets(set_)
     envs = envs if envs is not None else _checkpoint_envs(resume)
     request = TrainRequest(
         scenario=scenario,
@@ -177,16 +176,23 @@ def command(
 
 
 def _preset(
-    scenario: str, algo: str, protocol: str, channel: str, steps: int, algo_set: tuple[str, ...], resume: str | None
-) -> tuple[str, str, str, int, dict[str, Any], str]:
-    """(algo, protocol, channel, steps, algo overrides, note): the options given, the rest from
-    the checkpoint when resuming (its algorithm, protocol and channel; its config stays its own),
-    else from the scenario's training preset. Click reports whether a value came from the command
-    line or the option's default."""
+    scenario: str,
+    algo: str,
+    protocol: str,
+    channel: str,
+    steps: int,
+    algo_set: tuple[str, ...],
+    set_: tuple[str, ...],
+    resume: str | None,
+) -> tuple[str, str, str, int, dict[str, Any], dict[str, Any], str]:
+    """(algo, protocol, channel, steps, algo overrides, scenario overrides, note): the options
+    given, the rest from the checkpoint when resuming (its algorithm, protocol and channel; its
+    config and scenario options stay its own), else from the scenario's training preset. Click
+    reports whether a value came from the command line or the option's default."""
     from click.core import ParameterSource
 
     from marl.core.config import parse_sets
-    from marl.training.request import with_preset
+    from marl.training.request import preset_sets, with_preset
 
     ctx = click.get_current_context()
 
@@ -204,7 +210,8 @@ def _preset(
             steps if given("steps") else None,
             {},
         )
-        return algo, protocol, channel if given("channel") else meta["channel"], steps, parse_sets(algo_set), note
+        channel = channel if given("channel") else meta["channel"]
+        return algo, protocol, channel, steps, parse_sets(algo_set), parse_sets(set_), note
     algo, protocol, steps, overrides, note = with_preset(
         scenario,
         algo if given("algo") else None,
@@ -212,7 +219,14 @@ def _preset(
         steps if given("steps") else None,
         parse_sets(algo_set),
     )
-    return algo, protocol, channel, steps, overrides, note
+    sets, from_preset = preset_sets(scenario, algo, parse_sets(set_))
+    if from_preset:
+        note = (
+            note.replace(" (", from_preset + " (", 1)
+            if " (" in note
+            else (note or f"{scenario} training preset:") + from_preset
+        )
+    return algo, protocol, channel, steps, overrides, sets, note
 
 
 def _checkpoint_envs(resume: str | None) -> int:

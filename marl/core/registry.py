@@ -72,6 +72,10 @@ class TrainingPreset:
     protocol: str = "none"
     steps: int = 20_000  #: total environment steps over all ranks
     algo_set: Mapping[str, Any] = field(default_factory=dict)  #: --algo-set values
+    #: --set values of the scenario the learner trains with (its observation interface, e.g.
+    #: ``sensing=local``), under the user's ``--set`` key by key; a checkpoint records them, so
+    #: ``marl run --policy`` plays under them too.
+    sets: Mapping[str, Any] = field(default_factory=dict)
     note: str = ""  #: where the preset comes from (the sweep command and its result)
 
 

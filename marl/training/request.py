@@ -116,6 +116,14 @@ def with_preset(
     )
 
 
+def preset_sets(scenario: str, algo: str, given: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+    """The scenario ``--set`` values of a run: the preset's ``sets`` (when ``algo`` is the preset's)
+    under the ones given, key by key; and the part of the note that says what came from the preset."""
+    preset = registry.scenario_spec(scenario).training
+    from_preset = {k: v for k, v in preset.sets.items() if algo == preset.algo and k not in given}
+    return {**from_preset, **given}, "".join(f" --set {k}={v}" for k, v in from_preset.items())
+
+
 @dataclass
 class TrainPlan:
     """A validated request: the algorithm class, its typed config and everything resolved."""
