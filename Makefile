@@ -19,11 +19,17 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-# A protocol comparison on the RESCO 4x4 grid (one simulated hour, 5 seeds, 2 processes),
-# then its report: Markdown/CSV/LaTeX tables and figures in results/demo/report/.
+# A protocol comparison on the RESCO 4x4 grid (one simulated hour, 5 seeds, 2 processes): rule-based
+# coordination beside the trained policies shipped in results/reference/checkpoints/ (full and
+# local sensing, with and without learned messages), under a perfect channel and 30% loss; then its
+# report: Markdown/CSV/LaTeX tables and figures in results/demo/report/.
+CKPT := results/reference/checkpoints
 demo: $(STAMP)
 	$(BIN)/marl compare traffic/grid4x4 --controllers max-pressure,max-pressure-coordinated \
 	    --protocols none,neighbours,broadcast --channel drop=0 --channel drop=0.3 \
+	    --policy idqn=$(CKPT)/grid4x4-full-idqn.pt --policy ippo+tarmac=$(CKPT)/grid4x4-full-ippo-tarmac.pt \
+	    --policy ippo-local=$(CKPT)/grid4x4-local-ippo-none.pt \
+	    --policy ippo+commnet-local=$(CKPT)/grid4x4-local-ippo-commnet.pt \
 	    --seeds 5 --jobs 2 --out results/demo
 	$(BIN)/marl report results/demo --metric delay --metric throughput
 
