@@ -272,3 +272,62 @@ def test_bad_interface_options_are_one_line_errors(key: str, value: str, allowed
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and key in err and value in err and allowed in err, err
+
+
+def test_soc_above_makes_ending_below_the_start_cost_more_than_ending_above() -> None:
+    env = registry.make_scenario(SCENARIO, {"split": "eval", "soc_weight": 10.0, "soc_above": 0.25})
+    env.reset(seed=0)
+    c = env.config
+    start = c.soc_init * c.battery_kwh
+    env.energy = np.full(len(env.possible_agents), start + 1.0)  # 1 kWh above the start
+    above = env._soc_penalty()
+    env.energy = np.full(len(env.possible_agents), start - 1.0)  # the same amount below
+    below = env._soc_penalty()
+    np.testing.assert_allclose(below, 10.0 * 1.0 / c.battery_kwh)
+    np.testing.assert_allclose(above, 0.25 * below)
+    assert (below > above).all()
+
+
+def test_battery_export_false_discharges_only_the_own_net_load() -> None:
+    beyond = {}  # the largest battery discharge beyond the household's own net load, kW
+    for allowed in (True, False):
+        env = registry.make_scenario(SCENARIO, {"split": "eval", "action": "absolute", "battery_export": allowed})
+        env.reset(seed=0, options={"day": WINTER_EVAL_DAY})
+        most = 0.0
+        while env.agents:
+            load, pv = env.interval_kw()
+            env.step({a: np.full(1, -1.0, np.float32) for a in env.agents})  # discharge flat out
+            most = max(most, float((-env.battery - np.maximum(load - pv, 0.0)).max()))
+        beyond[allowed] = most
+    assert beyond[True] > 0.5  # full discharge feeds the grid (at night the load is small)
+    assert beyond[False] <= 1e-9
+
+
+def test_forecast_observes_the_energy_left_in_the_day() -> None:
+    env = registry.make_scenario(SCENARIO, {"split": "eval", "forecast": "perfect"})
+    obs, _ = env.reset(seed=0, options={"day": WINTER_EVAL_DAY})
+    assert env.observation_space(env.possible_agents[0]).shape == (12,)
+    net = env.day_net_kw(WINTER_EVAL_DAY)  # [96, N], batteries excluded
+    e = env.config.battery_kwh
+    first = np.array([obs[a] for a in env.possible_agents])
+    np.testing.assert_allclose(first[:, 10], np.minimum(np.maximum(-net, 0).sum(0) * HOURS_PER_STEP / e, 20), rtol=1e-5)
+    np.testing.assert_allclose(first[:, 11], np.minimum(np.maximum(net, 0).sum(0) * HOURS_PER_STEP / e, 20), rtol=1e-5)
+    for _ in range(60):
+        obs, *_ = env.step({a: np.zeros(1, np.float32) for a in env.agents})
+    later = np.array([obs[a] for a in env.possible_agents])
+    assert (later[:, 10:] <= first[:, 10:] + 1e-6).all() and (later[:, 11] < first[:, 11]).any()
+    mean = registry.make_scenario(SCENARIO, {"split": "eval", "forecast": "mean"})
+    obs_mean, _ = mean.reset(seed=0, options={"day": WINTER_EVAL_DAY})  # the last 7 days, not this one
+    assert not np.allclose(np.array([obs_mean[a] for a in mean.possible_agents])[:, 10:], first[:, 10:])
+
+
+@pytest.mark.parametrize("day_end", ["truncation", "termination"])
+def test_day_end_says_how_the_last_step_ends_the_episode(day_end: str) -> None:
+    env = registry.make_scenario(SCENARIO, {"split": "eval", "horizon": 3, "day_end": day_end})
+    env.reset(seed=0)
+    for k in range(3):
+        _, _, terms, truncs, _ = env.step({a: np.zeros(1, np.float32) for a in env.agents})
+        last = k == 2
+        assert all(v == (last and day_end == "termination") for v in terms.values())
+        assert all(v == (last and day_end == "truncation") for v in truncs.values())
+    assert not env.agents

@@ -28,19 +28,26 @@ Household model (units: kW, kWh; ``Δt`` = 0.25 h)
     charge ``soc`` kept in [``soc_min``, 1], starting every episode at ``soc_init``.
     Net load ``net = load − pv + b`` with ``b`` the battery's power (charging positive).
 
-Observation (float32 Box, 10 values), per agent, for the interval about to be played:
-    ``[(load − pv)/P, load/P, pv/P, soc, sin(tod), cos(tod), price/price_peak, dv, b_last/P,
-    steps_left/horizon]`` with ``P = battery_kw``, ``tod = 2π·k/96``, ``dv = (v − 1)/0.05`` the
-    household's bus voltage after the previous step (at reset: the first interval with
+Observation (float32 Box, 10 values; 12 with ``forecast``), per agent, for the interval about to
+    be played: ``[(load − pv)/P, load/P, pv/P, soc, sin(tod), cos(tod), price/price_peak, dv,
+    b_last/P, steps_left/horizon]`` with ``P = battery_kw``, ``tod = 2π·k/96``, ``dv = (v − 1)/0.05``
+    the household's bus voltage after the previous step (at reset: the first interval with
     batteries idle), ``b_last`` the battery power applied in the previous step. Clipped to the
-    space's bounds ([-20, 20] for the power ratios, [-4, 4] for ``dv``).
+    space's bounds ([-20, 20] for the power ratios, [-4, 4] for ``dv``). ``forecast=mean`` adds
+    the household's own PV surplus ``Σ max(pv − load, 0)·Δt`` and deficit ``Σ max(load − pv, 0)·Δt``
+    from this interval to the end of the day, over ``battery_kwh`` (clipped to [0, 20]), as the mean
+    of its meter's last ``lag_days`` days (a forecast any household can make; ``perfect``: this day
+    exactly, the information the LP and the default consensus controller have). The day-ahead
+    outlook tells a learner whether a night charge will be crowded out by PV later.
 
 Actions (float32 Box [-1, 1], shape (1,))
     Battery power as a share of ``battery_kw``: +1 charges at full power, −1 discharges at full
     power. The env limits it to what the state of charge allows in the interval (charge:
     ``(1 − soc)·E/(η·Δt)``; discharge: ``(soc − soc_min)·E·η/Δt``); NaN counts as 0, values
     outside [-1, 1] are clipped, nothing is rejected. A discharge larger than the household's
-    load is exported.
+    load is exported; with ``battery_export=false`` the discharge is limited to the household's own
+    net load ``max(load − pv, 0)`` (a home battery in self-consumption mode: it never feeds the
+    grid, so it never sells stored energy at ``feed_in``).
 
     ``action=residual`` (registered for ``grid/demand-response``): ``a[0]`` is a correction to what the ``local-rule`` controller would do
     in this interval (its default hours): battery share ``= clip(base + residual_scale·a[0], −1, 1)``
@@ -76,7 +83,8 @@ Reward
     battery earns it back), so its cost terms add up to its part of ``cost_eur``.
     At the last step every agent also gets ``− soc_weight·|soc_end − soc_init|`` (mean over
     households for ``shared``, its own for ``local`` and ``share``), so that emptying the battery
-    is not free.
+    is not free; ``soc_above`` (0..1, default 1) scales the term for a battery that ends above its
+    start (``soc_above`` < 1: ending below costs more than ending the same amount above).
 
 Prices (time of use, €/kWh)
     ``price_offpeak`` from 22:00 to 07:00, ``price_peak`` from 17:00 to 21:00, ``price_day`` in
@@ -111,13 +119,16 @@ Episode end
     voltage scenarios' rule, :func:`scenarios.grid.env.days_of`): ``eval`` is every
     ``holdout_every``-th day (4, 9, 14, ...), ``train`` the rest, ``all`` every day; or the fixed
     ``day``; ``reset(options={"day": d})`` forces one (it must belong to the split).
+    ``day_end="termination"`` reports the last step as a termination instead: the day is settled
+    (buy-back, soc term) and nothing follows, so a learner does not bootstrap a value past it.
 
 Arguments (``--set key=value``; types, defaults and help in :class:`DRConfig`)
     ``feeder`` (a SimBench LV code), ``load_scale``, ``pv_share``, ``pv_kwp``, ``battery_kwh``,
     ``battery_kw``, ``efficiency``, ``soc_init``, ``soc_min``, ``price_offpeak``, ``price_day``,
     ``price_peak``, ``feed_in``, ``horizon``, ``split``, ``season``, ``day``, ``holdout_every``,
     ``v_min``/``v_max``, ``reward`` (shared|local|share), ``peak_weight``, ``cost_weight``,
-    ``soc_weight``, ``action`` (absolute|residual), ``residual_scale``, ``hops``
+    ``soc_weight``, ``soc_above``, ``battery_export``, ``forecast`` (none|mean|perfect), ``lag_days``,
+    ``day_end`` (truncation|termination), ``action`` (absolute|residual), ``residual_scale``, ``hops``
     (topology: households within ``hops`` feeder branches are linked; edge ``distance`` = Σ|z|
     in p.u. along the feeder), ``max_iter``, ``solver`` (lightsim2grid | pandapower, the runpp
     reference for ``marl bench grid``).
@@ -127,6 +138,8 @@ Version history
     v1: ``action=residual`` with ``residual_scale``, ``reward=share``; defaults unchanged (the
     ``grid/demand-response`` registration selects residual actions and the share reward, the
     learned agents' interface; the baselines play the same actions in both modes).
+    v2: ``soc_above``, ``battery_export``, ``forecast``/``lag_days`` (two more observation values),
+    ``day_end``; every default keeps v1's behaviour.
 """
 
 from __future__ import annotations
@@ -180,6 +193,20 @@ class DRConfig(FeederDays):
     peak_weight: float = field(default=1.0, metadata={"help": "reward weight of (import / mean import)²"})
     cost_weight: float = field(default=1.0, metadata={"help": "reward weight of the normalised bill"})
     soc_weight: float = field(default=1.0, metadata={"help": "end-of-episode weight of |soc_end - soc_init|"})
+    soc_above: float = field(
+        default=1.0, metadata={"help": "factor on soc_weight when a battery ends above its start (0..1; 1: symmetric)"}
+    )
+    battery_export: bool = field(
+        default=True, metadata={"help": "false: a battery discharges at most its household's own net load"}
+    )
+    forecast: Literal["none", "mean", "perfect"] = field(
+        default="none",
+        metadata={"help": "observe own PV surplus and deficit energy left today: none, last days' mean, exact"},
+    )
+    lag_days: int = field(default=7, metadata={"help": "forecast=mean: days of own meter history averaged"})
+    day_end: Literal["truncation", "termination"] = field(
+        default="truncation", metadata={"help": "how the episode's last step ends it (env card: Episode end)"}
+    )
     action: Literal["absolute", "residual"] = field(
         default="absolute", metadata={"help": "battery share, or a correction to the local rule's share"}
     )
@@ -200,6 +227,8 @@ class DRConfig(FeederDays):
         for name in ("price_offpeak", "price_day", "price_peak", "feed_in", "peak_weight", "cost_weight", "soc_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"bad value for {name}: {getattr(self, name)}; expected >= 0")
+        if not 0 <= self.soc_above <= 1:
+            raise ConfigError(f"bad value for soc_above: {self.soc_above}; expected 0..1")
         if not 0 < self.residual_scale <= 2:
             raise ConfigError(f"bad value for residual_scale: {self.residual_scale}; expected 0 < x <= 2")
         if not 0 <= self.pv_share <= 1:
@@ -210,6 +239,8 @@ class DRConfig(FeederDays):
             raise ConfigError(f"bad value for soc_min: {self.soc_min}; expected 0 <= x < 1")
         if not self.soc_min <= self.soc_init <= 1:
             raise ConfigError(f"bad value for soc_init: {self.soc_init}; expected soc_min..1 ({self.soc_min}..1)")
+        if self.lag_days < 1:
+            raise ConfigError(f"bad value for lag_days: {self.lag_days}; expected >= 1")
         if self.hops < 0:
             raise ConfigError(f"bad value for hops: {self.hops}; expected >= 0")
         if self.feeder.split("-")[1:2] != ["LV"]:
@@ -308,7 +339,11 @@ class DemandResponseEnv(Scenario):
         year_net = self.household_net_kw(np.arange(f.n_steps))
         self.p_ref = max(float(year_net.sum(axis=1).mean()), 1e-3)
         self._house_ref = np.maximum(np.abs(year_net).mean(axis=0), 1e-3)
-        self._obs_space = spaces.Box(_OBS_LOW, _OBS_HIGH, dtype=np.float32)
+        extra = 0 if c.forecast == "none" else 2  # forecast: own surplus and deficit energy left today
+        self._obs_low = np.concatenate([_OBS_LOW, np.zeros(extra, np.float32)])
+        self._obs_high = np.concatenate([_OBS_HIGH, np.full(extra, 20.0, np.float32)])
+        self._obs_space = spaces.Box(self._obs_low, self._obs_high, dtype=np.float32)
+        self._ahead = np.zeros((STEPS_PER_DAY + 1, 2, n))  # forecast: energy left from each step, kWh
         self._act_space = spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32)
         nb = f.n_bus
         self.state_space = spaces.Box(
@@ -447,11 +482,25 @@ class DemandResponseEnv(Scenario):
         self._pv_ep = self.household_pv_kw(steps)
         self._day_mean_kw = float((self._load_ep - self._pv_ep).sum(axis=1).mean())  # share reward's m
         self._net_sum = np.zeros(n)  # Σ_t net_i so far (share reward's last-step correction)
+        if c.forecast != "none":
+            self._ahead = self._energy_ahead()
         self._reset_kpis()
         self.pf.reset()
         self._solve(self.battery)  # what the households measure before their first decision
         infos = {a: {"day": self.day} for a in self.agents}
         return self._observations(), infos
+
+    def _energy_ahead(self) -> np.ndarray:
+        """``[97, 2, N]``: each household's forecast PV surplus ``Σ max(pv − load, 0)·Δt`` and deficit
+        ``Σ max(load − pv, 0)·Δt`` (kWh) from each step of the day to its end (``forecast``: the
+        mean of its meter's last ``lag_days`` days, or this day exactly)."""
+        c = self.config
+        days = [self.day] if c.forecast == "perfect" else [self.day - k for k in range(1, c.lag_days + 1)]
+        net = np.stack([self.day_net_kw(d) for d in days])  # [D, 96, N], batteries excluded
+        per_step = np.stack([np.maximum(-net, 0).mean(axis=0), np.maximum(net, 0).mean(axis=0)], axis=1)
+        ahead = np.zeros((STEPS_PER_DAY + 1, 2, net.shape[2]))
+        ahead[:-1] = np.cumsum(per_step[::-1], axis=0)[::-1] * HOURS_PER_STEP
+        return ahead
 
     def _actions(self, actions: dict[str, Any]) -> np.ndarray:
         n = len(self.possible_agents)
@@ -473,6 +522,9 @@ class DemandResponseEnv(Scenario):
         share = self._actions(actions)
         if c.action == "residual":
             share = np.clip(self._base_share() + c.residual_scale * share, -1.0, 1.0)
+        if not c.battery_export:  # discharge covers the household's own net load, no more
+            load, pv = self.interval_kw()
+            discharge = np.minimum(discharge, np.maximum(load - pv, 0.0))
         b = np.clip(share * self._p_kw, -discharge, charge)
         self.energy = np.clip(
             self.energy + (c.efficiency * np.maximum(b, 0) - np.maximum(-b, 0) / c.efficiency) * HOURS_PER_STEP,
@@ -509,7 +561,7 @@ class DemandResponseEnv(Scenario):
         if c.reward == "shared":
             r = -c.peak_weight * (imp / self.p_ref) ** 2 - c.cost_weight * float(bills.sum()) / (len(agents) * scale)
             if done:
-                r -= c.soc_weight * float(np.abs(self.energy / c.battery_kwh - c.soc_init).mean())
+                r -= float(self._soc_penalty().mean())
             rewards = dict.fromkeys(agents, r)
         else:
             if c.reward == "share":  # own share of the feeder's deviation from the day's mean (env card)
@@ -526,14 +578,22 @@ class DemandResponseEnv(Scenario):
                 peak = c.peak_weight * (net / self._house_ref) ** 2
             local = -peak - c.cost_weight * bills / scale
             if done:
-                local -= c.soc_weight * np.abs(self.energy / c.battery_kwh - c.soc_init)
+                local -= self._soc_penalty()
             rewards = dict(zip(self.possible_agents, local.tolist()))
-        terms = dict.fromkeys(agents, False)
-        truncs = dict.fromkeys(agents, done)
+        terminal = done and c.day_end == "termination"
+        terms = dict.fromkeys(agents, terminal)
+        truncs = dict.fromkeys(agents, done and not terminal)
         infos = {ag: {"day": self.day, "step": kk} for ag in agents}
         if done:
             self.agents = []
         return self._observations(), rewards, terms, truncs, infos
+
+    def _soc_penalty(self) -> np.ndarray:
+        """End-of-episode penalty per household: ``soc_weight·|soc_end − soc_init|``, times
+        ``soc_above`` when the battery ends above its start (env card: Reward)."""
+        c = self.config
+        d = self.energy / c.battery_kwh - c.soc_init
+        return c.soc_weight * np.where(d > 0, c.soc_above * d, -d)
 
     def _solve(self, b: np.ndarray) -> bool:
         f, t = self.feeder, min(self.t, self.feeder.n_steps - 1)
@@ -550,7 +610,7 @@ class DemandResponseEnv(Scenario):
         load, pv = self._load_ep[kk], self._pv_ep[kk]
         p = self._p_kw
         tod = 2 * np.pi * (t % STEPS_PER_DAY) / STEPS_PER_DAY
-        obs = np.empty((len(self.possible_agents), 10))
+        obs = np.empty((len(self.possible_agents), len(self._obs_low)))
         obs[:, 0] = (load - pv) / p
         obs[:, 1] = load / p
         obs[:, 2] = pv / p
@@ -561,7 +621,9 @@ class DemandResponseEnv(Scenario):
         obs[:, 7] = (self.pf.vm[self.house_bus] - 1.0) / 0.05
         obs[:, 8] = self.battery / p
         obs[:, 9] = (self._horizon - self._k) / self._horizon
-        obs = np.clip(obs, _OBS_LOW, _OBS_HIGH).astype(np.float32)
+        if c.forecast != "none":
+            obs[:, 10:12] = self._ahead[min(self._k, STEPS_PER_DAY)].T / c.battery_kwh
+        obs = np.clip(obs, self._obs_low, self._obs_high).astype(np.float32)
         return dict(zip(self.possible_agents, obs))
 
     # ------------------------------------------------------------------ Concord extras
