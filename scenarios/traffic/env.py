@@ -32,6 +32,14 @@ queued at its own stop line or just released it: that is what a neighbour's mess
 Phase one-hot, min-green flag, shapes, reward (a training signal computed from the whole lanes),
 KPIs, ``state()`` (the concatenated observations, so local too) and the controller API below (the
 classical controllers keep full sensing of their own lanes) do not change with ``sensing``.
+**Approaches** (``approach_m``, default 0 = off, sumo-rl's lanes). Real nets cut a road into
+short pieces just before a light (ingolstadt7: a 0.76 m incoming lane whose queue stands on the
+40 m lane feeding it), and a light that counts only its controlled lanes is blind to that queue.
+With ``approach_m`` > 0, each incoming lane shorter than that is extended upstream through the
+lanes feeding it (``nets.approach_lanes``; RESCO's hand-written lane maps do the same) until the
+approach is ``approach_m`` long or reaches another light: counts, halting and waiting time of
+a lane are those of its whole approach, for observations, rewards, the ``queue`` KPI and the
+controller API alike, and its capacity is the approach's length. For ``sensing=full`` only.
 Costs one libsumo call per occupied lane longer than the range and two per vehicle on it, once per
 decision.
 
@@ -90,6 +98,7 @@ above). Counts are read at decision steps only.
 **Version history.** v0 (2026-11): first version; lean signal logic on libsumo (sumo-rl's
 ``TrafficSignal`` semantics: green set, yellow transitions, default observation).
 v0.1 (2026-12): ``sensing=local`` (stop-line detector range ``sensing_m``); ``full`` unchanged.
+v0.2 (2026-12): ``approach_m`` (short incoming lanes extended upstream); 0 leaves v0.1 unchanged.
 """
 
 from __future__ import annotations
@@ -115,6 +124,7 @@ from marl.core.errors import ConcordError, ConfigError, SimulatorError, unknown
 from scenarios.base import Scenario
 from scenarios.traffic.nets import (
     Signal,
+    approach_lanes,
     import_sumo,
     read_net,
     resolve_path,
@@ -181,6 +191,10 @@ class Config:
     sensing_m: float = field(
         default=50.0, metadata=_help("local sensing: detector range upstream of each stop line, m")
     )
+    approach_m: float = field(
+        default=0.0,
+        metadata=_help("extend incoming lanes shorter than this upstream to an approach this long, m; 0: off"),
+    )
     verbose: bool = field(default=False, metadata=_help("let SUMO print its console output"))
 
     def __post_init__(self) -> None:
@@ -200,6 +214,13 @@ class Config:
             raise ConfigError(f"bad neighbour_max_m {self.neighbour_max_m}; expected metres >= 0")
         if not 0 < self.sensing_m < float("inf"):
             raise ConfigError(f"bad sensing_m {self.sensing_m}; expected a finite range in metres > 0")
+        if not 0 <= self.approach_m < float("inf"):
+            raise ConfigError(f"bad approach_m {self.approach_m}; expected a finite length in metres >= 0")
+        if self.approach_m > 0 and self.sensing == "local":
+            raise ConfigError(
+                f"bad approach_m {self.approach_m} with sensing=local; approaches extend full sensing only "
+                "(add --set approach_m=0)"
+            )
 
 
 def sumo_command(
@@ -363,6 +384,13 @@ class TrafficSignalEnv(Scenario):
         self._lane_index = {l: i for i, l in enumerate(self._lanes)}
         pad = len(self._lanes)  # index of a padding slot that always holds 0
         lengths = {l: ln for s in sigs for l, ln in s.lane_length.items()}
+        # Approaches: upstream lanes summed into the short incoming lane they feed (counts are
+        # read lane by lane and folded in; capacities grow by the extension's length).
+        extension = approach_lanes(in_lanes, net.predecessors, net.lane_length, float(cfg.approach_m))
+        self._ext_lanes = tuple(l for _, l in extension)
+        self._ext_owner = np.array([k for k, _ in extension], dtype=np.int64)
+        for k, lane in extension:
+            lengths[in_lanes[k]] = lengths.get(in_lanes[k], 0.0) + net.lane_length.get(lane, 0.0)
         self._capacity = np.array([max(lengths.get(l, 0.0) / VEHICLE_SPACE_M, 1.0) for l in self._lanes] + [1.0])
         self._in_idx = np.full((len(sigs), L), pad, dtype=np.int64)
         for i, s in enumerate(sigs):
@@ -770,9 +798,20 @@ class TrafficSignalEnv(Scenario):
         self._halt[:n] = np.fromiter(map(halting, lanes), np.float64, n)
         if self.config.reward in ("wait", "diff-waiting-time"):
             self._wait[:n] = np.fromiter(map(waiting, lanes), np.float64, n)
+        if self._ext_lanes:
+            self._fold_approaches()
         self._out_fresh = False
         if self._local:
             self._sample_local()
+
+    def _fold_approaches(self) -> None:
+        """Add the upstream lanes of each approach to the incoming lane they feed."""
+        vehicles, halting, waiting = self._getters
+        ext, owner, m = self._ext_lanes, self._ext_owner, len(self._ext_lanes)
+        np.add.at(self._count, owner, np.fromiter(map(vehicles, ext), np.float64, m))
+        np.add.at(self._halt, owner, np.fromiter(map(halting, ext), np.float64, m))
+        if self.config.reward in ("wait", "diff-waiting-time"):
+            np.add.at(self._wait, owner, np.fromiter(map(waiting, ext), np.float64, m))
 
     def _sample_local(self) -> None:
         """What the stop-line detectors of local sensing see: each lane's counts less the

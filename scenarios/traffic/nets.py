@@ -48,6 +48,7 @@ __all__ = [
     "sumo_rl_nets_dir",
     "resolve_path",
     "read_net",
+    "approach_lanes",
     "INSTALL_HINT",
     "GridRecipe",
     "build_grid",
@@ -322,6 +323,10 @@ class NetInfo:
     signals: dict[str, Signal]
     #: (tl_a, tl_b) -> metres of road from a's outgoing lane to the end of b's incoming lane.
     roads: dict[tuple[str, str], float]
+    #: lane -> the normal lanes that feed it through a connection (internal lanes and U-turns skipped).
+    predecessors: dict[str, tuple[str, ...]] = field(default_factory=dict, repr=False)
+    #: every normal lane's length, m.
+    lane_length: dict[str, float] = field(default_factory=dict, repr=False)
 
 
 def _is_green(state: str) -> bool:
@@ -337,6 +342,7 @@ def read_net(net_file: str, max_road_m: float = 1000.0) -> NetInfo:
     programs: dict[str, list[tuple[str, float]]] = {}
     tl_links: dict[str, dict[int, tuple[str, str]]] = {}
     successors: dict[str, set[str]] = {}
+    feeds: dict[str, set[str]] = {}  # lane -> lanes feeding it, U-turns left out
     for _, elem in ET.iterparse(net_file, events=("end",)):
         tag = elem.tag
         if tag == "lane":
@@ -353,6 +359,8 @@ def read_net(net_file: str, max_road_m: float = 1000.0) -> NetInfo:
             in_lane = f"{src}_{elem.get('fromLane')}"
             out_lane = f"{dst}_{elem.get('toLane')}"
             successors.setdefault(in_lane, set()).add(out_lane)
+            if elem.get("dir") != "t":  # a U-turn feeds the lane from the opposite direction
+                feeds.setdefault(out_lane, set()).add(in_lane)
             tl = elem.get("tl")
             if tl is not None:
                 tl_links.setdefault(tl, {})[int(elem.get("linkIndex", "-1"))] = (in_lane, out_lane)
@@ -413,7 +421,40 @@ def read_net(net_file: str, max_road_m: float = 1000.0) -> NetInfo:
                 continue  # stop at the first light on the way
             for nxt in successors.get(lane, ()):
                 heapq.heappush(frontier, (dist + lane_length.get(nxt, 0.0), nxt))
-    return NetInfo(signals=signals, roads=roads)
+    return NetInfo(
+        signals=signals,
+        roads=roads,
+        predecessors={l: tuple(sorted(p)) for l, p in feeds.items()},
+        lane_length={l: n for l, n in lane_length.items() if not l.startswith(":")},
+    )
+
+
+def approach_lanes(
+    in_lanes: list[str], predecessors: dict[str, tuple[str, ...]], lane_length: dict[str, float], approach_m: float
+) -> list[tuple[int, str]]:
+    """Upstream lanes that extend each short incoming lane into an approach of ``approach_m`` m.
+
+    Real nets cut roads into short pieces just before a light (ingolstadt7 has a 0.76 m
+    incoming lane whose queue stands on the 40 m lane before it), so a light that counts only
+    its own incoming lanes is blind to that queue. Each incoming lane shorter than
+    ``approach_m`` takes the lanes feeding it, level by level, until the approach is long
+    enough (it grows by the longest lane of each level) or the road meets another light's
+    incoming lane. A lane joins at most one approach (no vehicle is counted twice). Returns
+    ``(k, lane)`` pairs: ``lane`` belongs to the approach of ``in_lanes[k]``. Without short lanes
+    (or ``approach_m`` 0) the list is empty.
+    """
+    claimed = set(in_lanes)
+    extension: list[tuple[int, str]] = []
+    for k, lane in enumerate(in_lanes):
+        reach = lane_length.get(lane, 0.0)
+        level = [lane]
+        while reach < approach_m and level:
+            upstream = sorted({p for l in level for p in predecessors.get(l, ()) if p not in claimed})
+            claimed.update(upstream)
+            extension += [(k, p) for p in upstream]
+            reach += max((lane_length.get(p, 0.0) for p in upstream), default=0.0)
+            level = upstream
+    return extension
 
 
 def describe(info: NetInfo) -> dict[str, Any]:
