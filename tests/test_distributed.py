@@ -73,7 +73,7 @@ def run_mpi(n: int, *args: str, ulfm: bool = False, timeout: float = 150) -> tup
         ({"respawn": True, "fault_tolerance": "ulfm", "sync": "gossip"}, "respawn needs"),
         ({"sync_every": 0}, "sync_every: '0'"),
         ({"sync_every": 4, "sync": "ring"}, "allreduce or gossip"),
-        ({"inject_failure": "1:3:backward"}, "RANK:UPDATE[:checkpoint]"),
+        ({"inject_failure": "1:3:backward"}, "RANK:UPDATE[:checkpoint|:log]"),
     ],
 )
 def test_bad_config_is_a_one_line_concord_error(kwargs: dict, fragment: str) -> None:
@@ -391,6 +391,9 @@ def test_update_interrupted_by_a_failure_is_redone_from_the_state_before_it() ->
 
         def recover(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
             self.recoveries += 1
+
+        def commit(self, completed: bool) -> bool:  # the agreement: every other rank completed it
+            return completed
 
     def make() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         torch.manual_seed(0)

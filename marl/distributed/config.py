@@ -120,23 +120,26 @@ def is_local_host(name: str) -> bool:
     return name.strip("[]") in ("localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn())
 
 
-_INJECT = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*(?::\s*(update|checkpoint)\s*)?$")
+_INJECT = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*(?::\s*(update|checkpoint|log)\s*)?$")
 
 
 def parse_inject_failure(spec: str) -> tuple[int, int] | None:
     """``"1:3"`` -> ``(1, 3)`` (rank 1 dies at update 3); ``""`` -> None. An optional third field
-    names where: ``update`` (default, as the update starts) or ``checkpoint`` (see
+    names where: ``update`` (default, as the update starts), ``checkpoint`` or ``log`` (see
     :func:`inject_failure_point`)."""
     if not spec:
         return None
     match = _INJECT.match(spec)
     if not match:
-        raise ConfigError(f"bad inject_failure {show(spec)}; expected RANK:UPDATE[:checkpoint], e.g. 1:3")
+        raise ConfigError(f"bad inject_failure {show(spec)}; expected RANK:UPDATE[:checkpoint|:log], e.g. 1:3")
     return int(match.group(1)), int(match.group(2))
 
 
 def inject_failure_point(spec: str) -> str:
-    """Where an ``inject_failure`` spec kills: ``"update"`` or ``"checkpoint"``."""
+    """Where an ``inject_failure`` spec kills: ``"update"`` (as the update starts), ``"checkpoint"``
+    (inside the checkpoint writer) or ``"log"`` (the update done and averaged, its rows not yet
+    written: the process stalls a few seconds first, as a writer slowed by a loaded disk, so
+    that its peers run ahead of it, then dies)."""
     match = _INJECT.match(spec) if spec else None
     return (match.group(3) or "update") if match else "update"
 
@@ -199,7 +202,8 @@ class DistConfig:
         default="",
         metadata={
             "help": "Hidden, for tests and demos: 'R:U' kills rank R at update U; 'R:U:checkpoint' kills it "
-            "inside the checkpoint writer of update U (the temporary file half written)."
+            "inside the checkpoint writer of update U (the temporary file half written); 'R:U:log' stalls "
+            "rank R before it logs update U (its peers run ahead), then kills it."
         },
     )
     oversubscribe: bool = field(

@@ -42,6 +42,10 @@ from marl.distributed.config import DistConfig
 __all__ = ["World", "LocalWorld", "MPIWorld", "RankFailure", "RanksDivergedError", "init_world"]
 
 
+#: How long ``--inject-failure R:U:log`` stalls rank R before killing it (its peers run ahead).
+LOG_STALL_SECONDS = 4.0
+
+
 class RankFailure(Exception):
     """A peer rank died during a collective (ULFM). Catch it, call ``world.recover(model, opt)``
     and redo the update."""
@@ -99,7 +103,9 @@ class World:
     def maybe_inject_failure(self, update: int, point: str = "update") -> None:
         """Kill this process with SIGKILL if ``cfg.inject_failure`` is ``"<my rank>:<update>"``
         (``point`` "update": called as the update starts) or ``"<my rank>:<update>:checkpoint"``
-        (``point`` "checkpoint": called by the checkpoint writer with its file half written).
+        (``point`` "checkpoint": called by the checkpoint writer with its file half written) or
+        ``"<my rank>:<update>:log"`` (``point`` "log": called before the rows of ``update`` are
+        written; the process first stalls :data:`LOG_STALL_SECONDS`, so its peers run ahead).
 
         At the start of an update, also marks it (used to measure the work a failure throws away).
         The rank is the original MPI rank, so "1:3" means the process started as rank 1 (or the
@@ -117,6 +123,8 @@ class World:
             and inject_failure_point(self.cfg.inject_failure) == point
             and not getattr(self, "newcomer", False)
         ):
+            if point == "log":  # a slow writer: the peers go on as far as they can without it
+                time.sleep(LOG_STALL_SECONDS)
             sys.stdout.flush()
             sys.stderr.flush()
             os.kill(os.getpid(), signal.SIGKILL)

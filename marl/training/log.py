@@ -10,10 +10,12 @@ periodic evaluation ``eval_<kpi>``. The final evaluation writes one row per KPI 
 of rank ``r`` that joined during update ``u`` adds ``rank_rejoin_<r>`` (value: the world size
 after, N again) to ``u``'s rows; both kinds of event (time, update, world size, seconds) are also
 in the manifest's ``events``. Only rank 0 writes; every rank
-logs under rank 0's run id and keeps its last update's rows, so that when rank 0 dies (ULFM) the
-lowest survivor, rank 0 of the shrunk world, takes the writing over (:meth:`TrainLog.take_over`):
-it drops the rows of the updates it is about to log (the old writer may have logged one of them)
-and writes its own, so no update is lost or logged twice.
+logs under rank 0's run id and keeps the rows of its last :data:`HISTORY_UPDATES` updates, so that
+when rank 0 dies (ULFM) the lowest survivor, rank 0 of the shrunk world, takes the writing over
+(:meth:`TrainLog.take_over`): the dead writer's records stay up to the last update it logged, the
+new writer adds its own rows of the updates after that one, so no update is lost or logged twice.
+With root-free gossip the ranks are not in lockstep: the new writer may be updates ahead of the
+dead one (or behind it), which is why it keeps more than one update.
 
 On ``--resume`` into the directory of the run that wrote the checkpoint, that run's rows past
 the checkpoint's update (and its final evaluation, which the resumed run replaces) are dropped
@@ -39,11 +41,22 @@ from marl.results.records import (
     Row,
     environment_info,
     now_iso,
+    read_rows,
 )
 from marl.training.layout import TeamLayout
 from marl.training.request import TrainPlan
 
 __all__ = ["TrainLog", "drop_superseded_rows", "is_curve_metric"]
+
+#: Updates of rows a non-writing rank keeps for :meth:`TrainLog.take_over`. Allreduce ranks are in
+#: lockstep (the new writer is at most one update ahead of the dead one); push-sum gossip ranks
+#: wait only for their one peer per round, so a rank can run a few rounds (about log2 of the world
+#: size, plus one) ahead of a slow writer. 64 covers that with room; it bounds the memory.
+HISTORY_UPDATES = 64
+
+
+#: Metric prefixes of the rows that report a distributed event (one row per event).
+EVENT_METRICS = ("rank_failure_", "rank_rejoin_")
 
 
 def is_curve_metric(metric: str) -> bool:
@@ -100,7 +113,9 @@ class TrainLog:
         self.request, self.run_id, self.on_progress = request, run_id, on_progress if is_root else None
         self.main_kpi: str = getattr(env, "main_kpi", "") or ""
         self.writer = RecordWriter(plan.out_dir) if is_root else None
-        self.unwritten: list[Row] = []  #: a non-writing rank's rows of its last update (see take_over)
+        #: A non-writing rank's rows of its last HISTORY_UPDATES updates, each with the index of the
+        #: event it reports in ``manifest["events"]`` (None for other rows); see take_over.
+        self.unwritten: list[tuple[Row, int | None]] = []
         # A rank spawned by --respawn already holds the run's events (from the survivors): they are not new.
         known_events = list(world.events) if world is not None and getattr(world, "newcomer", False) else []
         self.manifest: dict[str, Any] = {
@@ -130,14 +145,17 @@ class TrainLog:
         r = self.request
         return Row(self.run_id, r.scenario, r.algo, r.protocol, r.channel, r.seed, episode, metric, float(value))
 
-    def _append(self, rows: Iterable[Row]) -> None:
+    def _append(self, rows: Iterable[Row], event_index: list[int | None] | None = None) -> None:
+        """Write ``rows`` (the writer), or keep them for a take-over (``event_index``: per row, the
+        index in ``manifest["events"]`` of the event it reports, or None)."""
         rows = list(rows)
         writer = self._writer()
         if writer is not None:
             writer.append(rows)
         elif rows:
-            update = rows[0].episode
-            self.unwritten = [r for r in self.unwritten if r.episode == update] + rows
+            latest = max(r.episode for r in rows)
+            kept = [(r, i) for r, i in self.unwritten if r.episode > latest - HISTORY_UPDATES]
+            self.unwritten = kept + list(zip(rows, event_index or [None] * len(rows)))
 
     def _writer(self) -> RecordWriter | None:
         """The records writer, created here when this rank has just become rank 0."""
@@ -146,21 +164,36 @@ class TrainLog:
         return self.writer
 
     def take_over(self) -> None:
-        """Become the writer after rank 0 died: drop this run's rows of the updates from the first
-        one this rank still holds on (the old writer may or may not have written them), then write
-        this rank's own, so every update is in the records exactly once."""
+        """Become the writer after rank 0 died, so that every update is in the records exactly once.
+
+        The dead writer's rows stay up to the last update it logged, ``c`` (its appends are atomic
+        and in update order, so updates 1..c are whole); this rank adds its kept rows of updates
+        after ``c``. If the dead writer was ahead of this rank (gossip), its rows after this rank's
+        last update are dropped: this rank logs those updates itself next. Failure and rejoin rows
+        are matched by event, not update (gossip ranks log one event at different updates): the
+        records hold the first ``m`` events of the run, this rank writes the ones after them."""
         self.writer = RecordWriter(self.out_dir)
-        first = min((r.episode for r in self.unwritten), default=None)
-        if first is not None:
-            run, episode, metric = (COLUMNS.index(c) for c in ("run_id", "episode", "metric"))
-            self.writer.drop(
-                lambda r: r[run] == self.run_id and is_curve_metric(r[metric]) and int(r[episode]) >= first
-            )
-            self.writer.append(self.unwritten)
+        run, episode, metric = (COLUMNS.index(c) for c in ("run_id", "episode", "metric"))
+        mine = self.unwritten
+        last = max((r.episode for r, _ in mine), default=None)
+        written = (
+            [f for _, f in read_rows(self.writer.path) if f[run] == self.run_id] if self.writer.path.exists() else []
+        )
+        c = max((int(f[episode]) for f in written if f[metric] == "train_env_steps"), default=0)
+        if last is not None and c > last:
+            self.writer.drop(lambda f: f[run] == self.run_id and is_curve_metric(f[metric]) and int(f[episode]) > last)
+            written = [f for f in written if not (is_curve_metric(f[metric]) and int(f[episode]) > last)]
+            c = last
+        m = sum(1 for f in written if f[metric].startswith(EVENT_METRICS))
+        rows = [r for r, i in mine if (r.episode > c if i is None else i >= m)]
+        first = min((r.episode for r, _ in mine), default=c + 1)
+        if first > c + 1:  # cannot happen within HISTORY_UPDATES of skew; say so rather than hide it
+            sys.stderr.write(f"marl: updates {c + 1}..{first - 1} of this run are missing from the records\n")
+        self.writer.append(rows)
         self.unwritten = []
         sys.stderr.write(
             f"marl: rank {getattr(self.world, 'original_rank', '?')} writes this run's records from now on "
-            "(the writing rank died)\n"
+            f"(the writing rank died after logging update {c})\n"
         )
 
     def update_rows(
@@ -176,6 +209,8 @@ class TrainLog:
     ) -> None:
         """One update's curve rows; ``finished`` = (return, kpis) of training episodes that ended
         during it, ``last_return`` the return of the newest finished episode (for progress)."""
+        if self.world is not None:  # tests: --inject-failure R:U:log (a writer that dies before logging U)
+            self.world.maybe_inject_failure(update, "log")
         rows = [self.row(update, f"train_{k}", v) for k, v in metrics.items()]
         rows += [
             self.row(update, "train_env_steps", env_steps),
@@ -187,13 +222,15 @@ class TrainLog:
             values = [p[1][self.main_kpi] for p in finished if self.main_kpi in p[1]]
             if self.main_kpi and values:
                 rows.append(self.row(update, f"train_{self.main_kpi}", float(np.mean(values))))
+        index: list[int | None] = [None] * len(rows)
         for event in events[len(self.manifest["events"]) :]:  # new distributed events only
             # One metric per rank: two ranks dying in one update are two rows, not a repeated key;
             # rank_failure_<r> or (--respawn) rank_rejoin_<r>, value: the world size after.
             metric = f"{event.get('event', 'rank_failure')}_{event.get('rank', -1)}"
             rows.append(self.row(update, metric, float(event.get("world_size_after", -1))))
+            index.append(len(self.manifest["events"]))
             self.manifest["events"].append(event)
-        self._append(rows)
+        self._append(rows, index)
         kpis = finished[-1][1] if finished else {}
         self.progress(
             phase="train",
