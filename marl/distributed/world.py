@@ -174,6 +174,11 @@ class World:
         """The last update every live rank completed: the minimum of ``update`` over ranks."""
         return int(update)
 
+    def commit(self, completed: bool) -> bool:
+        """True when every rank completed the phase just run (``completed`` on this rank); under
+        ULFM an agreement whose outcome is the same on every survivor (see MPIWorld.commit)."""
+        return completed
+
     def recover(self, model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Continue after a RankFailure with the survivors (ULFM only)."""
         raise RuntimeError("recover() called in a world without peers; nothing can have failed")
@@ -354,6 +359,22 @@ class MPIWorld(World):
         self.call(self.comm.Barrier)
 
     # -- recovery --------------------------------------------------------------------------------
+    def commit(self, completed: bool) -> bool:
+        """ULFM's agreement (``MPIX_Comm_agree``) on whether every rank completed the phase just run.
+
+        Collectives are not uniform under failures: a peer dying inside one can let some ranks
+        complete it and make others fail. The agreement is: it ANDs the ranks' flags, works on a
+        revoked communicator, and when a rank died before contributing it raises
+        ``ERR_PROC_FAILED`` at every survivor ("consistently raised at all MPI processes", the
+        MPIX_Comm_agree man page). So every survivor returns the same answer here: True (go on)
+        or False (put the state from before the phase back, :meth:`recover`, redo it)."""
+        if not self.ulfm:
+            return completed
+        try:
+            return bool(self.call(self.comm.Agree, 1 if completed else 0))
+        except RankFailure:
+            return False
+
     def recover(self, model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Revoke, shrink to the survivors, agree on the last completed update, re-broadcast
         (unless ``model`` is None: root-free gossip keeps every survivor's own parameters).

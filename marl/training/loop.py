@@ -248,23 +248,37 @@ def _with_recovery(
     collective: Callable[..., Any],
     *args: Any,
 ) -> Any:
-    """``collective(*args)``; after a rank failure, recover the world and call it again.
+    """``collective(*args)`` as one all-or-nothing phase: after a rank failure, every survivor
+    recovers the world and calls it again.
 
     A PPO update is many optimiser steps, each behind a gradient allreduce: a peer dying in the
     middle leaves the survivors with the first steps applied. Redoing the update on top of them
     would apply those steps twice, so under ULFM every rank keeps a copy of the parameters and
     optimiser state from before the call and puts it back before recovering; the survivors, all
     holding that same state, then redo the whole update in the shrunk world.
+
+    A peer dying inside the phase's *last* collective can let some survivors complete it and not
+    others (with 4 ranks, recursive doubling pairs 1 with 3 in its last step, without rank 0):
+    the ones that completed would go on to the next update while the others redo this one, and
+    from then on their collectives no longer match. So the phase ends with ULFM's agreement
+    (:meth:`~marl.distributed.world.MPIWorld.commit`), which is uniform: either every survivor
+    learns that every rank completed the phase, or every survivor learns that one did not, and
+    then all of them put their copy back, recover and redo it together.
     """
+    ulfm = getattr(world, "ulfm", False)
     while True:
-        before = copy.deepcopy((model.state_dict(), optimizer.state_dict())) if getattr(world, "ulfm", False) else None
+        before = copy.deepcopy((model.state_dict(), optimizer.state_dict())) if ulfm else None
         try:
-            return collective(*args)
+            result, completed = collective(*args), True
         except failure:
-            if before is not None:
-                model.load_state_dict(before[0])
-                optimizer.load_state_dict(before[1])
-            world.recover(model, optimizer)
+            if not ulfm:
+                raise
+            result, completed = None, False
+        if before is None or world.commit(completed):
+            return result
+        model.load_state_dict(before[0])
+        optimizer.load_state_dict(before[1])
+        world.recover(model, optimizer)
 
 
 def _learn(
@@ -279,13 +293,17 @@ def _learn(
     averager: Any,
     update: int,
 ) -> dict[str, float]:
-    """Update ``update + 1`` and its sync, redone after a recovery (:func:`_with_recovery`), then
-    the averaging round when one is due (bytes in ``param_sync_bytes``; push-sum gossip handles
-    failures itself, LocalSGD allreduce through the same recovery)."""
-    metrics = _with_recovery(world, model, optimizer, failure, _update, algo_cls, model, optimizer, batch, config,
-                             sync, world, averager)  # fmt: skip
-    metrics["param_sync_bytes"] = float(_with_recovery(world, model, optimizer, failure, averager, model, update + 1))
-    return metrics
+    """Update ``update + 1``, its gradient sync and the parameter averaging round when one is due
+    (bytes in ``param_sync_bytes``), as one phase that a failure makes every survivor redo
+    (:func:`_with_recovery`). Root-free push-sum gossip runs no collective over all ranks: its
+    update is local and its averager handles failures itself."""
+
+    def phase() -> dict[str, float]:
+        metrics = _update(algo_cls, model, optimizer, batch, config, sync, world, averager)
+        metrics["param_sync_bytes"] = float(averager(model, update + 1))
+        return metrics
+
+    return phase() if averager.root_free else _with_recovery(world, model, optimizer, failure, phase)
 
 
 def _agreed(
