@@ -38,6 +38,7 @@ import csv
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -185,13 +186,22 @@ def run_trial(
     result: dict[str, Any] = {"mode": mode, "ranks": ranks, "killed": killed, "exit": job.returncode, "error": "",
                               "next_update_s": max(next_update, default=float("nan"))}  # fmt: skip
     result["seconds"] = time.monotonic() - start
+    result["stderr"] = err or ""
     if job.returncode != 0:
-        # the last line that says something (progress output ends lines with carriage returns)
-        lines = [x.strip() for x in (err or "").replace("\r", "\n").splitlines() if x.strip()]
-        result["error"] = lines[-1][:200] if lines else f"exit code {job.returncode}, no message"
+        result["error"] = _last_message(err or "") or f"exit code {job.returncode}, no message"
     if (out / "records.csv").exists():
         result.update(check_records(out, killed, logged_at_kill))
     return result
+
+
+def _last_message(err: str) -> str:
+    """The last line of ``err`` that says something: progress output ends lines with carriage
+    returns, and a killed rank's terminal can leave control bytes (a NUL once hid the message of
+    a failed trial), so control characters go and lines without a letter or digit are skipped."""
+    err = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", err)  # terminal escape sequences
+    text = "".join(c if c.isprintable() else "\n" if c in "\r\n" else " " for c in err)
+    lines = [x.strip() for x in text.splitlines() if any(c.isalnum() for c in x)]
+    return lines[-1][:200] if lines else ""
 
 
 @click.command("chaos")
@@ -203,7 +213,10 @@ def run_trial(
 @click.option("--updates", type=int, default=10, help="Updates per training job at full size (64 steps per rank each).")
 @click.option("--seed", type=int, default=0, help="Seed of the random choices (which rank, when).")
 @click.option("--timeout", type=float, default=300.0, help="Seconds before a trial counts as hung.")
-def command(trials: int, ranks_text: str, mode_text: str, kills: int, updates: int, seed: int, timeout: float) -> None:
+@click.option("--keep-failed", "keep", default="", help="Directory to copy a failed trial's output and stderr into.")
+def command(
+    trials: int, ranks_text: str, mode_text: str, kills: int, updates: int, seed: int, timeout: float, keep: str
+) -> None:
     """Kill a random rank (rank 0 included) of real ULFM training jobs from outside, in each mode;
     print whether each survived with complete, duplicate-free records, and how fast it recovered."""
     from rich.console import Console
@@ -247,6 +260,8 @@ def command(trials: int, ranks_text: str, mode_text: str, kills: int, updates: i
                     console.status(f"{mode}, {n} ranks, trial {t + 1}/{trials}..."),
                 ):
                     results.append(run_trial(n, updates, k, rng, Path(tmp), timeout, mode))
+                    if keep and not _survived(results[-1]):
+                        _keep(Path(tmp), Path(keep) / f"{mode}-{n}ranks-trial{t + 1}", results[-1])
     _report(console, results, modes, counts, kills)
 
 
@@ -287,6 +302,17 @@ def _report(console: Any, results: list[dict[str, Any]], modes: list[str], count
     for r in results:
         if r["error"]:
             console.print(f"  {r['mode']}, {r['ranks']} ranks, killed {r['killed']}: {r['error']}", markup=False)
+
+
+def _keep(workdir: Path, target: Path, result: dict[str, Any]) -> None:
+    """Copy a failed trial's output directory and whole stderr to ``target`` (for diagnosis)."""
+    import shutil
+
+    if (workdir / "run").exists():
+        shutil.copytree(workdir / "run", target / "run", dirs_exist_ok=True)
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "stderr.txt").write_text(result.get("stderr", ""))
+    (target / "result.json").write_text(json.dumps({k: v for k, v in result.items() if k != "stderr"}, default=str))
 
 
 def _worst(values: Any) -> float:
