@@ -111,6 +111,18 @@ def test_hostfile_spreads_ranks_over_the_hosts_it_names(tmp_path: Path) -> None:
     assert refused.returncode == 2 and "have 2 slots" in refused.stderr and "Traceback" not in refused.stderr
 
 
+def test_two_host_names_for_this_machine_run_one_job(tmp_path: Path) -> None:
+    # --host with two names that are both this machine (#16, item 5): mpiexec maps one rank to
+    # each, and the job trains to the end on 2 ranks.
+    out = tmp_path / "two-hosts"
+    proc = marl(
+        *BASE, "--steps", str(64 * 2 * 2), "--ranks", "2", "--host", "localhost:1,127.0.0.1:1", "--out", str(out)
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert manifest(out)["world_size"] == 2
+    assert sorted(int(r["episode"]) for r in records(out) if r["metric"] == "train_env_steps") == [1, 2]
+
+
 def test_rank_0_killed_under_ulfm_the_lowest_survivor_writes_complete_records(tmp_path: Path) -> None:
     # Rank 0 was the only writer: its death used to end the job. Now rank 1 (rank 0 of the
     # shrunk world) takes the records, manifest, checkpoints and final evaluation over.
