@@ -25,6 +25,7 @@ from scenarios.grid.env import HOURS_PER_STEP
 
 SCENARIO = "grid/demand-response"
 WINTER_EVAL_DAY = 339  # 5 December: a held-out day with a clear evening peak
+SUMMER_EVAL_DAY = 214  # 2 August: a held-out day with PV surplus to store
 
 
 @pytest.fixture(scope="module")
@@ -301,6 +302,13 @@ def test_battery_export_false_discharges_only_the_own_net_load() -> None:
         beyond[allowed] = most
     assert beyond[True] > 0.5  # full discharge feeds the grid (at night the load is small)
     assert beyond[False] <= 1e-9
+    # the local rule never discharges more than the own net load: it plays the same either way,
+    # so a learner trained with battery_export=false is compared with the same rule
+    free, _ = _kpis_of({}, "local-rule", day=SUMMER_EVAL_DAY)
+    capped, _ = _kpis_of({"battery_export": False}, "local-rule", day=SUMMER_EVAL_DAY)
+    assert free["throughput_kwh"] > 10.0
+    for key in ("peak_kw", "cost_eur", "throughput_kwh", "soc_change_kwh"):
+        assert capped[key] == pytest.approx(free[key], rel=1e-9, abs=1e-9), key
 
 
 def test_forecast_observes_the_energy_left_in_the_day() -> None:
@@ -331,3 +339,13 @@ def test_day_end_says_how_the_last_step_ends_the_episode(day_end: str) -> None:
         assert all(v == (last and day_end == "termination") for v in terms.values())
         assert all(v == (last and day_end == "truncation") for v in truncs.values())
     assert not env.agents
+
+
+def test_the_training_presets_options_still_start_the_learner_at_the_local_rule() -> None:
+    sets = dict(registry.scenario_spec(SCENARIO).training.sets)
+    assert sets["battery_export"] is False and sets["forecast"] != "none"  # what the preset relies on
+    zero, _ = _kpis_of(sets, None, day=SUMMER_EVAL_DAY)  # the registered residual mode, zero actions
+    rule, _ = _kpis_of({}, "local-rule", day=SUMMER_EVAL_DAY)
+    assert rule["throughput_kwh"] > 10.0
+    for key in ("peak_kw", "cost_eur", "throughput_kwh", "soc_change_kwh"):
+        assert zero[key] == pytest.approx(rule[key], rel=1e-6, abs=1e-5), key
