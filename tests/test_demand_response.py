@@ -266,6 +266,10 @@ def test_share_reward_prices_the_feeder_deviation_and_adds_up_to_the_bill() -> N
         ("action", "delta", "absolute, residual"),
         ("reward", "mine", "shared, local, share"),
         ("residual_scale", "0", "0 < x <= 2"),
+        ("soc_above", "2", "0..1"),
+        ("forecast", "crystal", "none, mean, perfect"),
+        ("day_end", "never", "truncation, termination"),
+        ("lag_days", "0", ">= 1"),
     ],
 )
 def test_bad_interface_options_are_one_line_errors(key: str, value: str, allowed: str, tmp_path, capsys) -> None:
