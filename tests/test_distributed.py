@@ -74,6 +74,7 @@ def run_mpi(n: int, *args: str, ulfm: bool = False, timeout: float = 150) -> tup
         ({"sync_every": 0}, "sync_every: '0'"),
         ({"sync_every": 4, "sync": "ring"}, "allreduce or gossip"),
         ({"inject_failure": "1:3:backward"}, "RANK:UPDATE[:checkpoint|:log]"),
+        ({"inject_failure": "1:3,2:x"}, "point '2:x'"),
     ],
 )
 def test_bad_config_is_a_one_line_concord_error(kwargs: dict, fragment: str) -> None:

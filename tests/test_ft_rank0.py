@@ -11,7 +11,10 @@ Two causes of the failed chaos trials with rank 0 killed (`marl bench chaos ... 
   collectives stopped matching (exit 1). Every phase now ends with ULFM's agreement, which is
   uniform (``_with_recovery``).
 
-The first two tests are pure logic (a fake world, real records files); the last two run the CLI
+The same issue asks for two sequential kills in one run (``--inject-failure 1:2,2:4``, ULFM
+shrinking 4 -> 3 -> 2): the job must survive both, with complete records and both events.
+
+The pure-logic tests use a fake world and real records files; the ``mpi`` tests run the CLI
 under the venv's mpiexec.
 """
 
@@ -25,6 +28,8 @@ import pytest
 import torch
 from test_distributed_train import MARL, assert_complete, manifest, marl, records
 
+from marl.core.errors import ConfigError
+from marl.distributed.config import DistConfig, parse_inject_failure
 from marl.results.records import RecordWriter, Row
 from marl.training.log import TrainLog
 from marl.training.loop import _with_recovery
@@ -136,9 +141,9 @@ mpi = pytest.mark.skipif(
 BASE = ["train", "traffic/2x2grid", "--test", "--eval-episodes", "1", "--algo-set", "num_steps=64"]
 
 
-def _complete_job(out: Path, *args: str) -> tuple[str, list[dict[str, str]], dict]:
-    """Run ``marl train`` (3 ranks, ULFM) into ``out``; it must exit 0 with complete records."""
-    proc = marl(*BASE, "--ranks", "3", "--fault-tolerance", "ulfm", *args, "--out", str(out))
+def _complete_job(out: Path, *args: str, ranks: int = 3) -> tuple[str, list[dict[str, str]], dict]:
+    """Run ``marl train`` (``ranks`` ranks, ULFM) into ``out``; it must exit 0 with complete records."""
+    proc = marl(*BASE, "--ranks", str(ranks), "--fault-tolerance", "ulfm", *args, "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows, m = records(out), manifest(out)
     assert_complete(rows, m)  # every update once, one run, no repeated key, the final evaluation
@@ -167,3 +172,41 @@ def test_ulfm_rank_0_dies_before_the_first_update(tmp_path: Path) -> None:
     assert event["rank"] == 0 and event["world_size_after"] == 2
     assert [(r["episode"], r["metric"]) for r in rows if r["metric"].startswith("rank_")] == [("1", "rank_failure_0")]
     assert m["updates_completed"] == 5  # 576 steps: 128 per update on the two survivors
+
+
+def test_inject_failure_takes_several_points_one_per_rank() -> None:
+    assert parse_inject_failure("") == []
+    assert parse_inject_failure("1:3") == [(1, 3, "update")]
+    assert parse_inject_failure("1:2, 2:4:log") == [(1, 2, "update"), (2, 4, "log")]
+    assert DistConfig(inject_failure="0:1:checkpoint,3:0").failures == [(0, 1, "checkpoint"), (3, 0, "update")]
+    for spec, fragment in [
+        ("1:2,2-4", "point '2-4' in '1:2,2-4'"),  # the bad second point is named
+        ("1:2,", "point ''"),
+        ("1:2,2:4:backward", "point '2:4:backward'"),
+        ("1:2,1:4", "rank 1 is named twice"),  # a dead rank cannot die again
+    ]:
+        with pytest.raises(ConfigError) as info:
+            parse_inject_failure(spec)
+        assert fragment in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+@pytest.mark.mpi
+@mpi
+def test_ulfm_two_ranks_die_one_after_the_other_and_the_job_finishes(tmp_path: Path) -> None:
+    # 4 ranks; rank 1 dies as update 2 starts (0-based: the records' update 3), then rank 2 (its
+    # original number; rank 1 of the shrunk world by then) as update 4 starts (records: 5). The
+    # survivors shrink twice, 4 -> 3 -> 2, and train on to the step budget: updates of 256, 256,
+    # 192, 192, 128, 128, 128 steps reach 1280 after 7 updates, two after the second failure.
+    _, rows, m = _complete_job(tmp_path / "two", "--inject-failure", "1:2,2:4", "--steps", "1280", ranks=4)
+    failures = [(r["episode"], r["metric"], float(r["value"])) for r in rows if r["metric"].startswith("rank_")]
+    assert failures == [("3", "rank_failure_1", 3.0), ("5", "rank_failure_2", 2.0)]  # value: world size after
+    assert [(e["event"], e["rank"], e["update"], e["world_size_after"]) for e in m["events"]] == [
+        ("rank_failure", 1, 2, 3),
+        ("rank_failure", 2, 4, 2),
+    ]
+    steps = [
+        v for _, v in sorted((int(r["episode"]), float(r["value"])) for r in rows if r["metric"] == "train_env_steps")
+    ]
+    # each update's steps come from the ranks alive in it: 64 per rank
+    assert [b - a for a, b in zip([0.0, *steps], steps)] == [256, 256, 192, 192, 128, 128, 128]
+    assert m["updates_completed"] == 7

@@ -92,7 +92,12 @@ __all__ = ["command"]
     "--sync-every", type=int, default=1, help="K local updates, then one parameter averaging round (allreduce, gossip)."
 )
 @click.option("--respawned", is_flag=True, hidden=True, help="Set by --respawn on the replacement's command line.")
-@click.option("--inject-failure", default="", hidden=True, help="R:U kills rank R at update U (tests, demos).")
+@click.option(
+    "--inject-failure",
+    default="",
+    hidden=True,
+    help="R:U kills rank R at update U (tests, demos); R1:U1,R2:U2 kills several (R: the rank at launch).",
+)
 def command(
     scenario: str,
     algo: str,

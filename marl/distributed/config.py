@@ -23,7 +23,6 @@ __all__ = [
     "FAULT_TOLERANCE",
     "parse_compress",
     "parse_inject_failure",
-    "inject_failure_point",
     "parse_hosts",
     "read_hostfile",
     "is_local_host",
@@ -123,25 +122,33 @@ def is_local_host(name: str) -> bool:
 _INJECT = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*(?::\s*(update|checkpoint|log)\s*)?$")
 
 
-def parse_inject_failure(spec: str) -> tuple[int, int] | None:
-    """``"1:3"`` -> ``(1, 3)`` (rank 1 dies at update 3); ``""`` -> None. An optional third field
-    names where: ``update`` (default, as the update starts), ``checkpoint`` or ``log`` (see
-    :func:`inject_failure_point`)."""
-    if not spec:
-        return None
-    match = _INJECT.match(spec)
-    if not match:
-        raise ConfigError(f"bad inject_failure {show(spec)}; expected RANK:UPDATE[:checkpoint|:log], e.g. 1:3")
-    return int(match.group(1)), int(match.group(2))
+def parse_inject_failure(spec: str) -> list[tuple[int, int, str]]:
+    """The kills an ``inject_failure`` spec asks for, as (rank, update, point) triples in the
+    order given: ``"1:3"`` -> ``[(1, 3, "update")]`` (rank 1 dies as update 3 starts);
+    ``"1:2,2:4"`` -> two kills (rank 1 at update 2, then rank 2 at update 4); ``""`` -> [].
 
-
-def inject_failure_point(spec: str) -> str:
-    """Where an ``inject_failure`` spec kills: ``"update"`` (as the update starts), ``"checkpoint"``
-    (inside the checkpoint writer) or ``"log"`` (the update done and averaged, its rows not yet
-    written: the process stalls a few seconds first, as a writer slowed by a loaded disk, so
-    that its peers run ahead of it, then dies)."""
-    match = _INJECT.match(spec) if spec else None
-    return (match.group(3) or "update") if match else "update"
+    ``rank`` is the ORIGINAL MPI rank (the rank at launch): after a ULFM shrink the survivors are
+    renumbered, but ``"2:4"`` still means the process that started as rank 2. The optional third
+    field of a point says where it dies: ``update`` (default, as the update starts), ``checkpoint``
+    (inside the checkpoint writer, its temporary file half written) or ``log`` (the update done and
+    averaged, its rows not yet written: the process first stalls a few seconds, as a writer slowed
+    by a loaded disk, so that its peers run ahead of it). A rank dies once, so it may appear in one
+    point only (a ``--respawn`` replacement is never killed)."""
+    points: list[tuple[int, int, str]] = []
+    for part in spec.split(",") if spec else []:
+        match = _INJECT.match(part)
+        if not match:
+            raise ConfigError(
+                f"bad inject_failure point {show(part)} in {show(spec)}; expected RANK:UPDATE[:checkpoint|:log] "
+                "points separated by commas, e.g. 1:3 or 1:2,2:4"
+            )
+        rank, update, point = int(match.group(1)), int(match.group(2)), match.group(3) or "update"
+        if any(rank == r for r, _, _ in points):
+            raise ConfigError(
+                f"bad inject_failure {show(spec)}: rank {rank} is named twice; a rank dies once, name each rank once"
+            )
+        points.append((rank, update, point))
+    return points
 
 
 @dataclass
@@ -203,7 +210,9 @@ class DistConfig:
         metadata={
             "help": "Hidden, for tests and demos: 'R:U' kills rank R at update U; 'R:U:checkpoint' kills it "
             "inside the checkpoint writer of update U (the temporary file half written); 'R:U:log' stalls "
-            "rank R before it logs update U (its peers run ahead), then kills it."
+            "rank R before it logs update U (its peers run ahead), then kills it. Several points separated "
+            "by commas ('1:2,2:4') kill several ranks, each at its own update; R is always the rank at "
+            "launch (the original MPI rank), also after a ULFM shrink renumbers the survivors."
         },
     )
     oversubscribe: bool = field(
@@ -295,6 +304,6 @@ class DistConfig:
         return parse_compress(self.compress)
 
     @property
-    def failure(self) -> tuple[int, int] | None:
-        """The parsed ``inject_failure`` option: (rank, update) or None."""
+    def failures(self) -> list[tuple[int, int, str]]:
+        """The parsed ``inject_failure`` option: (original rank, update, point) per kill; [] for none."""
         return parse_inject_failure(self.inject_failure)

@@ -101,28 +101,22 @@ class World:
         return self.rank == 0
 
     def maybe_inject_failure(self, update: int, point: str = "update") -> None:
-        """Kill this process with SIGKILL if ``cfg.inject_failure`` is ``"<my rank>:<update>"``
-        (``point`` "update": called as the update starts) or ``"<my rank>:<update>:checkpoint"``
-        (``point`` "checkpoint": called by the checkpoint writer with its file half written) or
-        ``"<my rank>:<update>:log"`` (``point`` "log": called before the rows of ``update`` are
-        written; the process first stalls :data:`LOG_STALL_SECONDS`, so its peers run ahead).
+        """Kill this process with SIGKILL if ``cfg.inject_failure`` has a point
+        ``"<my rank>:<update>"`` (``point`` "update": called as the update starts) or
+        ``"<my rank>:<update>:checkpoint"`` (``point`` "checkpoint": called by the checkpoint writer
+        with its file half written) or ``"<my rank>:<update>:log"`` (``point`` "log": called before
+        the rows of ``update`` are written; the process first stalls :data:`LOG_STALL_SECONDS`, so
+        its peers run ahead). The spec may list several points (``"1:2,2:4"``), one per rank.
 
         At the start of an update, also marks it (used to measure the work a failure throws away).
-        The rank is the original MPI rank, so "1:3" means the process started as rank 1 (or the
-        rank that replaced it, ``--respawn``).
+        The rank is the original MPI rank, so "1:3" means the process started as rank 1, also after
+        a ULFM shrink renumbered the survivors. A rank spawned by ``--respawn`` to replace it is
+        never killed (so a point fires at most once).
         """
-        from marl.distributed.config import inject_failure_point
-
         if point == "update":
             self._update = update
             self._update_start = time.perf_counter()
-        failure = self.cfg.failure
-        if (
-            failure is not None
-            and failure == (self.original_rank, update)
-            and inject_failure_point(self.cfg.inject_failure) == point
-            and not getattr(self, "newcomer", False)
-        ):
+        if (self.original_rank, update, point) in self.cfg.failures and not getattr(self, "newcomer", False):
             if point == "log":  # a slow writer: the peers go on as far as they can without it
                 time.sleep(LOG_STALL_SECONDS)
             sys.stdout.flush()
