@@ -333,6 +333,19 @@ def test_forecast_observes_the_energy_left_in_the_day() -> None:
     assert not np.allclose(np.array([obs_mean[a] for a in mean.possible_agents])[:, 10:], first[:, 10:])
 
 
+def test_forecast_covers_every_day_of_a_multi_day_episode() -> None:
+    # a two-day episode: after the first day the outlook is the second day's, not empty
+    env = registry.make_scenario(SCENARIO, {"split": "all", "horizon": 2 * 96, "forecast": "perfect"})
+    env.reset(seed=0, options={"day": 100})
+    for _ in range(96):
+        obs, *_ = env.step({a: np.zeros(1, np.float32) for a in env.agents})
+    net = env.day_net_kw(101)
+    seen = np.array([obs[a] for a in env.possible_agents])[:, 11]
+    expected = np.minimum(np.maximum(net, 0).sum(0) * HOURS_PER_STEP / env.config.battery_kwh, 20)
+    np.testing.assert_allclose(seen, expected, rtol=1e-5)
+    assert (seen > 0).all()
+
+
 @pytest.mark.parametrize("day_end", ["truncation", "termination"])
 def test_day_end_says_how_the_last_step_ends_the_episode(day_end: str) -> None:
     env = registry.make_scenario(SCENARIO, {"split": "eval", "horizon": 3, "day_end": day_end})

@@ -491,15 +491,20 @@ class DemandResponseEnv(Scenario):
         return self._observations(), infos
 
     def _energy_ahead(self) -> np.ndarray:
-        """``[97, 2, N]``: each household's forecast PV surplus ``Σ max(pv − load, 0)·Δt`` and deficit
-        ``Σ max(load − pv, 0)·Δt`` (kWh) from each step of the day to its end (``forecast``: the
-        mean of its meter's last ``lag_days`` days, or this day exactly)."""
+        """``[96·D + 1, 2, N]`` for an episode of D days: each household's forecast PV surplus
+        ``Σ max(pv − load, 0)·Δt`` and deficit ``Σ max(load − pv, 0)·Δt`` (kWh) from each step to
+        the end of its day (``forecast``: the mean of its meter's last ``lag_days`` days before
+        that day, or that day exactly); the last row, after the episode, is zero."""
         c = self.config
-        days = [self.day] if c.forecast == "perfect" else [self.day - k for k in range(1, c.lag_days + 1)]
-        net = np.stack([self.day_net_kw(d) for d in days])  # [D, 96, N], batteries excluded
-        per_step = np.stack([np.maximum(-net, 0).mean(axis=0), np.maximum(net, 0).mean(axis=0)], axis=1)
-        ahead = np.zeros((STEPS_PER_DAY + 1, 2, net.shape[2]))
-        ahead[:-1] = np.cumsum(per_step[::-1], axis=0)[::-1] * HOURS_PER_STEP
+        n_days = -(-self._horizon // STEPS_PER_DAY)
+        ahead = np.zeros((n_days * STEPS_PER_DAY + 1, 2, len(self.possible_agents)))
+        for i, day in enumerate(range(self.day, self.day + n_days)):
+            days = [day] if c.forecast == "perfect" else [day - k for k in range(1, c.lag_days + 1)]
+            net = np.stack([self.day_net_kw(d) for d in days])  # [D, 96, N], batteries excluded
+            per_step = np.stack([np.maximum(-net, 0).mean(axis=0), np.maximum(net, 0).mean(axis=0)], axis=1)
+            ahead[i * STEPS_PER_DAY : (i + 1) * STEPS_PER_DAY] = (
+                np.cumsum(per_step[::-1], axis=0)[::-1] * HOURS_PER_STEP
+            )
         return ahead
 
     def _actions(self, actions: dict[str, Any]) -> np.ndarray:
@@ -622,7 +627,7 @@ class DemandResponseEnv(Scenario):
         obs[:, 8] = self.battery / p
         obs[:, 9] = (self._horizon - self._k) / self._horizon
         if c.forecast != "none":
-            obs[:, 10:12] = self._ahead[min(self._k, STEPS_PER_DAY)].T / c.battery_kwh
+            obs[:, 10:12] = self._ahead[min(self._k, len(self._ahead) - 1)].T / c.battery_kwh
         obs = np.clip(obs, self._obs_low, self._obs_high).astype(np.float32)
         return dict(zip(self.possible_agents, obs))
 
