@@ -60,6 +60,7 @@ __all__ = [
     "Transition",
     "dqn_update",
     "epsilon_at",
+    "margin_loss",
     "masked_argmax",
     "select_actions",
 ]
@@ -97,6 +98,22 @@ class IDQNConfig:
     exploration_fraction: float = field(
         default=1.0, metadata=_help("share of --steps over which epsilon decays linearly")
     )
+    guide: str = field(
+        default="",
+        metadata=_help(
+            "classical controller of the scenario (e.g. max-wave) whose action an exploring agent takes "
+            "instead of a random one ('': none; needs --envs 1)"
+        ),
+    )
+    guide_share: float = field(
+        default=1.0, metadata=_help("share of exploring decisions that follow the guide (the rest are random)")
+    )
+    guide_margin: float = field(
+        default=0.0,
+        metadata=_help(
+            "DQfD large-margin loss: Q of any other action is pushed this far below the guide's (Q units; 0: off)"
+        ),
+    )
     max_grad_norm: float = field(default=10.0, metadata=_help("global gradient norm clip"))
     hidden_size: int = field(default=64, metadata=_help("width of the two hidden layers"))
     shared_parameters: bool = field(default=True, metadata=_help("one network for all agents (false: one per agent)"))
@@ -133,11 +150,15 @@ class IDQNConfig:
                 raise ConfigError(f"bad {name}={getattr(self, name)}; allowed: 1..{most}")
         if self.batch_size > self.buffer_size:
             raise ConfigError(f"bad batch_size={self.batch_size}; allowed: <= buffer_size ({self.buffer_size})")
-        for name in ("gamma", "epsilon_start", "epsilon_end", "exploration_fraction"):
+        for name in ("gamma", "epsilon_start", "epsilon_end", "exploration_fraction", "guide_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"bad {name}={getattr(self, name)}; allowed: a value in [0, 1]")
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
             raise ConfigError(f"bad max_grad_norm={self.max_grad_norm}; allowed: a finite value > 0")
+        if not (math.isfinite(self.guide_margin) and self.guide_margin >= 0):
+            raise ConfigError(f"bad guide_margin={self.guide_margin}; allowed: a finite value >= 0")
+        if self.guide_margin > 0 and not self.guide:
+            raise ConfigError(f"bad guide_margin={self.guide_margin} without a guide; allowed: 0, or set guide=NAME")
         for name in ("learning_starts", "eval_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"bad {name}={getattr(self, name)}; allowed: an integer >= 0")
@@ -210,15 +231,30 @@ def epsilon_at(step: int, total_steps: int, config: IDQNConfig) -> float:
     return config.epsilon_start + frac * (config.epsilon_end - config.epsilon_start)
 
 
-def select_actions(q: np.ndarray, mask: np.ndarray | None, epsilon: float, rng: np.random.Generator) -> np.ndarray:
+def select_actions(
+    q: np.ndarray,
+    mask: np.ndarray | None,
+    epsilon: float,
+    rng: np.random.Generator,
+    guide: np.ndarray | None = None,
+    guide_share: float = 1.0,
+) -> np.ndarray:
     """Epsilon-greedy actions ``[N]`` from Q-values ``[N, A]``: each agent independently explores
     with probability ``epsilon``, then picks uniformly among its valid actions; otherwise the
     valid action of largest Q. Two draws per call whatever epsilon is, so the random stream (and
-    a resumed run) does not depend on the schedule's value."""
+    a resumed run) does not depend on the schedule's value.
+
+    With ``guide`` (``[N]`` actions of a classical controller) an exploring agent takes the
+    guide's action instead, with probability ``guide_share`` (a third draw, only then): the
+    replay fills with the controller's good decisions early on and the greedy policy takes over
+    as epsilon decays, as DemoLight (Xiong et al. 2019, "Learning Traffic Signal Control from
+    Demonstrations") bootstraps from a classical controller."""
     valid = np.ones(q.shape, bool) if mask is None else mask
     explore = rng.random(q.shape[0]) < epsilon
     noise = rng.random(q.shape)
     random_pick = np.where(valid, noise, -1.0).argmax(-1)
+    if guide is not None:
+        random_pick = np.where(rng.random(q.shape[0]) < guide_share, guide, random_pick)
     greedy = np.where(valid, q, -np.inf).argmax(-1)
     return np.where(explore, random_pick, greedy)
 
@@ -238,6 +274,7 @@ class Transition:
     next_obs: np.ndarray  #: [N, D]
     next_mask: np.ndarray  #: [N, A] bool, valid actions in next_obs
     discount: np.ndarray  #: [N]
+    guide: np.ndarray | None = None  #: [N] int, the guide's action in obs (None: no guide)
 
 
 class NStepAssembler:
@@ -248,6 +285,7 @@ class NStepAssembler:
         self.obs: list[np.ndarray] = []
         self.actions: list[np.ndarray] = []
         self.rewards: list[np.ndarray] = []
+        self.guides: list[np.ndarray] = []  #: the guide's actions ([N], -1: none), one per pending step
 
     def _emit(self, k: int, next_obs: np.ndarray, next_mask: np.ndarray, terminal: np.ndarray) -> Transition:
         """The transition of the oldest pending step, summing its first ``k`` rewards."""
@@ -255,17 +293,28 @@ class NStepAssembler:
         for j in reversed(range(k)):
             ret = self.rewards[j] + self.gamma * ret
         discount = np.where(terminal, 0.0, self.gamma**k)
-        t = Transition(self.obs[0], self.actions[0], ret, next_obs, next_mask, discount)
-        del self.obs[0], self.actions[0], self.rewards[0]
+        t = Transition(self.obs[0], self.actions[0], ret, next_obs, next_mask, discount, self.guides[0])
+        del self.obs[0], self.actions[0], self.rewards[0], self.guides[0]
         return t
 
-    def push(
-        self, obs: np.ndarray, action: np.ndarray, reward: np.ndarray, next_obs: np.ndarray, next_mask: np.ndarray
-    ) -> list[Transition]:
-        """Add a step that did not end the episode; returns the transition now complete (if any)."""
+    def _add(self, obs: np.ndarray, action: np.ndarray, reward: np.ndarray, guide: np.ndarray | None) -> None:
         self.obs.append(obs)
         self.actions.append(action)
         self.rewards.append(np.asarray(reward, np.float64))
+        self.guides.append(np.full(len(action), -1, np.int64) if guide is None else np.asarray(guide, np.int64))
+
+    def push(
+        self,
+        obs: np.ndarray,
+        action: np.ndarray,
+        reward: np.ndarray,
+        next_obs: np.ndarray,
+        next_mask: np.ndarray,
+        guide: np.ndarray | None = None,
+    ) -> list[Transition]:
+        """Add a step that did not end the episode; returns the transition now complete (if any).
+        ``guide``: the guide's actions in ``obs`` ([N]), kept for the large-margin loss."""
+        self._add(obs, action, reward, guide)
         if len(self.obs) < self.n:
             return []
         return [self._emit(self.n, next_obs, next_mask, np.zeros(len(action), bool))]
@@ -278,12 +327,11 @@ class NStepAssembler:
         final_obs: np.ndarray,
         final_mask: np.ndarray,
         terminal: np.ndarray,
+        guide: np.ndarray | None = None,
     ) -> list[Transition]:
         """Add the episode's last step and flush every pending step: each sums the rewards left
         and bootstraps from the final state unless the agent terminated (``terminal`` [N])."""
-        self.obs.append(obs)
-        self.actions.append(action)
-        self.rewards.append(np.asarray(reward, np.float64))
+        self._add(obs, action, reward, guide)
         return [self._emit(len(self.obs), final_obs, final_mask, terminal) for _ in range(len(self.obs))]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -292,19 +340,29 @@ class NStepAssembler:
         def stack(items: list[np.ndarray]) -> torch.Tensor:
             return torch.from_numpy(np.stack(items)) if items else torch.zeros(0)
 
-        return {"obs": stack(self.obs), "actions": stack(self.actions), "rewards": stack(self.rewards)}
+        return {
+            "obs": stack(self.obs),
+            "actions": stack(self.actions),
+            "rewards": stack(self.rewards),
+            "guides": stack(self.guides),
+        }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.obs = list(state["obs"].numpy().copy()) if state["obs"].numel() else []
         self.actions = list(state["actions"].numpy().copy()) if state["actions"].numel() else []
         self.rewards = list(state["rewards"].numpy().copy()) if state["rewards"].numel() else []
+        guides = state.get("guides")  # absent in checkpoints written before the guide existed
+        if guides is not None and guides.numel():
+            self.guides = list(guides.numpy().copy())
+        else:
+            self.guides = [np.full(len(a), -1, np.int64) for a in self.actions]
 
 
 class ReplayBuffer:
     """A ring of the last ``capacity`` team transitions in numpy arrays; :meth:`sample` draws
     ``batch`` of them uniformly (with replacement, like SB3/CleanRL) from a seeded generator."""
 
-    _FIELDS = ("obs", "action", "reward", "next_obs", "next_mask", "discount")
+    _FIELDS = ("obs", "action", "reward", "next_obs", "next_mask", "discount", "guide")
 
     def __init__(self, capacity: int, n_agents: int, obs_dim: int, n_actions: int) -> None:
         self.capacity = capacity
@@ -314,6 +372,7 @@ class ReplayBuffer:
         self.next_obs = np.zeros((capacity, n_agents, obs_dim), np.float32)
         self.next_mask = np.zeros((capacity, n_agents, n_actions), bool)
         self.discount = np.zeros((capacity, n_agents), np.float32)
+        self.guide = np.full((capacity, n_agents), -1, np.int64)  #: the guide's action, -1: none
         self.size = 0  #: transitions held
         self.pos = 0  #: slot the next transition goes to
 
@@ -321,6 +380,7 @@ class ReplayBuffer:
         i = self.pos
         self.obs[i], self.action[i], self.reward[i] = t.obs, t.action, t.reward
         self.next_obs[i], self.next_mask[i], self.discount[i] = t.next_obs, t.next_mask, t.discount
+        self.guide[i] = -1 if t.guide is None else t.guide
         self.pos = (self.pos + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
 
@@ -342,7 +402,8 @@ class ReplayBuffer:
         if size > self.capacity:
             raise ConfigError(f"bad replay size {size} in checkpoint; allowed: <= buffer_size ({self.capacity})")
         for name in self._FIELDS:
-            getattr(self, name)[:size] = state[name].numpy()
+            if name in state:  # "guide" is absent in checkpoints written before the guide existed
+                getattr(self, name)[:size] = state[name].numpy()
         self.size, self.pos = size, int(state["pos"]) % self.capacity
 
 
@@ -371,8 +432,11 @@ def dqn_update(
         best = masked_argmax(chooser, batch["next_mask"])
         next_q = next_target.gather(-1, best.unsqueeze(-1)).squeeze(-1)
         y = batch["reward"] + batch["discount"] * next_q
-    q = model(batch["obs"]).gather(-1, batch["action"].unsqueeze(-1)).squeeze(-1)
+    q_all = model(batch["obs"])
+    q = q_all.gather(-1, batch["action"].unsqueeze(-1)).squeeze(-1)
     loss = nn.functional.smooth_l1_loss(q, y)
+    if config.guide_margin > 0:
+        loss = loss + margin_loss(q_all, batch["guide"], config.guide_margin)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer.zero_grad(set_to_none=False)
     (loss * grad_scale if grad_scale != 1.0 else loss).backward()
@@ -380,6 +444,18 @@ def dqn_update(
     nn.utils.clip_grad_norm_(params, config.max_grad_norm)
     optimizer.step()
     return {"loss": float(loss.detach()), "q_mean": float(q.detach().mean()), "grad_sync_bytes": float(wire)}
+
+
+def margin_loss(q: torch.Tensor, guide: torch.Tensor, margin: float) -> torch.Tensor:
+    """DQfD's large-margin loss (Hester et al. 2018, "Deep Q-learning from Demonstrations"):
+    mean over entries with a guide action (``guide`` >= 0) of ``max_a [Q(s,a) + margin·(a != g)]
+    - Q(s,g)``. It is zero once the guide's action leads every other by ``margin``, so the greedy
+    policy follows the guide unless the TD targets value another action by more than that."""
+    has = guide >= 0
+    g = guide.clamp(min=0).unsqueeze(-1)
+    bonus = torch.full_like(q, margin).scatter(-1, g, 0.0)
+    gap = (q + bonus).amax(-1) - q.gather(-1, g).squeeze(-1)
+    return (gap * has).sum() / has.sum().clamp(min=1)
 
 
 def build_network(config: IDQNConfig, n_agents: int, obs_dim: int, n_actions: int) -> QNetwork:

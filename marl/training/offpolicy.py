@@ -54,7 +54,7 @@ from marl.training.layout import TeamLayout
 from marl.training.log import TrainLog
 from marl.training.model import build_model
 from marl.training.policy import PolicyController
-from marl.training.request import TrainPlan, TrainResult
+from marl.training.request import TrainPlan, TrainResult, guide_class
 from marl.training.rollout import TrainingEpisode, TrainingEpisodes
 
 __all__ = ["train_offpolicy"]
@@ -86,6 +86,7 @@ def train_offpolicy(plan: TrainPlan, on_progress: Callable[[dict[str, Any]], Non
     :func:`marl.training.loop.train`: records, checkpoints, manifest and a :class:`TrainResult`."""
     req, config, algo_cls = plan.request, plan.config, plan.algo_cls
     torch.set_num_threads(config.torch_threads)
+    guide_cls = guide_class(req.scenario, config.guide, req.envs)
     env = registry.make_scenario(req.scenario, req.overrides, test=req.test)
     envs = None
     try:
@@ -115,7 +116,8 @@ def train_offpolicy(plan: TrainPlan, on_progress: Callable[[dict[str, Any]], Non
         run_id = new_run_id()
         log = TrainLog(plan, run_id, None, env, layout, learner.update, learner.env_steps, on_progress)
         policy = PolicyController(model, layout, comm, plan.method, deterministic=config.deterministic_eval)
-        return _run(plan, env, layout, envs, learner, log, policy, run_id)
+        guide = None if guide_cls is None else guide_cls(env, None)
+        return _run(plan, env, layout, envs, learner, log, policy, run_id, guide)
     finally:
         if envs is not None:
             envs.close()  # the worker envs
@@ -131,8 +133,10 @@ def _run(
     log: TrainLog,
     policy: PolicyController,
     run_id: str,
+    guide: Any = None,
 ) -> TrainResult:
-    """The loop itself, top to bottom (setup and teardown are :func:`train_offpolicy`)."""
+    """The loop itself, top to bottom (setup and teardown are :func:`train_offpolicy`); ``guide``:
+    the classical controller exploring agents follow (``--algo-set guide=NAME``), or None."""
     req, config, algo_cls = plan.request, plan.config, plan.algo_cls
     returns: list[float] = []  # of every finished training episode
     finished: list[tuple[float, dict[str, float]]] = []  # (return, kpis) during this iteration
@@ -140,6 +144,8 @@ def _run(
     local_steps, last_ckpt, start = 0, None, time.perf_counter()
     nsteps = [ln.nstep, *ln.env_nsteps]  # one n-step assembler per env (--envs K)
     obs, amask = _stack([_inputs(ep) for ep in envs.episodes])  # [K, N, ...]
+    if guide is not None:
+        guide.reset(env)
 
     while ln.env_steps < req.steps:
         tick = time.perf_counter()
@@ -150,13 +156,18 @@ def _run(
             eps = epsilon_at(ln.env_steps, req.steps, config)
             with torch.inference_mode():
                 q = ln.model(torch.from_numpy(obs)).numpy()
-            action = np.stack([select_actions(q[k], amask[k], eps, ln.rng) for k in range(len(envs))])
+            # The guide's actions: followed by exploring agents, and stored for the margin loss.
+            needed = guide is not None and (eps > 0 or config.guide_margin > 0)
+            hint = _guide_actions(guide, envs.episodes[0], env, layout) if needed else None
+            action = np.stack(
+                [select_actions(q[k], amask[k], eps, ln.rng, hint, config.guide_share) for k in range(len(envs))]
+            )
             outs = envs.step(action)  # the K envs step at once
             local_steps += len(outs)
             ln.env_steps += len(outs)
 
             # ---- store: each env's n-step transitions into the replay ring
-            following = [_store(nsteps[k], ln.replay, layout, envs.episodes[k], obs[k], action[k], out)
+            following = [_store(nsteps[k], ln.replay, layout, envs.episodes[k], obs[k], action[k], out, hint)
                          for k, out in enumerate(outs)]  # fmt: skip
             ended = [k for k, out in enumerate(outs) if out.ended]
             for k in ended:
@@ -172,6 +183,8 @@ def _run(
                 tick = time.perf_counter()
             ln.eval_due = ln.eval_due and 0 not in ended
             envs.start(ended)
+            if guide is not None and 0 in ended:
+                guide.reset(env)  # a new episode (and after an evaluation, which drove the env itself)
             obs, amask = _stack([f if f is not None else _inputs(envs.episodes[k]) for k, f in enumerate(following)])
 
             # ---- learn: one double-DQN step per train_every env steps, then the target copy
@@ -261,20 +274,26 @@ def _run(
     )
 
 
+def _guide_actions(guide: Any, episode: TrainingEpisode, env: Any, layout: TeamLayout) -> np.ndarray:
+    """The guide's action per agent ``[N]`` (layout order) for the episode's current observations."""
+    chosen = guide.act(episode.observations, env)
+    return np.array([int(chosen[a]) for a in layout.agents])
+
+
 def _store(
     nstep: NStepAssembler, replay: ReplayBuffer, layout: TeamLayout, episode: TrainingEpisode, obs: np.ndarray,
-    action: np.ndarray, out: Any
+    action: np.ndarray, out: Any, guide: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray] | None:  # fmt: skip
     """One env's step into its n-step assembler and the replay ring; returns the next step's
     (actor input, action mask), or None when the episode ended (the caller starts the next)."""
     if out.ended:
         final = out.final_critic_in if out.final_critic_in is not None else np.zeros_like(obs)
         final_mask = _mask(layout.action_masks(episode.infos, episode.env))
-        for tr in nstep.end(obs, action, out.reward, final, final_mask, ~out.truncated):
+        for tr in nstep.end(obs, action, out.reward, final, final_mask, ~out.truncated, guide):
             replay.add(tr)
         return None
     next_obs, next_mask = _inputs(episode)
-    for tr in nstep.push(obs, action, out.reward, next_obs, next_mask):
+    for tr in nstep.push(obs, action, out.reward, next_obs, next_mask, guide):
         replay.add(tr)
     return next_obs, next_mask
 

@@ -28,6 +28,7 @@ __all__ = [
     "algorithm_class",
     "algorithm_config",
     "check_ranks",
+    "guide_class",
     "method_name",
     "prepare",
     "request_default",
@@ -212,6 +213,23 @@ def check_out_is_free(out_dir: Path, request: TrainRequest) -> None:
         )
 
 
+def guide_class(scenario: str, name: str, n_envs: int) -> Any:
+    """The controller class ``--algo-set guide=NAME`` names, or None without a guide; one-line
+    errors for a controller that does not apply, runs the net's own programme or talks."""
+    if not name:
+        return None
+    spec = registry.scenario_controller(scenario, name)
+    cls = registry.load(spec.entry_point)
+    if spec.uses_messages or getattr(cls, "runs_program", False):
+        raise ConfigError(
+            f"bad guide={name}: it {'talks' if spec.uses_messages else 'runs the net programme'}; "
+            "allowed: a controller that sets the agents' actions without messages"
+        )
+    if n_envs != 1:
+        raise ConfigError(f"bad --envs {n_envs} with guide={name}; allowed: --envs 1 (the guide drives one env)")
+    return cls
+
+
 def _check_off_policy(request: TrainRequest, learned: bool, ranks: int) -> None:
     """What the off-policy loop (:mod:`marl.training.offpolicy`) does not do: learned protocols
     (their messages are trained through the PPO loss) and several MPI ranks."""
@@ -290,6 +308,7 @@ def prepare(request: TrainRequest) -> TrainPlan:
     ranks = getattr(request.dist, "ranks", 1) if request.dist is not None else 1
     if getattr(algo_cls, "off_policy", False):
         _check_off_policy(request, proto_spec.learned, ranks)
+        guide_class(request.scenario, getattr(config, "guide", ""), request.envs)  # before any simulator starts
     if proto_spec.learned and not hasattr(config, "comm_rounds"):
         raise ConfigError(f"algorithm {request.algo} cannot use learned protocol {request.protocol}")
     check_ranks(config, ranks)
