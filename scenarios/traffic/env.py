@@ -86,6 +86,16 @@ raises :class:`~marl.core.errors.SimulatorError`; close the first env, give the 
 (:class:`scenarios.vector.SubprocVectorEnv`, SuperSuit's ``concat_vec_envs_v1(...,
 num_cpus=K)``, RLlib's env runners).
 
+**Reproducibility.** An episode's traffic depends only on the config and the ``reset()`` seed,
+however many simulations ran before it in the process. SUMO's results depend on where its
+objects lie in memory, and a second libsumo simulation in a process reuses the heap holes of the
+first, whose layout varies from run to run: later libsumo episodes came out differently (other
+jams and teleports). So libsumo runs only a process's first simulation; each later one runs in
+a fresh ``sumo`` process over TraCI (subscribed to the values the env reads, so one round trip
+per step), which gives the same traffic, at ~1.5x (cologne1) to ~3x (grid4x4) libsumo's time.
+``fresh_sumo=false`` keeps every simulation in libsumo: faster, but episodes after a process's
+first are not reproducible.
+
 **Controller API** (what baselines may read; see ``controllers.py``): ``env.signals[agent]`` is a
 :class:`~scenarios.traffic.nets.Signal` (green ``phases``, ``links``, ``in_lanes``,
 ``out_lanes``, ``phase_links``, ``link_in``/``link_out``); ``env.vehicles(lanes)`` and
@@ -99,6 +109,8 @@ above). Counts are read at decision steps only.
 ``TrafficSignal`` semantics: green set, yellow transitions, default observation).
 v0.1 (2026-12): ``sensing=local`` (stop-line detector range ``sensing_m``); ``full`` unchanged.
 v0.2 (2026-12): ``approach_m`` (short incoming lanes extended upstream); 0 leaves v0.1 unchanged.
+v0.3 (2026-12): simulations after a process's first run in a fresh sumo process (``fresh_sumo``):
+later episodes are reproducible (under libsumo they depended on the process's memory history).
 """
 
 from __future__ import annotations
@@ -142,6 +154,16 @@ _LIVE: TrafficSignalEnv | None = None
 #: (and its open output files) but must not close or replace it: SUMO would write the parent's
 #: tripinfo and statistics files from the child.
 _LIVE_PID: int | None = None
+
+#: Whether a libsumo simulation has already run in this process (or in the parent it was forked
+#: from). SUMO's results depend on where its objects lie in memory (it orders some of them by
+#: address): the first simulation in a process allocates them from fresh heap, in creation order,
+#: so its results are reproducible; a later one reuses the freed holes of earlier simulations,
+#: whose layout differs from run to run (address-space randomisation, and anything else the
+#: process allocated meanwhile), and its traffic diverged (other jams and teleports). So only the
+#: first simulation runs in-process; later ones run in a fresh ``sumo`` process over TraCI
+#: (unless ``fresh_sumo=false``).
+_LIBSUMO_SPENT = False
 
 #: SUMO counts a vehicle as halting below this speed, m/s (``getLastStepHaltingNumber``).
 HALTING_SPEED = 0.1
@@ -194,6 +216,13 @@ class Config:
     approach_m: float = field(
         default=0.0,
         metadata=_help("extend incoming lanes shorter than this upstream to an approach this long, m; 0: off"),
+    )
+    fresh_sumo: bool = field(
+        default=True,
+        metadata=_help(
+            "with use_libsumo: run every simulation after the process's first in a fresh sumo process "
+            "(reproducible); false: all in libsumo (faster, later episodes not reproducible)"
+        ),
     )
     verbose: bool = field(default=False, metadata=_help("let SUMO print its console output"))
 
@@ -424,6 +453,7 @@ class TrafficSignalEnv(Scenario):
         self._tmp_pid = -1
         self._traci_label = ""
         self._sim: Any = None
+        self._libsumo = False  #: whether the live simulation runs in libsumo (else TraCI)
         self._rng = np.random.default_rng()
         self._program_mode = cfg.control == "program"
         self._stepped = False
@@ -607,7 +637,7 @@ class TrafficSignalEnv(Scenario):
 
     # ----------------------------------------------------------------- simulation
     def _start(self, seed: int) -> None:
-        global _LIVE, _LIVE_PID
+        global _LIVE, _LIVE_PID, _LIBSUMO_SPENT
         cfg = self.config
         if cfg.use_libsumo and _LIVE_PID is not None and os.getpid() != _LIVE_PID:
             raise SimulatorError(
@@ -631,39 +661,116 @@ class TrafficSignalEnv(Scenario):
         self._tmp.mkdir(parents=True, exist_ok=True)
         self._tripinfo = self._tmp / "tripinfo.xml"
         self._statistics = self._tmp / "statistics.xml"
-        module = import_sumo(cfg.use_libsumo)
-        binary = "sumo" if cfg.use_libsumo else sumo_binary()
+        # libsumo only for the process's first simulation (see _LIBSUMO_SPENT): the same traffic
+        # as TraCI's fresh sumo process, which runs every later one.
+        self._libsumo = cfg.use_libsumo and not (cfg.fresh_sumo and _LIBSUMO_SPENT)
+        module = import_sumo(self._libsumo)
+        binary = "sumo" if self._libsumo else sumo_binary()
         cmd = sumo_command(
             self._net_path, self._route_path, cfg.begin, cfg.end, seed,
             tripinfo=self._tripinfo, statistics=self._statistics, verbose=cfg.verbose, binary=binary,
         )  # fmt: skip
         try:
-            if cfg.use_libsumo:
+            if self._libsumo:
                 module.start(cmd)
                 self._sim = module
-                _LIVE, _LIVE_PID = self, os.getpid()
-            elif cfg.verbose:
-                module.start(cmd, label=self._traci_label)
-                self._sim = module.getConnection(self._traci_label)
-            else:  # traci prints " Retrying in 1 seconds" while sumo opens its port
-                with contextlib.redirect_stdout(io.StringIO()):
-                    module.start(cmd, label=self._traci_label, stdout=subprocess.DEVNULL)
-                self._sim = module.getConnection(self._traci_label)
+                _LIBSUMO_SPENT = True
+            else:
+                self._sim = self._connect_traci(module, cmd)
+                self._subscribe()  # sumo reads the route file only now: its errors show here
         except Exception as exc:  # libsumo raises its own TraCIException/FatalTraCIError
-            self._sim = None
+            sim, self._sim = self._sim, None
+            if sim is not None:  # sumo answered, then stopped: close our end, report its words
+                with contextlib.suppress(Exception):
+                    sim.close()
+                exc = SimulatorError(self._sumo_errors() or str(exc))
             raise self._load_error(exc) from None
+        if cfg.use_libsumo:  # the one-simulation rule holds whichever runs it (one contract)
+            _LIVE, _LIVE_PID = self, os.getpid()
         self._t = float(cfg.begin)
         self._getters = self._lane_getters()
         self._vehicle_getters = self._position_getters()
         self._step_to = self._sim.simulationStep
         self._get_phase = self._sim.trafficlight.getPhase
-        if cfg.use_libsumo:  # the C entry points: no Python wrapper layers (nor step listeners)
+        if not self._libsumo:  # from the replies to the last step (see _subscribe)
+            self._get_phase = self._subscribed_phase
+        if self._libsumo:  # the C entry points: no Python wrapper layers (nor step listeners)
             try:
                 from libsumo import _libsumo as c
 
                 self._step_to, self._get_phase = c.simulation_step, c.trafficlight_getPhase
             except (ImportError, AttributeError):
                 pass
+
+    def _connect_traci(self, traci: Any, cmd: list[str]) -> Any:
+        """Start a ``sumo`` process and connect to it over TraCI (a connection under this env's
+        label).
+
+        ``traci.start`` sleeps a whole second before its first retry while sumo opens its port,
+        most of a short episode; this polls every 5 ms instead. SUMO's error output goes to a file
+        (:meth:`_sumo_errors`) whose text becomes the error if sumo exits, so a rejected net or
+        route file is named as with libsumo.
+        """
+        last: BaseException = SimulatorError("could not connect to sumo")
+        for _ in range(3):  # another process may take the free port before sumo binds it
+            port = traci.getFreeSocketPort()
+            with open(self._errors_path(), "wb") as err:
+                proc = subprocess.Popen(
+                    [*cmd, "--remote-port", str(port)],
+                    stdout=None if self.config.verbose else subprocess.DEVNULL,
+                    stderr=None if self.config.verbose else err,
+                )
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):  # traci prints each retry
+                    return traci.connect(
+                        port, numRetries=12000, proc=proc, waitBetweenRetries=0.005, label=self._traci_label
+                    )
+            except Exception as exc:  # sumo exited (bad input, port taken) or never answered
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+                text = self._sumo_errors()
+                last = SimulatorError(text or str(exc))
+                port_trouble = any(word in text.lower() for word in ("port", "socket", "address already"))
+                if "In file" in text or ("Error" in text and not port_trouble):
+                    break  # SUMO rejected the input: another port will not help
+        raise last
+
+    def _errors_path(self) -> Path:
+        """Where a TraCI sumo process writes its error output (in this env's folder)."""
+        assert self._tmp is not None
+        return self._tmp / "sumo-errors.txt"
+
+    def _sumo_errors(self) -> str:
+        """What the TraCI sumo process wrote to its error output, on one line."""
+        with contextlib.suppress(OSError):
+            return " ".join(self._errors_path().read_text(errors="replace").split())
+        return ""
+
+    def _subscribe(self) -> None:
+        """TraCI: have every step's reply carry the lane counts and programme phases the env
+        reads, so that reading them costs no round trip to sumo (the per-lane getters cost one
+        each, several hundred per decision on a 16-light map)."""
+        from traci import constants as tc
+
+        names = (tc.LAST_STEP_VEHICLE_NUMBER, tc.LAST_STEP_VEHICLE_HALTING_NUMBER, tc.VAR_WAITING_TIME)
+        for lane in dict.fromkeys([*self._lanes, *self._ext_lanes]):
+            self._sim.lane.subscribe(lane, names)
+        for tl in self._sim_ids.values():
+            self._sim.trafficlight.subscribe(tl, (tc.TL_CURRENT_PHASE,))
+
+    def _subscribed_phase(self, tl: str) -> int:
+        from traci import constants as tc
+
+        return int(self._sim.trafficlight.getSubscriptionResults(tl)[tc.TL_CURRENT_PHASE])
+
+    def _subscribed_lanes(self) -> tuple[Any, Any, Any]:
+        """(vehicles, halting, waiting time) per lane from the last step's TraCI reply."""
+        from traci import constants as tc
+
+        values = self._sim.lane.getSubscriptionResults
+        n, h, w = tc.LAST_STEP_VEHICLE_NUMBER, tc.LAST_STEP_VEHICLE_HALTING_NUMBER, tc.VAR_WAITING_TIME
+        return (lambda lane: values(lane)[n]), (lambda lane: values(lane)[h]), (lambda lane: values(lane)[w])
 
     def _load_error(self, exc: BaseException) -> ConcordError:
         """The one-line error for SUMO refusing to start on this env's net and route files.
@@ -694,21 +801,21 @@ class TrafficSignalEnv(Scenario):
     def _lane_getters(self) -> tuple[Any, Any, Any]:
         """(vehicles, halting, waiting time) per lane; libsumo's C entry points skip a Python
         wrapper layer each, which is a third of the env's per-decision cost."""
-        if self.config.use_libsumo:
+        if self._libsumo:
             try:
                 from libsumo import _libsumo as c
 
                 return (c.lane_getLastStepVehicleNumber, c.lane_getLastStepHaltingNumber,
                         c.lane_getWaitingTime)  # fmt: skip
             except (ImportError, AttributeError):
-                pass
-        lane = self._sim.lane
-        return lane.getLastStepVehicleNumber, lane.getLastStepHaltingNumber, lane.getWaitingTime
+                lane = self._sim.lane
+                return lane.getLastStepVehicleNumber, lane.getLastStepHaltingNumber, lane.getWaitingTime
+        return self._subscribed_lanes()
 
     def _position_getters(self) -> tuple[Any, Any, Any]:
         """(vehicle ids on a lane, a vehicle's front position on its lane in m, its speed in
         m/s), for local sensing; libsumo's C entry points when available, as above."""
-        if self.config.use_libsumo:
+        if self._libsumo:
             try:
                 from libsumo import _libsumo as c
 
@@ -733,7 +840,7 @@ class TrafficSignalEnv(Scenario):
         self._stop()  # SUMO writes unfinished trips and statistics on close
         kpis = parse_tripinfo(self._tripinfo, self._statistics)
         kpis["queue"] = self._queue_sum / max(self._queue_steps, 1)
-        for path in (self._tripinfo, self._statistics):
+        for path in (self._tripinfo, self._statistics, self._errors_path()):
             path.unlink(missing_ok=True)
         self._last_kpis = kpis
 

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import heapq
 import importlib.util
@@ -78,8 +79,17 @@ def sumo_home() -> str:
 
 def sumo_binary() -> str:
     """Path of the ``sumo`` executable (TraCI mode and the benchmark's reference runs)."""
-    exe = Path(sumo_home()) / "bin" / ("sumo.exe" if os.name == "nt" else "sumo")
+    name = "sumo.exe" if os.name == "nt" else "sumo"
+    exe = Path(sumo_home()) / "bin" / name
     if not exe.exists():
+        # importing libsumo first sets SUMO_HOME to its sumo-data wheel, which has no binaries:
+        # the eclipse-sumo wheel's, if installed, is the same SUMO
+        with contextlib.suppress(ImportError):
+            import sumo
+
+            wheel = Path(sumo.SUMO_HOME) / "bin" / name
+            if wheel.exists():
+                return str(wheel)
         raise SimulatorError(f"no sumo executable at {exe}; {INSTALL_HINT}")
     return str(exe)
 
