@@ -9,8 +9,8 @@ later one in a fresh ``sumo`` process (TraCI), whose heap is always new.
 
 The test reproduces the heap's history on purpose: between episodes it allocates and keeps
 blocks of varied sizes (as a learner or a logger would), then requires every episode to equal the
-same episode in a fresh sumo process. On the old code (every episode in libsumo) it failed in 5
-runs of 5 (in trials each run had 2 to 4 of its 8 perturbed episodes off); ~10 s.
+same episode in a fresh sumo process. On the old code (every episode in libsumo) it failed in 7
+runs of 7 (in trials each run had 2 to 4 of its 8 perturbed episodes off); ~10 s.
 """
 
 from __future__ import annotations
