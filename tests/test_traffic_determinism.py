@@ -16,6 +16,7 @@ runs of 7 (in trials each run had 2 to 4 of its 8 perturbed episodes off); ~10 s
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
@@ -67,3 +68,17 @@ def test_later_libsumo_episodes_equal_a_fresh_sumo_process() -> None:
     assert first == first_reference, "the process's first episode (libsumo when fresh) equals a sumo process's"
     for kpis in got:
         assert kpis == reference, f"delay {kpis['delay']:.3f} s vs {reference['delay']:.3f} s in a fresh process"
+
+
+def test_sumo_tools_are_found_when_libsumo_set_sumo_home_to_its_data_wheel(tmp_path, monkeypatch) -> None:
+    """Importing libsumo points SUMO_HOME at the sumo-data wheel (data files, no bin/ or tools/):
+    the fresh-sumo episodes and the generated grids (netgenerate, randomTrips.py) still need
+    SUMO's executables, which the eclipse-sumo wheel has."""
+    from scenarios.traffic.nets import sumo_binary, sumo_home
+
+    data_only = tmp_path / "sumo_data"
+    (data_only / "data").mkdir(parents=True)
+    monkeypatch.setenv("SUMO_HOME", str(data_only))
+    home = Path(sumo_home())
+    assert home != data_only and (home / "bin").is_dir() and (home / "tools" / "randomTrips.py").is_file()
+    assert Path(sumo_binary()).is_file()

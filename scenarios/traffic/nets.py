@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import heapq
 import importlib.util
@@ -61,35 +60,32 @@ INSTALL_HINT = "install SUMO with `pip install eclipse-sumo libsumo` (or set SUM
 
 
 def sumo_home() -> str:
-    """SUMO_HOME: the environment variable if set, else the eclipse-sumo wheel's directory.
+    """SUMO's home with its executables (``bin/``) and tools: the SUMO_HOME variable if it has
+    them, else the eclipse-sumo wheel's directory.
 
-    The variable is exported when unset, because sumo-rl (and SUMO's tools) read it at import.
+    Importing libsumo sets SUMO_HOME to its sumo-data wheel, which holds SUMO's data files but no
+    executables or tools; the eclipse-sumo wheel beside it is the same SUMO and is used then. The
+    variable is exported when unset, because sumo-rl (and SUMO's tools) read it at import.
     """
     home = os.environ.get("SUMO_HOME")
-    if home:
+    if home and (Path(home) / "bin").is_dir():
         return home
     try:
         import sumo  # the eclipse-sumo wheel
     except ImportError:
+        if home:
+            return home  # a SUMO_HOME without bin/: the caller names the missing file
         raise SimulatorError(f"SUMO is not installed; {INSTALL_HINT}") from None
-    home = str(sumo.SUMO_HOME)
-    os.environ["SUMO_HOME"] = home
-    return home
+    wheel = str(sumo.SUMO_HOME)
+    if not home:
+        os.environ["SUMO_HOME"] = wheel
+    return wheel
 
 
 def sumo_binary() -> str:
     """Path of the ``sumo`` executable (TraCI mode and the benchmark's reference runs)."""
-    name = "sumo.exe" if os.name == "nt" else "sumo"
-    exe = Path(sumo_home()) / "bin" / name
+    exe = Path(sumo_home()) / "bin" / ("sumo.exe" if os.name == "nt" else "sumo")
     if not exe.exists():
-        # importing libsumo first sets SUMO_HOME to its sumo-data wheel, which has no binaries:
-        # the eclipse-sumo wheel's, if installed, is the same SUMO
-        with contextlib.suppress(ImportError):
-            import sumo
-
-            wheel = Path(sumo.SUMO_HOME) / "bin" / name
-            if wheel.exists():
-                return str(wheel)
         raise SimulatorError(f"no sumo executable at {exe}; {INSTALL_HINT}")
     return str(exe)
 
