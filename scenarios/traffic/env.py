@@ -124,6 +124,7 @@ import subprocess
 import tempfile
 import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -340,6 +341,20 @@ def parse_tripinfo(tripinfo: str | Path, statistics: str | Path | None = None) -
 
 #: The config under a name that the class attribute ``TrafficSignalEnv.Config`` does not shadow.
 TrafficConfig = Config
+
+
+def _traci_lane_vars() -> tuple[int, int, int]:
+    """TraCI's ids of the lane values the env reads: vehicles, halting vehicles, waiting time."""
+    from traci import constants as tc
+
+    return tc.LAST_STEP_VEHICLE_NUMBER, tc.LAST_STEP_VEHICLE_HALTING_NUMBER, tc.VAR_WAITING_TIME
+
+
+def _subscribed(domain: Any, var: int) -> Callable[[str], Any]:
+    """A getter of ``var`` for one object (lane, light) from the last step's TraCI reply: the
+    subscribed values arrive with every step, so reading them costs no round trip to sumo."""
+    results = domain.getSubscriptionResults
+    return lambda obj: results(obj)[var]
 
 
 class TrafficSignalEnv(Scenario):
@@ -691,10 +706,12 @@ class TrafficSignalEnv(Scenario):
         self._getters = self._lane_getters()
         self._vehicle_getters = self._position_getters()
         self._step_to = self._sim.simulationStep
-        self._get_phase = self._sim.trafficlight.getPhase
-        if not self._libsumo:  # from the replies to the last step (see _subscribe)
-            self._get_phase = self._subscribed_phase
-        if self._libsumo:  # the C entry points: no Python wrapper layers (nor step listeners)
+        if not self._libsumo:  # from the reply to the last step (see _subscribe)
+            from traci import constants as tc
+
+            self._get_phase = _subscribed(self._sim.trafficlight, tc.TL_CURRENT_PHASE)
+        else:  # the C entry points: no Python wrapper layers (nor step listeners)
+            self._get_phase = self._sim.trafficlight.getPhase
             try:
                 from libsumo import _libsumo as c
 
@@ -753,24 +770,10 @@ class TrafficSignalEnv(Scenario):
         each, several hundred per decision on a 16-light map)."""
         from traci import constants as tc
 
-        names = (tc.LAST_STEP_VEHICLE_NUMBER, tc.LAST_STEP_VEHICLE_HALTING_NUMBER, tc.VAR_WAITING_TIME)
         for lane in dict.fromkeys([*self._lanes, *self._ext_lanes]):
-            self._sim.lane.subscribe(lane, names)
+            self._sim.lane.subscribe(lane, _traci_lane_vars())
         for tl in self._sim_ids.values():
             self._sim.trafficlight.subscribe(tl, (tc.TL_CURRENT_PHASE,))
-
-    def _subscribed_phase(self, tl: str) -> int:
-        from traci import constants as tc
-
-        return int(self._sim.trafficlight.getSubscriptionResults(tl)[tc.TL_CURRENT_PHASE])
-
-    def _subscribed_lanes(self) -> tuple[Any, Any, Any]:
-        """(vehicles, halting, waiting time) per lane from the last step's TraCI reply."""
-        from traci import constants as tc
-
-        values = self._sim.lane.getSubscriptionResults
-        n, h, w = tc.LAST_STEP_VEHICLE_NUMBER, tc.LAST_STEP_VEHICLE_HALTING_NUMBER, tc.VAR_WAITING_TIME
-        return (lambda lane: values(lane)[n]), (lambda lane: values(lane)[h]), (lambda lane: values(lane)[w])
 
     def _load_error(self, exc: BaseException) -> ConcordError:
         """The one-line error for SUMO refusing to start on this env's net and route files.
@@ -810,7 +813,8 @@ class TrafficSignalEnv(Scenario):
             except (ImportError, AttributeError):
                 lane = self._sim.lane
                 return lane.getLastStepVehicleNumber, lane.getLastStepHaltingNumber, lane.getWaitingTime
-        return self._subscribed_lanes()
+        vehicles, halting, waiting = (_subscribed(self._sim.lane, var) for var in _traci_lane_vars())
+        return vehicles, halting, waiting
 
     def _position_getters(self) -> tuple[Any, Any, Any]:
         """(vehicle ids on a lane, a vehicle's front position on its lane in m, its speed in
