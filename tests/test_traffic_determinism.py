@@ -4,8 +4,9 @@ SUMO's traffic depends on where its objects lie in memory. A libsumo simulation 
 one in a process reuses the heap holes left by earlier ones, so its jams and teleports varied
 with the heap's history (address-space randomisation, the machine's load, anything else the
 process allocated): on cologne1 the third episode came out as 42.63 s, 22.63 s or 21.30 s of delay
-from run to run. The env therefore runs only a process's first simulation in libsumo and every
-later one in a fresh ``sumo`` process (TraCI), whose heap is always new.
+from run to run. The env therefore runs only a process's first simulation in its own libsumo and
+every later one in libsumo in a child forked from a clean zygote process (one that imported libsumo
+but never simulated; ``scenarios/traffic/forked.py``), so each is a process's first simulation.
 
 The test reproduces the heap's history on purpose: between episodes it allocates and keeps
 blocks of varied sizes (as a learner or a logger would), then requires every episode to equal the
@@ -23,6 +24,7 @@ import pytest
 from marl.core import registry
 from marl.episodes import run_episode
 from marl.runner import build_controller
+from scenarios.traffic import forked
 
 pytest.importorskip("libsumo")
 
@@ -63,6 +65,7 @@ def test_later_libsumo_episodes_equal_a_fresh_sumo_process() -> None:
         for k in range(8):
             _perturb_heap(random.Random(k), keep)
             got.append(_kpis(env, SENSITIVE))
+            assert env._forked or not forked.available(), "later episodes run in forked children"
     finally:
         env.close()
     assert first == first_reference, "the process's first episode (libsumo when fresh) equals a sumo process's"

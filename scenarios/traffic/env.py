@@ -90,11 +90,17 @@ num_cpus=K)``, RLlib's env runners).
 however many simulations ran before it in the process. SUMO's results depend on where its
 objects lie in memory, and a second libsumo simulation in a process reuses the heap holes of the
 first, whose layout varies from run to run: later libsumo episodes came out differently (other
-jams and teleports). So libsumo runs only a process's first simulation; each later one runs in
-a fresh ``sumo`` process over TraCI (subscribed to the values the env reads, so one round trip
-per step), which gives the same traffic, at ~1.5x (cologne1) to ~3x (grid4x4) libsumo's time.
-``fresh_sumo=false`` keeps every simulation in libsumo: faster, but episodes after a process's
-first are not reproducible.
+jams and teleports). So libsumo runs only a process's first simulation in-process; each later
+one runs in libsumo in a child forked from a "zygote" (``scenarios/traffic/forked.py``: a
+helper process, started once per env process, that imported libsumo but never simulated), so
+every simulation is a process's first: the same traffic as a fresh ``sumo`` process, at about
+libsumo's speed (one round trip per decision carries the light states, the steps and every
+value the env reads). The zygote starts when the process's first simulation ends and exits with
+the process; each child exits when its episode closes (or the env process dies). A child that
+dies mid-episode is a :class:`~marl.core.errors.SimulatorError`; ``reset()`` starts a new one.
+Where ``fork`` is missing (Windows) later episodes run in a fresh ``sumo`` process over TraCI.
+``fresh_sumo=false`` keeps every simulation in this process's libsumo: no helper processes, but
+episodes after a process's first are not reproducible.
 
 **Controller API** (what baselines may read; see ``controllers.py``): ``env.signals[agent]`` is a
 :class:`~scenarios.traffic.nets.Signal` (green ``phases``, ``links``, ``in_lanes``,
@@ -111,6 +117,8 @@ v0.1 (2026-12): ``sensing=local`` (stop-line detector range ``sensing_m``); ``fu
 v0.2 (2026-12): ``approach_m`` (short incoming lanes extended upstream); 0 leaves v0.1 unchanged.
 v0.3 (2026-12): simulations after a process's first run in a fresh sumo process (``fresh_sumo``):
 later episodes are reproducible (under libsumo they depended on the process's memory history).
+v0.4 (2026-12): those later simulations run in libsumo in forked children of a clean zygote
+(same traffic as v0.3, at about libsumo's speed); ``use_libsumo=false`` still uses TraCI throughout.
 """
 
 from __future__ import annotations
@@ -135,6 +143,7 @@ from gymnasium import spaces
 
 from marl.core.errors import ConcordError, ConfigError, SimulatorError, unknown
 from scenarios.base import Scenario
+from scenarios.traffic import forked
 from scenarios.traffic.nets import (
     Signal,
     approach_lanes,
@@ -162,8 +171,8 @@ _LIVE_PID: int | None = None
 #: so its results are reproducible; a later one reuses the freed holes of earlier simulations,
 #: whose layout differs from run to run (address-space randomisation, and anything else the
 #: process allocated meanwhile), and its traffic diverged (other jams and teleports). So only the
-#: first simulation runs in-process; later ones run in a fresh ``sumo`` process over TraCI
-#: (unless ``fresh_sumo=false``).
+#: first simulation runs in-process; later ones run in forked children of a clean zygote
+#: (:mod:`scenarios.traffic.forked`; unless ``fresh_sumo=false``).
 _LIBSUMO_SPENT = False
 
 #: SUMO counts a vehicle as halting below this speed, m/s (``getLastStepHaltingNumber``).
@@ -221,8 +230,9 @@ class Config:
     fresh_sumo: bool = field(
         default=True,
         metadata=_help(
-            "with use_libsumo: run every simulation after the process's first in a fresh sumo process "
-            "(reproducible); false: all in libsumo (faster, later episodes not reproducible)"
+            "with use_libsumo: run every simulation after the process's first in libsumo in a forked "
+            "child of a clean zygote process (reproducible); false: all in this process's libsumo "
+            "(no helper processes, later episodes not reproducible)"
         ),
     )
     verbose: bool = field(default=False, metadata=_help("let SUMO print its console output"))
@@ -451,6 +461,7 @@ class TrafficSignalEnv(Scenario):
         self._far_lanes = tuple(
             (k, l, lengths[l] - reach) for k, l in enumerate(in_lanes) if lengths.get(l, 0.0) > reach
         )
+        self._far_index = np.array([k for k, _, _ in self._far_lanes], dtype=np.int64)
         sensed = [max(min(lengths.get(l, 0.0), reach) / VEHICLE_SPACE_M, 1.0) for l in self._lanes] + [1.0]
         self._inv_sensed = 1.0 / np.array(sensed)[self._in_idx]
         self._rows = np.arange(len(sigs))
@@ -468,7 +479,8 @@ class TrafficSignalEnv(Scenario):
         self._tmp_pid = -1
         self._traci_label = ""
         self._sim: Any = None
-        self._libsumo = False  #: whether the live simulation runs in libsumo (else TraCI)
+        self._libsumo = False  #: whether the live simulation runs in this process's libsumo
+        self._forked = False  #: whether it runs in libsumo in a forked child (forked.py)
         self._rng = np.random.default_rng()
         self._program_mode = cfg.control == "program"
         self._stepped = False
@@ -484,7 +496,7 @@ class TrafficSignalEnv(Scenario):
         """Pickle/deepcopy without the live simulation, its files and its C entry points: the
         copy starts its own simulation at its first ``reset()``."""
         state = self.__dict__.copy()
-        for key in ("_sim", "_getters", "_vehicle_getters", "_step_to", "_get_phase"):
+        for key in ("_sim", "_getters", "_vehicle_getters", "_step_to", "_get_phase", "_set_light"):
             state.pop(key, None)
         state.update(_sim=None, _tmp=None, _tmp_pid=-1, _traci_label="", agents=[])
         return state
@@ -676,23 +688,32 @@ class TrafficSignalEnv(Scenario):
         self._tmp.mkdir(parents=True, exist_ok=True)
         self._tripinfo = self._tmp / "tripinfo.xml"
         self._statistics = self._tmp / "statistics.xml"
-        # libsumo only for the process's first simulation (see _LIBSUMO_SPENT): the same traffic
-        # as TraCI's fresh sumo process, which runs every later one.
-        self._libsumo = cfg.use_libsumo and not (cfg.fresh_sumo and _LIBSUMO_SPENT)
-        module = import_sumo(self._libsumo)
-        binary = "sumo" if self._libsumo else sumo_binary()
+        # In-process libsumo only for the process's first simulation (see _LIBSUMO_SPENT); every
+        # later one in libsumo in a forked child of a clean zygote (forked.py), the same traffic
+        # as a fresh sumo process; TraCI where forking is not available (or use_libsumo=false).
+        later = cfg.use_libsumo and cfg.fresh_sumo and _LIBSUMO_SPENT
+        self._libsumo = cfg.use_libsumo and not later
+        self._forked = later and forked.available()
+        module = import_sumo(self._libsumo or self._forked)
+        binary = "sumo" if self._libsumo or self._forked else sumo_binary()
         cmd = sumo_command(
             self._net_path, self._route_path, cfg.begin, cfg.end, seed,
             tripinfo=self._tripinfo, statistics=self._statistics, verbose=cfg.verbose, binary=binary,
         )  # fmt: skip
         try:
-            if self._libsumo:
+            if self._forked:
+                self._sim = forked.ForkedSimulation(self._episode_spec(cmd))
+            elif self._libsumo:
                 module.start(cmd)
                 self._sim = module
                 _LIBSUMO_SPENT = True
             else:
                 self._sim = self._connect_traci(module, cmd)
                 self._subscribe()  # sumo reads the route file only now: its errors show here
+        except forked.StartError as exc:  # libsumo's own words, as in-process
+            raise self._load_error(exc) from None
+        except ConcordError:
+            raise
         except Exception as exc:  # libsumo raises its own TraCIException/FatalTraCIError
             sim, self._sim = self._sim, None
             if sim is not None:  # sumo answered, then stopped: close our end, report its words
@@ -703,9 +724,14 @@ class TrafficSignalEnv(Scenario):
         if cfg.use_libsumo:  # the one-simulation rule holds whichever runs it (one contract)
             _LIVE, _LIVE_PID = self, os.getpid()
         self._t = float(cfg.begin)
+        if self._forked:  # writes are queued and sent with the next read (_sample)
+            self._step_to, self._get_phase = self._sim.step, self._sim.phase
+            self._set_light = self._sim.set_state
+            return
         self._getters = self._lane_getters()
         self._vehicle_getters = self._position_getters()
         self._step_to = self._sim.simulationStep
+        self._set_light = self._sim.trafficlight.setRedYellowGreenState
         if not self._libsumo:  # from the reply to the last step (see _subscribe)
             from traci import constants as tc
 
@@ -716,6 +742,7 @@ class TrafficSignalEnv(Scenario):
                 from libsumo import _libsumo as c
 
                 self._step_to, self._get_phase = c.simulation_step, c.trafficlight_getPhase
+                self._set_light = c.trafficlight_setRedYellowGreenState
             except (ImportError, AttributeError):
                 pass
 
@@ -828,20 +855,29 @@ class TrafficSignalEnv(Scenario):
                 pass
         return self._sim.lane.getLastStepVehicleIDs, self._sim.vehicle.getLanePosition, self._sim.vehicle.getSpeed
 
-    def _stop(self) -> None:
-        """Close this env's simulation (flushing SUMO's output files); idempotent."""
+    def _stop(self, strict: bool = False) -> None:
+        """Close this env's simulation (flushing SUMO's output files); idempotent. ``strict``:
+        raise if a forked child died before it could write them (else a dead one is just closed)."""
         global _LIVE, _LIVE_PID
         sim, self._sim = self._sim, None
         if sim is not None and _LIVE is self and os.getpid() != _LIVE_PID:
             return  # inherited through fork: the parent's simulation, not ours to close
         if _LIVE is self:
             _LIVE, _LIVE_PID = None, None
-        if sim is not None:
-            with contextlib.suppress(Exception):  # a simulation that already died is closed too
-                sim.close()
+        if sim is None:
+            return
+        if strict and self._forked:
+            sim.close()
+            return
+        with contextlib.suppress(Exception):  # a simulation that already died is closed too
+            sim.close()
 
     def _finish_episode(self) -> None:
-        self._stop()  # SUMO writes unfinished trips and statistics on close
+        self._stop(strict=True)  # SUMO writes unfinished trips and statistics on close
+        if self._libsumo and self.config.fresh_sumo and forked.available():
+            # The process's next simulation will run in a forked child: start the zygote now,
+            # so that its import of libsumo (~1 s) overlaps this process's own work.
+            forked.zygote()
         kpis = parse_tripinfo(self._tripinfo, self._statistics)
         kpis["queue"] = self._queue_sum / max(self._queue_steps, 1)
         for path in (self._tripinfo, self._statistics, self._errors_path()):
@@ -871,7 +907,7 @@ class TrafficSignalEnv(Scenario):
         self._green[:] = [to_green[get_phase(a) % len(to_green)] for a, to_green in self._program_to_green]
 
     def _set_state(self, agent: str, state: str) -> None:
-        self._sim.trafficlight.setRedYellowGreenState(self._sim_ids[agent], state)
+        self._set_light(self._sim_ids[agent], state)
 
     def _advance_agents(self, actions: dict[str, Any], target: float) -> None:
         cfg = self.config
@@ -902,6 +938,9 @@ class TrafficSignalEnv(Scenario):
     # ----------------------------------------------------------------- measurements
     def _sample(self) -> None:
         """Read incoming lanes' counts once per decision (getter calls cost ~0.3 µs on libsumo)."""
+        if self._forked:
+            self._sample_forked()
+            return
         vehicles, halting, waiting = self._getters
         n = self._n_in
         lanes = self._in_lanes
@@ -914,6 +953,43 @@ class TrafficSignalEnv(Scenario):
         self._out_fresh = False
         if self._local:
             self._sample_local()
+
+    def _sample_forked(self) -> None:
+        """:meth:`_sample` from the forked child's reply (one round trip that also runs the
+        queued light states and steps): the same values, read in the child."""
+        values = self._sim.read()
+        n, m = self._n_in, len(self._lanes)
+        self._count[:n] = values.count[:n]
+        self._halt[:n] = values.halt[:n]
+        if values.wait is not None:
+            self._wait[:n] = values.wait[:n]
+        if self._ext_lanes:  # the upstream lanes of each approach, after the incoming ones
+            np.add.at(self._count, self._ext_owner, values.count[n:])
+            np.add.at(self._halt, self._ext_owner, values.halt[n:])
+            if values.wait is not None:
+                np.add.at(self._wait, self._ext_owner, values.wait[n:])
+        self._out_fresh = values.out_count is not None
+        if self._out_fresh:
+            self._count[n:m] = values.out_count
+            self._halt[n:m] = values.out_halt
+        if self._local:  # the child counted the vehicles beyond each far lane's range
+            self._count_seen, self._halt_seen = self._count.copy(), self._halt.copy()
+            self._count_seen[self._far_index] -= values.far
+            self._halt_seen[self._far_index] -= values.far_halt
+
+    def _episode_spec(self, cmd: list[str]) -> forked.EpisodeSpec:
+        """What the forked child reads for :meth:`_sample_forked`."""
+        return forked.EpisodeSpec(
+            cmd=tuple(cmd),
+            lanes=self._in_lanes + self._ext_lanes,
+            out_lanes=tuple(self._lanes[self._n_in :]),
+            lights=tuple(self._sim_ids.values()),
+            far=tuple(self._far_lanes) if self._local else (),
+            wait=self.config.reward in ("wait", "diff-waiting-time"),
+            halting_speed=HALTING_SPEED,
+            errors_path=str(self._errors_path()),
+            verbose=self.config.verbose,
+        )
 
     def _fold_approaches(self) -> None:
         """Add the upstream lanes of each approach to the incoming lane they feed."""
@@ -949,6 +1025,10 @@ class TrafficSignalEnv(Scenario):
 
     def _sample_out(self) -> None:
         if self._out_fresh or self._sim is None:
+            return
+        if self._forked:  # from now on every reply of the episode carries the out lanes
+            self._sim.want_out()
+            self._sample_forked()
             return
         vehicles, halting, _ = self._getters
         n, m = self._n_in, len(self._lanes)
