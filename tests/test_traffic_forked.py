@@ -159,3 +159,20 @@ def test_files_sumo_rejects_in_a_child_are_the_in_process_errors(later: None, tm
     )
     assert type(errors[1]) is SimulatorError and "\n" not in str(errors[1])
     assert "'no_such_edge' within the route for vehicle 'v' is not known" in str(errors[1])
+
+
+def test_without_fork_later_episodes_run_in_a_sumo_process(later: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where fork or socket.send_fds is missing (Windows), later episodes use TraCI's fresh sumo."""
+    monkeypatch.setattr(forked, "available", lambda: False)
+    kpis = []
+    for sets in ({}, {"use_libsumo": False}):
+        env = registry.make_scenario("traffic/grid4x4", {"end": 200, **sets})
+        try:
+            env.reset(seed=2)
+            assert not env._forked and not env._libsumo
+            while env.agents:
+                env.step(dict.fromkeys(env.agents, 1))
+            kpis.append(env.episode_kpis())
+        finally:
+            env.close()
+    assert kpis[0] == kpis[1] and kpis[0]["trips"] > 0
