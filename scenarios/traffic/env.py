@@ -2,7 +2,8 @@
 
 Env card
 --------
-**Description.** Real SUMO microsimulation (libsumo in-process by default, TraCI with
+**Description.** Real SUMO microsimulation (libsumo by default: a process's first episode
+in-process, later ones in forked children, see Reproducibility; TraCI with
 ``use_libsumo=false``) of a road network whose signalised intersections are the agents. Nets and
 demand come from sumo-rl's bundled ``nets`` (incl. RESCO's eight maps, Ault & Sharon 2021).
 
@@ -93,9 +94,9 @@ first, whose layout varies from run to run: later libsumo episodes came out diff
 jams and teleports). So libsumo runs only a process's first simulation in-process; each later
 one runs in libsumo in a child forked from a "zygote" (``scenarios/traffic/forked.py``: a
 helper process, started once per env process, that imported libsumo but never simulated), so
-every simulation is a process's first: the same traffic as a fresh ``sumo`` process, at about
-libsumo's speed (one round trip per decision carries the light states, the steps and every
-value the env reads). The zygote starts when the process's first simulation ends and exits with
+every simulation is a process's first: the same traffic as a fresh ``sumo`` process, at
+~1.1-1.2x in-process libsumo's time (one round trip per decision carries the light states, the
+steps and every value the env reads; TraCI took 1.8-4.9x). The zygote starts when the process's first simulation ends and exits with
 the process; each child exits when its episode closes (or the env process dies). A child that
 dies mid-episode is a :class:`~marl.core.errors.SimulatorError`; ``reset()`` starts a new one.
 Where ``fork`` is missing (Windows) later episodes run in a fresh ``sumo`` process over TraCI.
@@ -118,7 +119,7 @@ v0.2 (2026-12): ``approach_m`` (short incoming lanes extended upstream); 0 leave
 v0.3 (2026-12): simulations after a process's first run in a fresh sumo process (``fresh_sumo``):
 later episodes are reproducible (under libsumo they depended on the process's memory history).
 v0.4 (2026-12): those later simulations run in libsumo in forked children of a clean zygote
-(same traffic as v0.3, at about libsumo's speed); ``use_libsumo=false`` still uses TraCI throughout.
+(same traffic as v0.3, at ~1.1-1.2x libsumo's time); ``use_libsumo=false`` still uses TraCI throughout.
 """
 
 from __future__ import annotations
