@@ -262,6 +262,22 @@ def test_bench_command_runs(tmp_path: Path) -> None:
     assert "identical traffic, random phases (tripinfo KPIs env == raw): yes" in output
 
 
+def test_bench_later_times_each_backend_and_checks_reproducibility() -> None:
+    from click.testing import CliRunner
+
+    from marl.bench.traffic import command
+
+    result = CliRunner().invoke(command, ["traffic/2x2grid", "--horizon", "120", "--later", "3"])
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    for backend in ("libsumo in-process", "forked libsumo", "fresh sumo over TraCI"):
+        assert backend in output
+    # the default backend's later episodes are fresh processes' (TraCI's) traffic
+    assert "delays equal a fresh sumo's in every episode, default: later ones in forked libsumo: yes" in output
+    bad = CliRunner().invoke(command, ["traffic/2x2grid", "--later", "1"])
+    assert "bad --later 1; expected an integer from 3 to 100" in str(bad.exception)
+
+
 def _finish(env: TrafficSignalEnv) -> dict[str, float]:
     while env.agents:
         env.step({})  # agent mode: keep the current phase

@@ -28,6 +28,15 @@ is not timed; episodes restart inside the timed loop as in training. The CPU sec
 spend per copy show whether the vector env adds work (it should not): on a machine with fewer
 free cores than copies, the wall-clock gain shrinks although the CPU per copy stays the same.
 
+``--later N`` measures the cost of reproducible later episodes: N episodes back to back on one env
+(random allowed phases, seeds 1..N) with each backend in its own spawned process: every simulation
+in the process's libsumo (``fresh_sumo=false``: fastest, but episodes after the first depend on the
+process's memory history), the default (the first in-process, later ones in a libsumo child forked
+from a clean zygote), and a fresh ``sumo`` over TraCI per episode (``use_libsumo=false``). It prints
+the wall seconds of the first and the later episodes and their ratio to in-process libsumo's (wall
+time: the forked child's work is not this process's CPU), and whether the later episodes' delays
+equal TraCI's (fresh processes: the reproducible reference).
+
 ``--train-envs K`` measures Concord's own training, ``marl train SCENARIO --algo ippo --envs K``
 (``--train-algo`` for another learner), against ``--envs 1`` in the same run: each run is a
 separate ``marl train`` process of ``--train-steps`` env steps (no evaluation), and its manifest
@@ -48,7 +57,7 @@ from typing import Any
 
 import click
 
-__all__ = ["command", "time_env", "time_raw", "time_sumo_rl", "time_train", "time_vector"]
+__all__ = ["command", "time_env", "time_later", "time_raw", "time_sumo_rl", "time_train", "time_vector"]
 
 
 def _clock() -> tuple[float, float]:
@@ -79,21 +88,60 @@ def time_env(scenario: str, overrides: dict[str, Any], actions: str = "program")
     control = "program" if actions == "program" else "agents"
     env = registry.make_scenario(scenario, {**overrides, "control": control})
     try:
-        env.reset(seed=0)
-        # possible_agents (light_<i>) follow the sorted SUMO ids, sumo-rl's order
-        table = {a: table_rows[i] for i, a in enumerate(env.possible_agents)}
-        n_phases = {a: s.n_phases for a, s in env.signals.items()}
-        steps = 0
-        while env.agents:
-            if actions == "program":
-                env.step({})
-            else:
-                env.step({a: table[a][steps] % n_phases[a] for a in env.agents})
-            steps += 1
+        steps = _play(env, table_rows, actions, seed=0)
         kpis = env.episode_kpis()
     finally:
         env.close()
     return {**_elapsed(start), "kpis": kpis, "steps": steps}
+
+
+def _play(env: Any, table_rows: list[list[int]], actions: str, seed: int) -> int:
+    """Reset ``env`` with ``seed`` and play one episode to its end; the number of decisions.
+
+    ``actions="program"`` leaves the lights to the env's control mode; otherwise the i-th light
+    picks ``table_rows[i][step] % n_phases`` at each decision (the same sequence as sumo-rl's run).
+    """
+    env.reset(seed=seed)
+    # possible_agents (light_<i>) follow the sorted SUMO ids, sumo-rl's order
+    table = {a: table_rows[i] for i, a in enumerate(env.possible_agents)}
+    n_phases = {a: s.n_phases for a, s in env.signals.items()}
+    steps = 0
+    while env.agents:
+        if actions == "program":
+            env.step({})
+        else:
+            env.step({a: table[a][steps] % n_phases[a] for a in env.agents})
+        steps += 1
+    return steps
+
+
+#: ``--later``'s backends: name, scenario overrides.
+LATER_BACKENDS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("libsumo in-process (fresh_sumo=false)", {"fresh_sumo": False}),
+    ("default: later ones in forked libsumo", {}),
+    ("fresh sumo over TraCI (use_libsumo=false)", {"use_libsumo": False}),
+)
+
+
+def time_later(scenario: str, overrides: dict[str, Any], episodes: int) -> dict[str, Any]:
+    """Wall seconds and delay of each of ``episodes`` back-to-back episodes on one env (random
+    allowed phases, seeds 1..N; construction and imports not timed)."""
+    from marl.core import registry
+
+    cfg = registry.scenario_config(scenario, overrides)
+    n_steps = -(-(cfg.end - cfg.begin) // cfg.delta_time)
+    table_rows = _random_table(registry.scenario_spec(scenario).n_agents or 64, n_steps)
+    env = registry.make_scenario(scenario, {**overrides, "control": "agents"})
+    walls, delays = [], []
+    try:
+        for k in range(episodes):
+            start = time.perf_counter()
+            _play(env, table_rows, "random", seed=k + 1)
+            walls.append(time.perf_counter() - start)
+            delays.append(env.episode_kpis()["delay"])
+    finally:
+        env.close()
+    return {"walls": walls, "delays": delays}
 
 
 def time_raw(scenario: str, overrides: dict[str, Any], actions: str = "program") -> dict[str, Any]:
@@ -297,6 +345,14 @@ def _in_subprocess(fn: Any, args: tuple[Any, ...], episodes: int, clock: str) ->
         return pool.apply(_fastest, (fn, args, episodes, clock))
 
 
+def _later_in_subprocess(scenario: str, overrides: dict[str, Any], episodes: int) -> dict[str, Any]:
+    """``time_later`` in a fresh spawned process, so that its first episode is that process's first."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(time_later, (scenario, overrides, episodes))
+
+
 @click.command("traffic")
 @click.argument("scenario", default="traffic/grid4x4")
 @click.option("--horizon", type=int, default=None, help="simulated seconds (default: the full episode)")
@@ -324,6 +380,12 @@ def _in_subprocess(fn: Any, args: tuple[Any, ...], episodes: int, clock: str) ->
 @click.option("--train-steps", type=int, default=1440, help="env steps per training run timed with --train-envs")
 @click.option("--train-algo", default="ippo", help="algorithm timed with --train-envs (bare defaults, no preset)")
 @click.option(
+    "--later",
+    type=int,
+    default=None,
+    help="time N back-to-back episodes per backend (in-process libsumo, forked libsumo, TraCI): later episodes' cost",
+)
+@click.option(
     "--clock",
     type=click.Choice(["cpu", "wall"]),
     default="cpu",
@@ -339,6 +401,7 @@ def command(
     train_envs: int | None,
     train_steps: int,
     train_algo: str,
+    later: int | None,
     clock: str,
 ) -> None:
     """Time one episode: Concord env vs raw libsumo vs sumo-rl (each in its own process)."""
@@ -363,6 +426,9 @@ def command(
         return
     if train_envs is not None:
         _train_table(scenario, overrides, train_envs, train_steps, repeat, train_algo)
+        return
+    if later is not None:
+        _later_table(scenario, overrides, later)
         return
     methods: list[tuple[str, Any, str]] = [
         ("raw libsumo, fixed-time", time_raw, "program"),
@@ -481,4 +547,45 @@ def _train_table(scenario: str, overrides: dict[str, Any], envs: int, steps: int
         f"load average (1, 5, 15 min) before {', '.join(f'{x:.2f}' for x in load_before)}; after "
         f"{', '.join(f'{x:.2f}' for x in load_after)}: the K-fold gain needs K free cores; equal CPU per "
         "env-step (training process + env workers) means --envs adds no work"
+    )
+
+
+def _later_table(scenario: str, overrides: dict[str, Any], episodes: int) -> None:
+    """Print the wall time of later episodes per backend against in-process libsumo's."""
+    from statistics import mean
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from marl.core.errors import ConfigError
+
+    if not 3 <= episodes <= 100:
+        raise ConfigError(f"bad --later {episodes}; expected an integer from 3 to 100 (episodes per backend)")
+    console = Console()
+    console = Console(width=max(console.width, 120))  # never wrap the backends' names
+    load_before = os.getloadavg()
+    runs: dict[str, dict[str, Any]] = {}
+    with console.status("timing later episodes...") as status:
+        for name, sets in LATER_BACKENDS:
+            status.update(f"{name}: {episodes} episodes")
+            runs[name] = _later_in_subprocess(scenario, {**overrides, **sets}, episodes)
+    # episodes 3..N: the default's second episode also waits for its zygote to start (once per process)
+    ref = mean(runs[LATER_BACKENDS[0][0]]["walls"][2:])
+    title = f"{scenario}: {episodes} episodes back to back on one env, random phases, wall s ({os.cpu_count()} CPUs)"
+    table = Table(title=title)
+    for col in ("backend", "1st episode", "2nd", "3rd.. (mean)", "x in-process libsumo (3rd..)"):
+        table.add_column(col, justify="left" if col == "backend" else "right")
+    for name, _ in LATER_BACKENDS:
+        walls = runs[name]["walls"]
+        table.add_row(
+            name, f"{walls[0]:.2f}", f"{walls[1]:.2f}", f"{mean(walls[2:]):.2f}", f"{mean(walls[2:]) / ref:.2f}"
+        )
+    console.print(table)
+    reference = runs[LATER_BACKENDS[2][0]]["delays"]  # every TraCI episode is a fresh process's
+    for name, _ in LATER_BACKENDS[:2]:
+        same = runs[name]["delays"] == reference
+        console.print(f"delays equal a fresh sumo's in every episode, {name}: {'yes' if same else 'NO'}")
+    console.print(
+        f"load average (1 min) before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}; the default's 2nd "
+        "episode also waits for its zygote to start (once per process)"
     )
