@@ -96,8 +96,8 @@ one runs in libsumo in a child forked from a "zygote" (``scenarios/traffic/forke
 helper process, started once per env process, that imported libsumo but never simulated), so
 every simulation is a process's first: the same traffic as a fresh ``sumo`` process, at
 ~1.1-1.2x in-process libsumo's time (one round trip per decision carries the light states, the
-steps and every value the env reads; TraCI took 1.8-4.9x). The zygote starts when the process's first simulation ends and exits with
-the process; each child exits when its episode closes (or the env process dies). A child that
+steps and every value the env reads; TraCI took 1.8-4.9x). The zygote starts with the process's
+second simulation (a one-episode process never starts one) and exits with the process; each child exits when its episode closes (or the env process dies). A child that
 dies mid-episode is a :class:`~marl.core.errors.SimulatorError`; ``reset()`` starts a new one.
 Where ``fork`` is missing (Windows) later episodes run in a fresh ``sumo`` process over TraCI.
 ``fresh_sumo=false`` keeps every simulation in this process's libsumo: no helper processes, but
@@ -875,10 +875,9 @@ class TrafficSignalEnv(Scenario):
 
     def _finish_episode(self) -> None:
         self._stop(strict=True)  # SUMO writes unfinished trips and statistics on close
-        if self._libsumo and self.config.fresh_sumo and forked.available():
-            # The process's next simulation will run in a forked child: start the zygote now,
-            # so that its import of libsumo (~1 s) overlaps this process's own work.
-            forked.zygote()
+        # The zygote starts with the process's second simulation (forked.zygote, on the first
+        # fork), not here: most processes of marl run / compare / bench play one episode, and
+        # each would pay its start (~1 s of CPU importing libsumo) for nothing.
         kpis = parse_tripinfo(self._tripinfo, self._statistics)
         kpis["queue"] = self._queue_sum / max(self._queue_steps, 1)
         for path in (self._tripinfo, self._statistics, self._errors_path()):
