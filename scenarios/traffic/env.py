@@ -867,11 +867,11 @@ class TrafficSignalEnv(Scenario):
             _LIVE, _LIVE_PID = None, None
         if sim is None:
             return
-        if strict and self._forked:
+        if strict and self._forked:  # a child that died before writing SUMO's files: an error
             sim.close()
-            return
-        with contextlib.suppress(Exception):  # a simulation that already died is closed too
-            sim.close()
+        else:
+            with contextlib.suppress(Exception):  # a simulation that already died is closed too
+                sim.close()
 
     def _finish_episode(self) -> None:
         self._stop(strict=True)  # SUMO writes unfinished trips and statistics on close
@@ -1011,17 +1011,9 @@ class TrafficSignalEnv(Scenario):
         """
         count = self._count_seen = self._count.copy()
         halt = self._halt_seen = self._halt.copy()
-        ids_on, position, speed = self._vehicle_getters
-        for k, lane, start in self._far_lanes:
-            if not count[k]:  # an empty lane (most of them, most of the time): nothing to ask SUMO
-                continue
-            far = halted = 0
-            for vehicle in ids_on(lane):
-                if position(vehicle) < start:
-                    far += 1
-                    halted += speed(vehicle) < HALTING_SPEED
-            count[k] -= far
-            halt[k] -= halted
+        far, halted = forked.beyond_range(self._far_lanes, count, *self._vehicle_getters, HALTING_SPEED)
+        count[self._far_index] -= far
+        halt[self._far_index] -= halted
 
     def _sample_out(self) -> None:
         if self._out_fresh or self._sim is None:

@@ -336,7 +336,7 @@ class ForkedSimulation:
         payload = pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL)
         self._ops = []
         try:
-            self._sock.sendall(_LEN.pack(len(payload)) + payload)
+            _send_message(self._sock, payload)
             reply = _recv_message(self._sock)
         except OSError:
             reply = None
@@ -397,6 +397,25 @@ class _Domain:
 class StartError(RuntimeError):
     """The child could not start the simulation: libsumo's message (SUMO refused the net or
     route file), or SUMO's console output if the child died while loading."""
+
+
+def beyond_range(
+    far_lanes: tuple[tuple[int, str, float], ...], counts: Any, ids_on: Any, position: Any, speed: Any, slow: float
+) -> tuple[list[int], list[int]]:
+    """Local sensing: per far lane ``(k, lane, start_m)``, the vehicles whose front lies before
+    ``start_m`` m from the lane's start (beyond the detector's range) and how many of them are
+    slower than ``slow`` m/s. ``counts[k]`` is the lane's vehicle count: an empty lane (most of
+    them, most of the time) costs no call. Two simulator calls per vehicle on the other lanes;
+    the env calls it in-process, a forked child with libsumo's getters."""
+    far, halted = [0] * len(far_lanes), [0] * len(far_lanes)
+    for j, (k, lane, start) in enumerate(far_lanes):
+        if not counts[k]:
+            continue
+        for vehicle in ids_on(lane):
+            if position(vehicle) < start:
+                far[j] += 1
+                halted[j] += speed(vehicle) < slow
+    return far, halted
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
@@ -494,21 +513,12 @@ def _serve_episode(sock: socket.socket) -> None:
     slow = spec.halting_speed
 
     def values(with_out: bool) -> bytes:
-        counts = array("d", map(vehicles, lanes))
-        data = array("d", counts)
+        data = array("d", map(vehicles, lanes))  # the lanes' counts come first: beyond_range reads them
         data.extend(map(halting, lanes))
         if spec.wait:
             data.extend(map(waiting, lanes))
         data.extend(map(get_phase, lights))
-        # local sensing (the env's _sample_local): vehicles whose front is before the range
-        far, halted = array("d", bytes(8 * len(far_lanes))), array("d", bytes(8 * len(far_lanes)))
-        for j, (k, lane, start) in enumerate(far_lanes):
-            if not counts[k]:  # an empty lane: nothing to ask SUMO
-                continue
-            for vehicle in ids_on(lane):
-                if position(vehicle) < start:
-                    far[j] += 1
-                    halted[j] += speed(vehicle) < slow
+        far, halted = beyond_range(far_lanes, data, ids_on, position, speed, slow)
         data.extend(far)
         data.extend(halted)
         if with_out:
