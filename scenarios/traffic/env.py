@@ -96,8 +96,9 @@ one runs in libsumo in a child forked from a "zygote" (``scenarios/traffic/forke
 helper process, started once per env process, that imported libsumo but never simulated), so
 every simulation is a process's first: the same traffic as a fresh ``sumo`` process, at
 ~1.1-1.2x in-process libsumo's time (one round trip per decision carries the light states, the
-steps and every value the env reads; TraCI took 1.8-4.9x). The zygote starts with the process's
-second simulation (a one-episode process never starts one) and exits with the process; each child exits when its episode closes (or the env process dies). A child that
+steps and every value the env reads; TraCI took 1.8-4.9x). The zygote starts with the
+process's second simulation (a one-episode process never starts one) and exits with the
+process; each child exits when its episode closes (or the env process dies). A child that
 dies mid-episode is a :class:`~marl.core.errors.SimulatorError`; ``reset()`` starts a new one.
 Where ``fork`` is missing (Windows) later episodes run in a fresh ``sumo`` process over TraCI.
 ``fresh_sumo=false`` keeps every simulation in this process's libsumo: no helper processes, but
