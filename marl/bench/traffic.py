@@ -335,22 +335,13 @@ def _fastest(fn: Any, args: tuple[Any, ...], episodes: int, clock: str) -> dict[
     return min(runs, key=lambda r: r[clock])
 
 
-def _in_subprocess(fn: Any, args: tuple[Any, ...], episodes: int, clock: str) -> dict[str, Any]:
-    """A fresh spawned process per method: libsumo allows one simulation per process, and no
-    method inherits another's warm caches."""
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        return pool.apply(_fastest, (fn, args, episodes, clock))
-
-
-def _later_in_subprocess(scenario: str, overrides: dict[str, Any], episodes: int) -> dict[str, Any]:
-    """``time_later`` in a fresh spawned process, so that its first episode is that process's first."""
+def _spawned(fn: Any, args: tuple[Any, ...]) -> Any:
+    """``fn(*args)`` in a fresh spawned process: libsumo allows one simulation per process, its
+    first simulation is the process's first, and no method inherits another's warm caches."""
     import multiprocessing as mp
 
     with mp.get_context("spawn").Pool(1) as pool:
-        return pool.apply(time_later, (scenario, overrides, episodes))
+        return pool.apply(fn, args)
 
 
 @click.command("traffic")
@@ -445,7 +436,7 @@ def command(
     with console.status("timing...") as status:
         for name, fn, actions in methods:
             status.update(f"{name}: {repeat} episode(s)")
-            best[name] = _in_subprocess(fn, (scenario, overrides, actions), repeat, clock)
+            best[name] = _spawned(_fastest, (fn, (scenario, overrides, actions), repeat, clock))
     shown = base.end - base.begin if horizon is None else horizon
     title = f"{scenario}: one episode of {shown} simulated s, decisions every {base.delta_time} s"
     table = Table(title=title)
@@ -568,7 +559,7 @@ def _later_table(scenario: str, overrides: dict[str, Any], episodes: int) -> Non
     with console.status("timing later episodes...") as status:
         for name, sets in LATER_BACKENDS:
             status.update(f"{name}: {episodes} episodes")
-            runs[name] = _later_in_subprocess(scenario, {**overrides, **sets}, episodes)
+            runs[name] = _spawned(time_later, (scenario, {**overrides, **sets}, episodes))
     # episodes 3..N: the default's second episode also waits for its zygote to start (once per process)
     ref = mean(runs[LATER_BACKENDS[0][0]]["walls"][2:])
     title = f"{scenario}: {episodes} episodes back to back on one env, random phases, wall s ({os.cpu_count()} CPUs)"
