@@ -8,10 +8,14 @@ Resuming is the same command again: finished cells (done.json present) are skipp
 cell's directory is wiped and the cell runs from scratch, so rows are never duplicated. The merged
 ``records.csv`` is rebuilt from the finished cells after every run.
 
-Cells run in separate processes — a spawn-context pool with ``max_tasks_per_child=1`` — because
-libsumo allows one simulation per process (a second one in the same process breaks the first),
-and a crashing simulator then takes down only its own cell. Under MPI each rank ``r`` of ``size``
-runs the cells ``i`` with ``i % size == r``, each again in its own child process.
+Cells run in a spawn-context pool of ``--jobs`` worker processes, never in the parent: a huge or
+crashing simulation cannot take the grid's bookkeeping down with it. A worker runs one cell after
+another, so each pays Python's, torch's and the simulator's imports once (about 0.7 s of a 4 s
+demo cell). That is safe for traffic because a traffic env plays only its process's first
+simulation in libsumo itself and every later one in a child forked from a clean zygote
+(``scenarios/traffic/forked.py``): a cell's episodes equal a fresh process's whichever cells the
+worker ran before (``tests/test_compare.py``). Under MPI each rank ``r`` of ``size`` runs the
+cells ``i`` with ``i % size == r`` in its own pool.
 
 Cells that could only repeat another cell are not run, and are listed as skipped with the reason
 in ``grid.json``, in the command's output and in the report's notes:
@@ -341,7 +345,7 @@ def preflight(scenario: str, overrides: Mapping[str, str], channels: Sequence[Ch
     before any cell starts, as ``marl run`` does: a bad input is then one ConcordError (exit 2)
     instead of the same failure in every cell.
 
-    Runs in a fresh spawned process, like a cell: libsumo holds one simulation per process, and
+    Runs in a fresh spawned process, like the cells: libsumo holds one simulation per process, and
     a huge or broken input must not grow the parent that will run the grid.
     """
     import multiprocessing
@@ -551,7 +555,7 @@ def run_grid(
     on_outcome: Callable[[CellOutcome], None] | None = None,
     on_progress: Callable[[str, int | None, float | None], None] | None = None,
 ) -> list[CellOutcome]:
-    """Run ``cells`` (default: all of the plan) in a spawn pool of ``jobs`` one-shot processes.
+    """Run ``cells`` (default: all of the plan) in a spawn pool of ``jobs`` worker processes.
 
     ``on_outcome`` is called as each cell ends; ``on_progress(key, env_steps, fraction)`` with live
     progress of running cells (either value may be None when unknown).
@@ -591,7 +595,6 @@ def run_grid(
     with ProcessPoolExecutor(
         max_workers=max(1, min(jobs, len(pending))),
         mp_context=context,
-        max_tasks_per_child=1,  # a fresh process per cell: libsumo holds one simulation per process
         initializer=_init_worker,
         initargs=(progress,),
     ) as pool:

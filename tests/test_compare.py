@@ -254,7 +254,7 @@ def test_cells_spread_over_mpi_ranks(tmp_path):
     assert "2 run now, 0 already done, 0 failed" in done.stdout and "(world size 2)" in done.stdout
     assert json.loads((out / "grid.json").read_text())["world_size"] == 2
     pids = {json.loads(p.read_text())["pid"] for p in (out / "cells").glob("*/done.json")}
-    assert len(pids) == 2  # every cell in its own process
+    assert len(pids) == 2  # each rank runs its cell in its own worker process
     _assert_complete(out, cells=2)
 
 
@@ -348,3 +348,51 @@ def test_sweep_cells_are_labelled_by_setting_and_ranked(tmp_path):
     ranked = [(cols[1], float(cols[4].split()[0])) for cols in ranking if cols[0] in ("| 1", "| 2", "| 2=")]
     assert sorted(m for m, _ in ranked) == sorted(methods)
     assert ranked[0][1] >= ranked[1][1]  # throughput: higher is better, best first
+
+
+def _cell_rows(out: Path) -> dict[str, list[tuple[str, ...]]]:
+    """Each finished cell's rows (without run_id), by cell directory name."""
+    rows = {}
+    for records in sorted((out / "cells").glob("*/records.csv")):
+        with records.open() as fh:
+            rows[records.parent.name] = [
+                tuple(r[c] for c in ("method", "protocol", "seed", "episode", "metric", "value"))
+                for r in csv.DictReader(fh)
+            ]
+    return rows
+
+
+def test_cells_sharing_a_worker_equal_cells_in_fresh_processes(tmp_path):
+    """A pool worker runs cell after cell (one import of torch and libsumo for all of them); every
+    cell's records must equal the same cell run alone in a fresh process: a traffic simulation
+    after a worker's first runs forked from a clean zygote, and nothing a cell leaves behind
+    (global RNGs, torch's threads, a closed env) may change the next one. That forked episodes
+    equal fresh processes' even where SUMO's traffic depends on the heap is
+    tests/test_traffic_determinism.py's; grid4x4's short episodes here do not."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from marl.compare import execute_cell, run_grid
+
+    pytest.importorskip("libsumo")
+    policy = Path(__file__).parents[1] / "results" / "reference" / "checkpoints" / "grid4x4-local-ippo-none.pt"
+    plan = plan_grid(
+        "traffic/grid4x4",
+        methods=["max-pressure", "random"],
+        seeds=1,
+        overrides={"end": "300"},
+        policies={"ippo-local": str(policy)},
+    )
+    shared, fresh = tmp_path / "shared", tmp_path / "fresh"
+    outcomes = run_grid(plan, shared, jobs=1)
+    assert [o.status for o in outcomes] == ["done"] * 3
+    pids = {json.loads(p.read_text())["pid"] for p in (shared / "cells").glob("*/done.json")}
+    assert len(pids) == 1, "one worker ran all three cells"
+
+    # The reference: every cell alone in a fresh spawned process (what max_tasks_per_child=1 did).
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=2, mp_context=context, max_tasks_per_child=1) as pool:
+        assert [o.status for o in pool.map(execute_cell, plan.cells, [str(fresh)] * 3)] == ["done"] * 3
+    got, want = _cell_rows(shared), _cell_rows(fresh)
+    assert len(want) == 3 and all(want.values())
+    assert got == want

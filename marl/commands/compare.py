@@ -13,7 +13,7 @@ Examples::
         --policy idqn=results/reference/checkpoints/grid4x4-full-idqn.pt \
         --channel drop=0 --channel drop=0.3 --seeds 3 --out results/learned   # trained beside rules
 
-Every cell runs in its own process and writes its own directory, so the command is resumable:
+Cells run in --jobs worker processes and each writes its own directory, so the command is resumable:
 run it again and only unfinished cells run. A failed cell is recorded (cells/<key>/error.txt,
 failures.json) and the others go on; the exit code is then 1. Bad input — a name, a value, a map
 or route file the scenario cannot load, an --out that cannot be written, more --jobs or --ranks

@@ -102,7 +102,8 @@ process; each child exits when its episode closes (or the env process dies). A c
 dies mid-episode is a :class:`~marl.core.errors.SimulatorError`; ``reset()`` starts a new one.
 Where ``fork`` is missing (Windows) later episodes run in a fresh ``sumo`` process over TraCI.
 ``fresh_sumo=false`` keeps every simulation in this process's libsumo: no helper processes, but
-episodes after a process's first are not reproducible.
+episodes after a process's first are not reproducible (nor are ``marl compare`` cells after a
+worker's first: a worker runs several cells).
 
 **Controller API** (what baselines may read; see ``controllers.py``): ``env.signals[agent]`` is a
 :class:`~scenarios.traffic.nets.Signal` (green ``phases``, ``links``, ``in_lanes``,
