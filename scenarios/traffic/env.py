@@ -499,7 +499,7 @@ class TrafficSignalEnv(Scenario):
         """Pickle/deepcopy without the live simulation, its files and its C entry points: the
         copy starts its own simulation at its first ``reset()``."""
         state = self.__dict__.copy()
-        for key in ("_sim", "_getters", "_vehicle_getters", "_step_to", "_get_phase", "_set_light"):
+        for key in ("_sim", "_get", "_step_to", "_get_phase", "_set_light"):
             state.pop(key, None)
         state.update(_sim=None, _tmp=None, _tmp_pid=-1, _traci_label="", agents=[])
         return state
@@ -705,7 +705,7 @@ class TrafficSignalEnv(Scenario):
         )  # fmt: skip
         try:
             if self._forked:
-                self._sim = forked.ForkedSimulation(self._episode_spec(cmd))
+                self._sim = forked.ForkedSimulation(self._episode_spec(cmd, lights=True))
             elif self._libsumo:
                 module.start(cmd)
                 self._sim = module
@@ -731,8 +731,7 @@ class TrafficSignalEnv(Scenario):
             self._step_to, self._get_phase = self._sim.step, self._sim.phase
             self._set_light = self._sim.set_state
             return
-        self._getters = self._lane_getters()
-        self._vehicle_getters = self._position_getters()
+        self._spec = self._episode_spec(cmd, lights=False)
         self._step_to = self._sim.simulationStep
         self._set_light = self._sim.trafficlight.setRedYellowGreenState
         if not self._libsumo:  # from the reply to the last step (see _subscribe)
@@ -748,6 +747,7 @@ class TrafficSignalEnv(Scenario):
                 self._set_light = c.trafficlight_setRedYellowGreenState
             except (ImportError, AttributeError):
                 pass
+        self._get = forked.Getters(*self._lane_getters(), self._get_phase, *self._position_getters())
 
     def _connect_traci(self, traci: Any, cmd: list[str]) -> Any:
         """Start a ``sumo`` process and connect to it over TraCI (a connection under this env's
@@ -900,6 +900,7 @@ class TrafficSignalEnv(Scenario):
         self._halt = np.zeros(size)
         self._wait = np.zeros(size)
         self._out_fresh = False
+        self._want_out = False  # read the out lanes too (once a controller asked for them)
         self._obs_matrix = np.zeros((n, self.obs_size), dtype=np.float32)
         self._count_seen, self._halt_seen = self._count, self._halt
 
@@ -939,27 +940,15 @@ class TrafficSignalEnv(Scenario):
 
     # ----------------------------------------------------------------- measurements
     def _sample(self) -> None:
-        """Read incoming lanes' counts once per decision (getter calls cost ~0.3 µs on libsumo)."""
+        """Read the lanes once per decision, in :class:`~scenarios.traffic.forked.Reading`'s
+        layout: the forked child's reply (one round trip that also runs the queued light states
+        and steps), or the same :func:`~scenarios.traffic.forked.measure` call here through
+        libsumo's getters (~0.3 µs each) or TraCI's subscription results."""
         if self._forked:
-            self._sample_forked()
-            return
-        vehicles, halting, waiting = self._getters
-        n = self._n_in
-        lanes = self._in_lanes
-        self._count[:n] = np.fromiter(map(vehicles, lanes), np.float64, n)
-        self._halt[:n] = np.fromiter(map(halting, lanes), np.float64, n)
-        if self.config.reward in ("wait", "diff-waiting-time"):
-            self._wait[:n] = np.fromiter(map(waiting, lanes), np.float64, n)
-        if self._ext_lanes:
-            self._fold_approaches()
-        self._out_fresh = False
-        if self._local:
-            self._sample_local()
-
-    def _sample_forked(self) -> None:
-        """:meth:`_sample` from the forked child's reply (one round trip that also runs the
-        queued light states and steps): the same values, read in the child."""
-        values = self._sim.read()
+            values = self._sim.read()
+        else:
+            raw = forked.measure(self._spec, self._get, self._want_out)
+            values = forked.Reading(self._spec, np.frombuffer(raw), self._want_out)
         n, m = self._n_in, len(self._lanes)
         self._count[:n] = values.count[:n]
         self._halt[:n] = values.halt[:n]
@@ -974,18 +963,24 @@ class TrafficSignalEnv(Scenario):
         if self._out_fresh:
             self._count[n:m] = values.out_count
             self._halt[n:m] = values.out_halt
-        if self._local:  # the child counted the vehicles beyond each far lane's range
+        if self._local:
+            # What the stop-line detectors of local sensing see: each far lane's counts less the
+            # vehicles whose front is farther than sensing_m from the stop line. Subtracting
+            # (rather than counting the near ones) keeps SUMO's own definitions of the counts: a
+            # vehicle whose front has passed the stop line but whose back is still on the lane
+            # counts, as in full sensing, so a lane with nobody beyond the range reads as in full.
             self._count_seen, self._halt_seen = self._count.copy(), self._halt.copy()
             self._count_seen[self._far_index] -= values.far
             self._halt_seen[self._far_index] -= values.far_halt
 
-    def _episode_spec(self, cmd: list[str]) -> forked.EpisodeSpec:
-        """What the forked child reads for :meth:`_sample_forked`."""
+    def _episode_spec(self, cmd: list[str], *, lights: bool) -> forked.EpisodeSpec:
+        """What :func:`~scenarios.traffic.forked.measure` reads each decision (``lights``: also
+        the programme phases, which only a forked child must send back)."""
         return forked.EpisodeSpec(
             cmd=tuple(cmd),
             lanes=self._in_lanes + self._ext_lanes,
             out_lanes=tuple(self._lanes[self._n_in :]),
-            lights=tuple(self._sim_ids.values()),
+            lights=tuple(self._sim_ids.values()) if lights else (),
             far=tuple(self._far_lanes) if self._local else (),
             wait=self.config.reward in ("wait", "diff-waiting-time"),
             halting_speed=HALTING_SPEED,
@@ -993,43 +988,15 @@ class TrafficSignalEnv(Scenario):
             verbose=self.config.verbose,
         )
 
-    def _fold_approaches(self) -> None:
-        """Add the upstream lanes of each approach to the incoming lane they feed."""
-        vehicles, halting, waiting = self._getters
-        ext, owner, m = self._ext_lanes, self._ext_owner, len(self._ext_lanes)
-        np.add.at(self._count, owner, np.fromiter(map(vehicles, ext), np.float64, m))
-        np.add.at(self._halt, owner, np.fromiter(map(halting, ext), np.float64, m))
-        if self.config.reward in ("wait", "diff-waiting-time"):
-            np.add.at(self._wait, owner, np.fromiter(map(waiting, ext), np.float64, m))
-
-    def _sample_local(self) -> None:
-        """What the stop-line detectors of local sensing see: each lane's counts less the
-        vehicles whose front is farther than ``sensing_m`` from the stop line.
-
-        Subtracting (rather than counting the near ones) keeps SUMO's own definitions of the
-        counts: a vehicle whose front has passed the stop line but whose back is still on the
-        lane counts, as in ``full``, so a lane with nobody beyond the range reads exactly as in
-        ``full``. Two libsumo calls per vehicle on the long lanes, once per decision.
-        """
-        count = self._count_seen = self._count.copy()
-        halt = self._halt_seen = self._halt.copy()
-        far, halted = forked.beyond_range(self._far_lanes, count, *self._vehicle_getters, HALTING_SPEED)
-        count[self._far_index] -= far
-        halt[self._far_index] -= halted
-
     def _sample_out(self) -> None:
+        """Read the out lanes too, now and at every later decision of the episode (a controller
+        that asks for them once asks every decision)."""
         if self._out_fresh or self._sim is None:
             return
-        if self._forked:  # from now on every reply of the episode carries the out lanes
+        self._want_out = True
+        if self._forked:
             self._sim.want_out()
-            self._sample_forked()
-            return
-        vehicles, halting, _ = self._getters
-        n, m = self._n_in, len(self._lanes)
-        rest = self._lanes[n:]
-        self._count[n:m] = np.fromiter(map(vehicles, rest), np.float64, m - n)
-        self._halt[n:m] = np.fromiter(map(halting, rest), np.float64, m - n)
-        self._out_fresh = True
+        self._sample()
 
     def _lane_values(self, lanes: list[str], *, halting: bool) -> np.ndarray:
         idx = [self._lane_index.get(l) for l in lanes]

@@ -49,9 +49,9 @@ import threading
 import weakref
 from array import array
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
-__all__ = ["EpisodeSpec", "ForkedSimulation", "Reading", "available", "zygote"]
+__all__ = ["EpisodeSpec", "ForkedSimulation", "Getters", "Reading", "available", "measure", "zygote"]
 
 #: Request opcodes (first item of each op tuple).
 SET, STEP, CLOSE = 0, 1, 2
@@ -118,6 +118,37 @@ class Reading:
         self.phase = take(t)
         self.far, self.far_halt = take(f), take(f)
         self.out_count, self.out_halt = (take(o), take(o)) if with_out else (None, None)
+
+
+class Getters(NamedTuple):
+    """The simulator calls :func:`measure` makes: libsumo's C entry points in a child, the env's
+    own (libsumo's or TraCI's subscription results) in the env process."""
+
+    vehicles: Any  #: lane -> vehicles on it
+    halting: Any  #: lane -> vehicles on it slower than 0.1 m/s
+    waiting: Any  #: lane -> summed waiting time of its vehicles, s
+    phase: Any  #: light -> its programme's current phase index
+    ids_on: Any  #: lane -> ids of the vehicles on it
+    position: Any  #: vehicle -> its front's distance from its lane's start, m
+    speed: Any  #: vehicle -> its speed, m/s
+
+
+def measure(spec: EpisodeSpec, get: Getters, with_out: bool) -> array:
+    """One decision's values in :class:`Reading`'s layout (float64), read through ``get``: the
+    forked child sends them as its reply, the env reads them in-process with the same call, so
+    both backends fold one layout (``TrafficSignalEnv._sample``)."""
+    data = array("d", map(get.vehicles, spec.lanes))  # the lanes' counts first: beyond_range reads them
+    data.extend(map(get.halting, spec.lanes))
+    if spec.wait:
+        data.extend(map(get.waiting, spec.lanes))
+    data.extend(map(get.phase, spec.lights))
+    far, halted = beyond_range(spec.far, data, get.ids_on, get.position, get.speed, spec.halting_speed)
+    data.extend(far)
+    data.extend(halted)
+    if with_out:
+        data.extend(map(get.vehicles, spec.out_lanes))
+        data.extend(map(get.halting, spec.out_lanes))
+    return data
 
 
 # ====================================================================== env side
@@ -502,29 +533,14 @@ def _serve_episode(sock: socket.socket) -> None:
     except Exception as exc:  # libsumo's TraCIException/FatalTraCIError: SUMO refused the input
         _send_message(sock, b"E" + str(exc).encode())
         return
-    vehicles, halting, waiting = (
-        c.lane_getLastStepVehicleNumber, c.lane_getLastStepHaltingNumber, c.lane_getWaitingTime
-    )  # fmt: skip
-    get_phase, ids_on, position, speed = (
-        c.trafficlight_getPhase, c.lane_getLastStepVehicleIDs, c.vehicle_getLanePosition, c.vehicle_getSpeed
+    get = Getters(
+        c.lane_getLastStepVehicleNumber, c.lane_getLastStepHaltingNumber, c.lane_getWaitingTime,
+        c.trafficlight_getPhase, c.lane_getLastStepVehicleIDs, c.vehicle_getLanePosition, c.vehicle_getSpeed,
     )  # fmt: skip
     set_state, step_to = c.trafficlight_setRedYellowGreenState, c.simulation_step
-    lanes, out_lanes, lights, far_lanes = spec.lanes, spec.out_lanes, spec.lights, spec.far
-    slow = spec.halting_speed
 
     def values(with_out: bool) -> bytes:
-        data = array("d", map(vehicles, lanes))  # the lanes' counts come first: beyond_range reads them
-        data.extend(map(halting, lanes))
-        if spec.wait:
-            data.extend(map(waiting, lanes))
-        data.extend(map(get_phase, lights))
-        far, halted = beyond_range(far_lanes, data, ids_on, position, speed, slow)
-        data.extend(far)
-        data.extend(halted)
-        if with_out:
-            data.extend(map(vehicles, out_lanes))
-            data.extend(map(halting, out_lanes))
-        return _OK + data.tobytes()
+        return _OK + measure(spec, get, with_out).tobytes()
 
     _send_message(sock, values(False))
     while True:
