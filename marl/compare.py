@@ -11,8 +11,8 @@ cell's directory is wiped and the cell runs from scratch, so rows are never dupl
 Cells run in a spawn-context pool of ``--jobs`` worker processes, never in the parent: a huge or
 crashing simulation cannot take the grid's bookkeeping down with it. A worker runs one cell after
 another, so each pays Python's, torch's and the simulator's imports once (``make demo``'s 60
-grid4x4 cells with ``--jobs 2``: 66-69 s instead of 110-114 s with a fresh process per cell, the
-same records). That is safe for traffic because a traffic env plays only its process's first simulation in libsumo
+grid4x4 cells with ``--jobs 2``: 0.60-0.70 of the time with a fresh process per cell, e.g. 67 s
+instead of 112 s, the same records). That is safe for traffic because a traffic env plays only its process's first simulation in libsumo
 itself and every later one in a child forked from a clean zygote (``scenarios/traffic/forked.py``):
 a cell's episodes equal a fresh process's whichever cells the worker ran before
 (``tests/test_compare.py``). Under MPI each rank ``r`` of ``size`` runs the cells ``i`` with
