@@ -437,7 +437,7 @@ def beyond_range(
     ``start_m`` m from the lane's start (beyond the detector's range) and how many of them are
     slower than ``slow`` m/s. ``counts[k]`` is the lane's vehicle count: an empty lane (most of
     them, most of the time) costs no call. Two simulator calls per vehicle on the other lanes;
-    the env calls it in-process, a forked child with libsumo's getters."""
+    called by :func:`measure`."""
     far, halted = [0] * len(far_lanes), [0] * len(far_lanes)
     for j, (k, lane, start) in enumerate(far_lanes):
         if not counts[k]:
