@@ -161,6 +161,8 @@ _resco("ingolstadt21", "ingolstadt21.rou.xml", 21, 57600,
 for _name, _entry, _text, _talks in (
     ("fixed-time", "scenarios.traffic.controllers:FixedTime",
      "the net's own signal programme, unchanged", False),
+    ("fixed-time-actions", "scenarios.traffic.controllers:ProgramReplay",
+     "the net's programme replayed through actions on the decision clock (can guide a learner)", False),
     ("max-pressure", "scenarios.traffic.controllers:MaxPressure",
      "green to the phase with most upstream minus downstream vehicles (Varaiya 2013)", False),
     ("max-wave", "scenarios.traffic.controllers:MaxWave",

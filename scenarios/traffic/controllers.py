@@ -3,6 +3,10 @@
 * :class:`FixedTime` — the net's own signal programme, run by SUMO unchanged (the env's
   ``"program"`` mode, chosen per episode in :meth:`SignalController.reset`); the traffic is
   exactly that of a plain SUMO run.
+* :class:`ProgramReplay` — the same programme replayed through actions: each decision, the green
+  phase the programme shows (or changes to) halfway through the coming interval. Traffic differs
+  a little from ``FixedTime`` (the env's yellow time, changes on decision boundaries), but the
+  programme can now guide a learner (``--algo-set guide=fixed-time-actions``).
 * :class:`MaxPressure` — every decision, the green phase with the largest pressure: the sum over
   the links it serves of vehicles upstream minus vehicles downstream (Varaiya 2013, as in
   RESCO's max-pressure).
@@ -27,6 +31,7 @@ __all__ = [
     "phase_pressure",
     "SignalController",
     "FixedTime",
+    "ProgramReplay",
     "MaxPressure",
     "MaxWave",
     "RandomPhases",
@@ -77,6 +82,18 @@ class FixedTime(SignalController):
 
     def act(self, observations: dict[str, np.ndarray], env: Any, messages: Any = None) -> dict[str, Any]:
         return {agent: env.current_phase(agent) for agent in env.agents}
+
+
+class ProgramReplay(SignalController):
+    """The net's programme replayed through actions, on the env's decision clock.
+
+    A decision at ``t`` governs ``[t, t + delta_time)``; it asks for the green the programme
+    shows, or is changing to, at the middle of that interval, so each change lands within half
+    an interval of the programme's (yellow included)."""
+
+    def act(self, observations: dict[str, np.ndarray], env: Any, messages: Any = None) -> dict[str, Any]:
+        mid = env.sim_time + env.config.delta_time / 2
+        return {agent: env.signals[agent].program_next_green(mid) for agent in env.agents}
 
 
 @dataclass

@@ -311,10 +311,33 @@ class Signal:
     #: programme phase index -> green phase index shown in observations (yellow/red map to the
     #: green phase they follow).
     program_to_green: list[int] = field(repr=False, default_factory=list)
+    #: the programme's ``offset``, s: SUMO delays every phase by it (phase at t: (t - offset) mod cycle).
+    offset: float = 0.0
 
     @property
     def n_phases(self) -> int:
         return len(self.phases)
+
+    def program_index_at(self, t: float) -> int:
+        """Index into ``program`` of the phase SUMO's programme runs at simulation time ``t``, s."""
+        cycle = sum(d for _, d in self.program)
+        pos = (t - self.offset) % cycle if cycle > 0 else 0.0
+        for i, (_, duration) in enumerate(self.program):
+            if pos < duration:
+                return i
+            pos -= duration
+        return len(self.program) - 1  # pos == cycle up to rounding
+
+    def program_next_green(self, t: float) -> int:
+        """The green phase (action) the programme shows at ``t``, or, during its yellow or red,
+        the green it is changing to."""
+        i = self.program_index_at(t)
+        n = len(self.program)
+        for k in range(n):
+            state = self.program[(i + k) % n][0]
+            if _is_green(state):
+                return self.phases.index(state)
+        return 0  # unreachable: a Signal has at least one green phase
 
     def transition(self, src: int, dst: int) -> str:
         """The yellow state between green phases ``src`` and ``dst``: links that lose green go 'y'."""
@@ -346,6 +369,7 @@ def read_net(net_file: str, max_road_m: float = 1000.0) -> NetInfo:
 
     lane_length: dict[str, float] = {}
     programs: dict[str, list[tuple[str, float]]] = {}
+    offsets: dict[str, float] = {}
     tl_links: dict[str, dict[int, tuple[str, str]]] = {}
     successors: dict[str, set[str]] = {}
     feeds: dict[str, set[str]] = {}  # lane -> lanes feeding it, U-turns left out
@@ -357,6 +381,7 @@ def read_net(net_file: str, max_road_m: float = 1000.0) -> NetInfo:
             tl = elem.get("id", "")
             if tl not in programs:  # SUMO starts the first programme of each light
                 programs[tl] = [(p.get("state", ""), float(p.get("duration", "0"))) for p in elem.iter("phase")]
+                offsets[tl] = float(elem.get("offset", "0"))
             elem.clear()
         elif tag == "connection":
             src, dst = elem.get("from", ""), elem.get("to", "")
@@ -404,6 +429,7 @@ def read_net(net_file: str, max_road_m: float = 1000.0) -> NetInfo:
             phase_links=phase_links,
             lane_length={l: lane_length.get(l, 0.0) for l in in_lanes + out_lanes},
             program_to_green=to_green,
+            offset=offsets.get(tl, 0.0),
         )
 
     # Road graph between lights: shortest lane path from a light's outgoing lane to another
