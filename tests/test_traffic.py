@@ -361,6 +361,33 @@ def test_program_replay_follows_the_programme_sumo_runs() -> None:
     assert agreement(held) < 0.6
 
 
+def test_phase_clock_appends_the_seconds_in_phase() -> None:
+    """``phase_clock=true`` adds one value, seconds in phase / 120, and changes nothing else."""
+    plain, clocked = make("traffic/grid4x4", end=200), make("traffic/grid4x4", end=200, phase_clock=True)
+    try:
+        a = plain.possible_agents[0]
+        assert clocked.observation_space(a).shape[0] == plain.observation_space(a).shape[0] + 1
+        obs_p, _ = plain.reset(seed=0)
+        seen = [obs_p[a]]
+        for phase in (0, 0, 1, 1, 1, 0):
+            obs_p, *_ = plain.step(dict.fromkeys(plain.agents, phase))
+            seen.append(obs_p[a])
+        plain.close()  # libsumo runs one simulation per process
+        obs_c, _ = clocked.reset(seed=0)
+        clocks = [obs_c[a][-1]]
+        for k, phase in enumerate((0, 0, 1, 1, 1, 0)):
+            assert np.array_equal(obs_c[a][:-1], seen[k])
+            obs_c, *_ = clocked.step(dict.fromkeys(clocked.agents, phase))
+            clocks.append(obs_c[a][-1])
+    finally:
+        plain.close()
+        clocked.close()
+    d, y, g = 10, 3, 5  # RESCO: 10 s decisions, 3 s yellow, 5 s min green; a light starts as if it had
+    # just passed min green (yellow + min green seconds in phase)
+    expected = np.array([y + g, y + g + d, y + g + 2 * d, d, 2 * d, 3 * d, d]) / 120
+    assert np.allclose(clocks, expected)
+
+
 def test_sumo_load_errors_name_the_rejected_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.rou.xml"
     bad.write_text("not a route file\n")

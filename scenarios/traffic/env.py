@@ -44,6 +44,12 @@ controller API alike, and its capacity is the approach's length. For ``sensing=f
 Costs one libsumo call per occupied lane longer than the range and two per vehicle on it, once per
 decision.
 
+**Phase clock** (``phase_clock``, default false). True appends one value to the observation
+(``P + 2 + 2L``): the seconds the light has shown its current phase, yellow included, / 120,
+clipped to 1, counted at decisions (in ``program`` mode from the first decision after the
+programme's change). sumo-rl's observation has no clock, so a policy cannot time its phases the
+way a signal programme does; ``fixed-time-actions`` as an IDQN guide needs it.
+
 **Actions.** ``Discrete(P)``, shared by all agents: the index of the green phase to show for the
 next ``delta_time`` seconds (the net's own green phases, in programme order). A change inserts
 ``yellow_time`` seconds of yellow (links losing green turn yellow) inside the interval; a change is
@@ -122,6 +128,7 @@ v0.3 (2026-12): simulations after a process's first run in a fresh sumo process 
 later episodes are reproducible (under libsumo they depended on the process's memory history).
 v0.4 (2026-12): those later simulations run in libsumo in forked children of a clean zygote
 (same traffic as v0.3, at ~1.1-1.2x libsumo's time); ``use_libsumo=false`` still uses TraCI throughout.
+v0.5 (2026-12): ``phase_clock`` (seconds in phase appended to the observation); false leaves v0.4 unchanged.
 """
 
 from __future__ import annotations
@@ -160,6 +167,10 @@ __all__ = ["Config", "TrafficSignalEnv", "parse_tripinfo", "sumo_command"]
 
 #: Metres of lane one vehicle occupies (5 m car + 2.5 m gap, SUMO's defaults) for densities.
 VEHICLE_SPACE_M = 7.5
+
+#: Scale of the ``phase_clock`` feature, s: longer than any green of RESCO's programmes (42 s) and
+#: their cycles (65-90 s), so the policy sees the whole cycle before the feature saturates.
+PHASE_CLOCK_S = 120.0
 
 #: The env whose libsumo simulation is running in this process (libsumo allows one).
 _LIVE: TrafficSignalEnv | None = None
@@ -236,6 +247,13 @@ class Config:
             "with use_libsumo: run every simulation after the process's first in libsumo in a forked "
             "child of a clean zygote process (reproducible); false: all in this process's libsumo "
             "(no helper processes, later episodes not reproducible)"
+        ),
+    )
+    phase_clock: bool = field(
+        default=False,
+        metadata=_help(
+            f"append to each observation the seconds the light has shown its phase / {PHASE_CLOCK_S:.0f}, "
+            "clipped to 1 (lets a policy time its phases, as a signal programme does)"
         ),
     )
     verbose: bool = field(default=False, metadata=_help("let SUMO print its console output"))
@@ -424,7 +442,7 @@ class TrafficSignalEnv(Scenario):
         self.n_max_phases = max(s.n_phases for s in sigs)
         self.n_max_lanes = max(len(s.in_lanes) for s in sigs)
         P, L = self.n_max_phases, self.n_max_lanes
-        self.obs_size = P + 1 + 2 * L
+        self.obs_size = P + 1 + 2 * L + int(self.config.phase_clock)
         box = spaces.Box(0.0, 1.0, (self.obs_size,), np.float32)
         self.observation_spaces = dict.fromkeys(self.possible_agents, box)
         self.action_spaces = {a: spaces.Discrete(P) for a in self.possible_agents}
@@ -907,7 +925,9 @@ class TrafficSignalEnv(Scenario):
     def _read_program_phases(self) -> None:
         """In programme mode, the green phase each light's own programme is in (or follows)."""
         get_phase = self._get_phase
-        self._green[:] = [to_green[get_phase(a) % len(to_green)] for a, to_green in self._program_to_green]
+        green = [to_green[get_phase(a) % len(to_green)] for a, to_green in self._program_to_green]
+        self._since[self._green != green] = 0.0  # the phase clock restarts with the programme's change
+        self._green[:] = green
 
     def _set_state(self, agent: str, state: str) -> None:
         self._set_light(self._sim_ids[agent], state)
@@ -1018,7 +1038,9 @@ class TrafficSignalEnv(Scenario):
         else:
             count, halt, inv = self._count, self._halt, self._inv_capacity
         np.minimum(count[self._in_idx] * inv, 1.0, out=obs[:, P + 1 : P + 1 + L], casting="unsafe")
-        np.minimum(halt[self._in_idx] * inv, 1.0, out=obs[:, P + 1 + L :], casting="unsafe")
+        np.minimum(halt[self._in_idx] * inv, 1.0, out=obs[:, P + 1 + L : P + 1 + 2 * L], casting="unsafe")
+        if self.config.phase_clock:
+            np.minimum(self._since / PHASE_CLOCK_S, 1.0, out=obs[:, -1], casting="unsafe")
         return dict(zip(self.agents, obs))
 
     def _rewards(self) -> dict[str, float]:
