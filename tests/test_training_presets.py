@@ -30,7 +30,7 @@ def test_preset_fills_only_what_the_user_did_not_give():
     _, _, _, algo_set, _ = with_preset("traffic/cologne8", algo_overrides={"learning_rate": "0.5"})
     assert algo_set["learning_rate"] == "0.5"
     # a map without a measured preset says so
-    assert "no training sweep" in registry.scenario_spec("traffic/ingolstadt21").training.note
+    assert "no training sweep" in registry.scenario_spec("traffic/2x2grid").training.note
 
 
 def test_cologne8_preset_is_the_measured_learner(capsys):
