@@ -182,7 +182,9 @@ def test_killed_compare_resumes_to_a_complete_grid(tmp_path):
         "--jobs",
         "1",
         "--set",
-        "horizon=100",
+        # A pool worker runs cell after cell in one process, so a short cell lasts milliseconds and all
+        # three could finish between two polls; 10,000 steps make a cell last about 2 s.
+        "horizon=10000",
         "--out",
         str(out),
     ]
@@ -190,7 +192,7 @@ def test_killed_compare_resumes_to_a_complete_grid(tmp_path):
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and proc.poll() is None and not list((out / "cells").glob("*/done.json")):
-            time.sleep(0.1)
+            time.sleep(0.02)
         os.killpg(proc.pid, signal.SIGKILL)  # the parent and its cell process, mid-grid
     finally:
         proc.wait(timeout=30)
