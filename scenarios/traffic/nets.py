@@ -19,9 +19,11 @@
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import heapq
 import importlib.util
+import itertools
 import json
 import os
 import re
@@ -30,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -318,26 +320,30 @@ class Signal:
     def n_phases(self) -> int:
         return len(self.phases)
 
+    @cached_property
+    def _program_ends(self) -> list[float]:
+        """End of each programme phase within the cycle, s (cumulative durations)."""
+        return list(itertools.accumulate(d for _, d in self.program))
+
+    @cached_property
+    def _program_next_green(self) -> list[int]:
+        """Per programme phase: the green phase it shows or, if yellow or red, changes to."""
+        states = [state for state, _ in self.program]
+        n = len(states)
+        # a Signal has at least one green phase, so every search ends
+        return [self.phases.index(next(s for s in states[i:] + states[:i] if _is_green(s))) for i in range(n)]
+
     def program_index_at(self, t: float) -> int:
         """Index into ``program`` of the phase SUMO's programme runs at simulation time ``t``, s."""
-        cycle = sum(d for _, d in self.program)
+        ends = self._program_ends
+        cycle = ends[-1]
         pos = (t - self.offset) % cycle if cycle > 0 else 0.0
-        for i, (_, duration) in enumerate(self.program):
-            if pos < duration:
-                return i
-            pos -= duration
-        return len(self.program) - 1  # pos == cycle up to rounding
+        return min(bisect.bisect_right(ends, pos), len(ends) - 1)  # pos == cycle up to rounding: last
 
     def program_next_green(self, t: float) -> int:
         """The green phase (action) the programme shows at ``t``, or, during its yellow or red,
         the green it is changing to."""
-        i = self.program_index_at(t)
-        n = len(self.program)
-        for k in range(n):
-            state = self.program[(i + k) % n][0]
-            if _is_green(state):
-                return self.phases.index(state)
-        return 0  # unreachable: a Signal has at least one green phase
+        return self._program_next_green[self.program_index_at(t)]
 
     def transition(self, src: int, dst: int) -> str:
         """The yellow state between green phases ``src`` and ``dst``: links that lose green go 'y'."""
