@@ -127,8 +127,8 @@ _resco("cologne8", "cologne8.rou.xml", 8, 25200,
        training=TrainingPreset(
            algo="idqn", steps=36_000,
            note="RESCO's 100 episodes; measured by marl bench learn traffic/cologne8 --methods idqn --steps 36000 "
-                "--seeds 3: delay 21.4 s [95% CI 18.8, 24.0] vs max-wave 24.5 [23.8, 25.1], every episode "
-                "better; ~5 min per seed"))  # fmt: skip
+                "--seeds 8: delay 21.9 s [95% CI 21.0, 22.9] vs max-wave 24.6 [24.4, 24.9], all 24 episodes "
+                "better; ~6 min per seed"))  # fmt: skip
 _resco("ingolstadt1", "ingolstadt1.rou.xml", 1, 57600,
        "RESCO Ingolstadt, 1 real intersection, 4-5 pm",
        # Exploring decisions follow max-wave (the best classical controller here): the same
